@@ -1,0 +1,269 @@
+"""The build: recipe -> calibrate -> plan -> prune -> export -> engine -> validate, cached per stage.
+
+Each stage's key hashes everything it depends on (weights, its recipe
+sections, upstream keys, library versions), so a rebuild redoes exactly the
+stages downstream of a change. The model is loaded only if a stage must run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable
+
+import diffusers
+import onnx
+import onnx_graphsurgeon
+import torch
+from filelock import FileLock, Timeout
+
+from . import __version__
+from .artifacts import Manifest, StageRecord, content_key, write_json
+from .calibrate import Scores, calibrate
+from .engines import get_backend
+from .errors import F3ExportError
+from .export import export_onnx
+from .models import ADAPTERS
+from .models.base import ModelBundle, VideoShape
+from .prune import PruningPlan, apply_plan, load_pruned, make_plan, parameter_count, save_pruned
+from .recipe import Recipe
+from .report import console, table
+from .validate import (Gate, export_fidelity, export_gates, gates_json, pruning_fidelity, pruning_gates,
+                       save_goldens)
+
+STAGES = ("calibrate", "plan", "prune", "export", "engine", "validate")
+MODEL_VARIANTS = ("original", "pruned")
+
+
+def library_versions() -> dict[str, str]:
+    import onnxruntime
+
+    return {"f3export": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "onnx": onnx.__version__,
+            "onnx_graphsurgeon": onnx_graphsurgeon.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    cached: bool
+    seconds: float
+    record: StageRecord
+
+
+@dataclass
+class BuildResult:
+    root: Path
+    outcomes: list[StageOutcome] = field(default_factory=list)
+    gates: list[Gate] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.gates)
+
+
+class Build:
+    def __init__(self, recipe: Recipe, force: bool = False):
+        self.recipe = recipe
+        self.force = force
+        self.adapter = ADAPTERS[recipe.model.family]
+        self.root = recipe.artifact_dir
+        self.shape = VideoShape(recipe.model.frames, recipe.model.latent_height, recipe.model.latent_width)
+        self.versions = library_versions()
+        self.backend = get_backend(recipe.engine.backend, device=recipe.engine.device,
+                                   optimization_level=recipe.engine.optimization_level)
+        self.result = BuildResult(self.root)
+
+    # -- inputs, loaded lazily ------------------------------------------------------------------------
+    @cached_property
+    def bundle(self) -> ModelBundle:
+        model = self.recipe.model
+        if model.preset is not None:
+            bundle = self.adapter.load_preset(model.preset, model.seed)
+        else:
+            bundle = self.adapter.load_folder(Path(model.path))
+        if bundle.random_weights:
+            console.print(f"[bold yellow]note:[/] {self.recipe.model.family} {bundle.description}: "
+                          "RANDOM weights, so scores and fidelity say nothing about a trained model. "
+                          "Set \\[model].path to a checkpoint folder for real results.")
+        return bundle
+
+    @cached_property
+    def model_key(self) -> str:
+        m = self.recipe.model
+        return self.adapter.weights_digest(m.preset, m.path, m.seed)
+
+    def _pruned_model(self) -> torch.nn.Module:
+        return load_pruned(self.root / "pruned")[2]
+
+    def _run_stage(self, name: str, key: str, run: Callable[[], tuple[list[Path], dict[str, Any]]]) -> StageRecord:
+        record = None if self.force else self.manifest.reusable(name, key)
+        if record is not None:
+            self.result.outcomes.append(StageOutcome(name, True, 0.0, record))
+            return record
+        start = time.perf_counter()
+        console.print(f"[bold]{name}[/] ...", highlight=False)
+        files, data = run()
+        seconds = time.perf_counter() - start
+        record = self.manifest.complete(name, key, files, data, seconds)
+        self.result.outcomes.append(StageOutcome(name, False, seconds, record))
+        return record
+
+    # -- stages ---------------------------------------------------------------------------------------
+    def _calibrate(self) -> tuple[list[Path], dict[str, Any]]:
+        scores = calibrate(self.adapter, self.bundle, self.shape, self.recipe.calibration)
+        path = self.root / "scores.json"
+        write_json(path, scores.to_json())
+        heads = sum(m.heads for m in scores.modules.values())
+        return [path], {"modules": len(scores.modules), "heads": heads, "samples": scores.samples}
+
+    def _plan(self) -> tuple[list[Path], dict[str, Any]]:
+        scores = Scores.from_json(json.loads((self.root / "scores.json").read_text()))
+        plan = make_plan(scores, self.recipe.pruning)
+        path = self.root / "plan.json"
+        write_json(path, plan.to_json())
+        return [path], plan.to_json()["summary"]
+
+    def _prune(self) -> tuple[list[Path], dict[str, Any]]:
+        plan = PruningPlan.from_json(json.loads((self.root / "plan.json").read_text()))
+        original = self.bundle.model
+        pruned = copy.deepcopy(original)
+        apply_plan(pruned, self.adapter.temporal_sites(pruned), plan)
+        files = save_pruned(self.adapter.family, self.bundle.config, pruned, plan, self.root / "pruned")
+        before, after = parameter_count(original), parameter_count(pruned)
+        return files, {"parameters_original": before, "parameters_pruned": after, "parameters_removed": before - after}
+
+    def _export(self) -> tuple[list[Path], dict[str, Any]]:
+        section = self.recipe.export
+        files, data = [], {}
+        for variant, model in (("original", self.bundle.model), ("pruned", self._pruned_model())):
+            spec = self.adapter.export_spec(model, self.shape, section.batch, section.dynamic_axes)
+            info = export_onnx(model, spec, self.root / "onnx" / f"{variant}.onnx", section.opset,
+                               section.external_data)
+            files += info.files
+            data[variant] = {"path": str(info.path.relative_to(self.root)), "parameters": info.parameters,
+                             "bytes": info.bytes_on_disk, "external_data": info.external_data, "nodes": info.nodes}
+        data["parameters_removed"] = data["original"]["parameters"] - data["pruned"]["parameters"]
+        return files, data
+
+    def _engine(self, export: StageRecord) -> tuple[list[Path], dict[str, Any]]:
+        files, data = [], {"backend": self.backend.name}
+        for variant in MODEL_VARIANTS:
+            onnx_path = self.root / export.data[variant]["path"]
+            engine_path = self.root / "engines" / self.backend.engine_name(onnx_path)
+            files += self.backend.build(onnx_path, engine_path)
+            data[variant] = str(engine_path.relative_to(self.root))
+        return files, data
+
+    def _validate(self, engine: StageRecord) -> tuple[list[Path], dict[str, Any]]:
+        section = self.recipe.validation
+        pruned = self._pruned_model()
+        files, metrics, gates = [], {}, []
+        for variant, model in (("original", self.bundle.model), ("pruned", pruned)):
+            runtime = self.backend.load(self.root / engine.data[variant])
+            worst, goldens = export_fidelity(self.adapter, model, runtime, self.shape, self.recipe.export, section)
+            golden_path = self.root / "goldens" / f"{variant}.npz"
+            save_goldens(golden_path, goldens)
+            files.append(golden_path)
+            metrics[f"export.{variant}"] = vars(worst)
+            gates += export_gates(worst, section, f"export.{variant}")
+        fidelity = pruning_fidelity(self.adapter, self.bundle, pruned, self.shape, section)
+        metrics["pruning"] = vars(fidelity)
+        gates += pruning_gates(fidelity, section)
+        report = self.root / "validation.json"
+        write_json(report, {"metrics": metrics, "gates": gates_json(gates), "passed": all(g.passed for g in gates)})
+        files.append(report)
+        return files, {"metrics": metrics, "gates": gates_json(gates), "passed": all(g.passed for g in gates)}
+
+    # -- orchestration --------------------------------------------------------------------------------
+    def run(self) -> BuildResult:
+        self.root.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.root / ".lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise F3ExportError(f"{self.root}: another f3export build holds {self.root / '.lock'}; "
+                                "wait for it to finish") from None
+        try:
+            self.manifest = Manifest(self.root)
+            return self._run_locked()
+        finally:
+            lock.release()
+
+    def _run_locked(self) -> BuildResult:
+        r, v = self.recipe, self.versions
+        shape = vars(self.shape)
+        self.manifest.doc.update({"name": r.name, "recipe": r.as_dict(), "versions": v, "status": "building"})
+        # Each key hashes the stage's own settings and the content of the files it reads, so a stage
+        # reruns exactly when something it consumes changed.
+        calibrate = self._run_stage("calibrate", content_key(
+            "calibrate", self.model_key, r.section("calibration"), shape, v["torch"], v["diffusers"],
+            v["f3export"]), self._calibrate)
+        plan = self._run_stage("plan", content_key("plan", calibrate.files, r.section("pruning"), v["f3export"]),
+                               self._plan)
+        prune = self._run_stage("prune", content_key("prune", plan.files, self.model_key, v["f3export"]),
+                                self._prune)
+        export = self._run_stage("export", content_key(
+            "export", prune.files, self.model_key, r.section("export"), shape, v["torch"], v["onnx"],
+            v["onnx_graphsurgeon"], v["f3export"]), self._export)
+        engine = self._run_stage("engine", content_key(
+            "engine", export.files, r.section("engine"), self.backend.versions()), lambda: self._engine(export))
+        validate = self._run_stage("validate", content_key(
+            "validate", engine.files, prune.files, self.model_key, r.section("validation"), shape, v["f3export"]),
+            lambda: self._validate(engine))
+
+        self.result.gates = [Gate(**{k: g[k] for k in ("metric", "value", "limit", "kind")})
+                             for g in validate.data["gates"]]
+        self.manifest.doc.update({
+            "status": "passed" if self.result.passed else "failed",
+            "parameters": {
+                "torch": {k.removeprefix("parameters_"): n for k, n in prune.data.items()},
+                "onnx": {"original": export.data["original"]["parameters"],
+                         "pruned": export.data["pruned"]["parameters"],
+                         "removed": export.data["parameters_removed"]},
+                "onnx_removed_equals_torch_removed":
+                    export.data["parameters_removed"] == prune.data["parameters_removed"],
+            },
+            "engines": {variant: {"backend": engine.data["backend"], "path": engine.data[variant],
+                                  "goldens": f"goldens/{variant}.npz", "good": self.result.passed}
+                        for variant in MODEL_VARIANTS},
+        })
+        self.manifest.save()
+        return self.result
+
+
+def summary_tables(result: BuildResult, manifest: Manifest) -> list:
+    stages = table("stages", ["stage", "status", "seconds"],
+                   [[o.name, "cached" if o.cached else "built", f"{o.seconds:.1f}"] for o in result.outcomes])
+    params = manifest.doc["parameters"]
+    sizes = manifest.doc["stages"]["export"]["data"]
+    numbers = table("model", ["", "original", "pruned", "removed"], [
+        ["parameters (torch)", f"{params['torch']['original']:,}", f"{params['torch']['pruned']:,}",
+         f"{params['torch']['removed']:,}"],
+        ["parameters (onnx)", f"{params['onnx']['original']:,}", f"{params['onnx']['pruned']:,}",
+         f"{params['onnx']['removed']:,}"],
+        ["onnx bytes", f"{sizes['original']['bytes']:,}", f"{sizes['pruned']['bytes']:,}",
+         f"{sizes['original']['bytes'] - sizes['pruned']['bytes']:,}"],
+    ])
+    plan = manifest.doc["stages"]["plan"]["data"]
+    numbers.caption = (f"{plan['removed_heads']} of {plan['total_heads']} temporal heads removed, "
+                       f"{len(plan['modules_removed'])} modules removed entirely")
+    gates = table("validation gates", ["metric", "value", "limit", "result"], [
+        [g.metric, f"{g.value:.6g}", f"{'<=' if g.kind == 'max' else '>='} {g.limit:g}",
+         "[green]pass[/]" if g.passed else "[bold red]FAIL[/]"] for g in result.gates])
+    return [stages, numbers, gates]
+
+
+def print_summary(result: BuildResult) -> None:
+    manifest = Manifest(result.root)
+    for item in summary_tables(result, manifest):
+        console.print(item)
+    verdict = "[green]passed[/]" if result.passed else "[bold red]FAILED: a validation gate did not pass[/]"
+    console.print(f"build {verdict}; artifacts in {result.root}", highlight=False)
+    sys.stderr.flush()

@@ -1,0 +1,191 @@
+"""Calibration: per-head temporal attention statistics over real denoising trajectories.
+
+For temporal attention module m with heads h, x the residual stream entering
+the module and A_h the frame-by-frame attention probabilities of head h:
+
+* ``contribution``: mean over samples, steps, positions and frames of
+  ||W_o[:, h] (A_h V_h)|| / ||x||, how much the head writes into the residual;
+* ``mixing``: mean off-diagonal attention mass 1 - A_h[f, f], how much the head
+  moves information across frames;
+* ``magnitude``: the norm of the head's weights (q, k, v rows and W_o columns), data-free.
+
+Statistics are gathered by hooks that recompute the attention explicitly; the
+model's own forward pass is left untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from diffusers.models.attention_processor import Attention
+from torch import nn
+
+from .models.base import ModelAdapter, ModelBundle, TemporalSite, VideoShape
+from .recipe import CalibrationSection
+from .report import progress
+
+CRITERIA = ("contribution", "mixing", "magnitude")
+_CHUNK_ELEMENTS = 1 << 24  # bound on the [tokens, heads, frames, channels] tensor of one chunk
+
+
+@dataclass
+class ModuleScores:
+    heads: int
+    head_dim: int
+    scores: dict[str, list[float]]  # criterion -> per head
+    per_step: dict[str, list[list[float]]] = field(default_factory=dict)  # criterion -> step -> per head
+
+
+@dataclass
+class Scores:
+    modules: dict[str, ModuleScores]
+    timesteps: list[int]
+    samples: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "criteria": list(CRITERIA),
+            "samples": self.samples,
+            "timesteps": self.timesteps,
+            "modules": {name: vars(m) for name, m in self.modules.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Scores":
+        return cls({n: ModuleScores(**m) for n, m in data["modules"].items()}, data["timesteps"], data["samples"])
+
+
+def _split_heads(attn: Attention, x: torch.Tensor) -> torch.Tensor:
+    n, f, _ = x.shape
+    return x.reshape(n, f, attn.heads, -1).transpose(1, 2)  # [n, heads, frames, head_dim]
+
+
+@torch.no_grad()
+def attention_head_statistics(attn: Attention, hidden_states: torch.Tensor, residual_norm: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Summed per-head contribution and mixing over all tokens of one call, and the token count.
+
+    hidden_states: [N, F, C] the attention's input (N sequences of F frames);
+    residual_norm: [N, F] the norm of the residual stream at the same tokens.
+    """
+    heads = attn.heads
+    weight_out = attn.to_out[0].weight  # [C_out, heads * head_dim]
+    per_head_out = weight_out.reshape(weight_out.shape[0], heads, -1).permute(1, 2, 0)  # [heads, head_dim, C_out]
+    n, frames, _ = hidden_states.shape
+    chunk = max(1, _CHUNK_ELEMENTS // (heads * frames * weight_out.shape[0]))
+    contribution = torch.zeros(heads, dtype=torch.float64)
+    mixing = torch.zeros(heads, dtype=torch.float64)
+    for start in range(0, n, chunk):
+        x = hidden_states[start:start + chunk]
+        q, k, v = (_split_heads(attn, proj(x)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.scale, dim=-1)
+        head_out = torch.einsum("nhfd,hdc->nhfc", probs @ v.float(), per_head_out.float())
+        head_out = head_out / attn.rescale_output_factor
+        ratio = head_out.norm(dim=-1) / residual_norm[start:start + chunk, None, :].float().clamp_min(1e-12)
+        contribution += ratio.sum(dim=(0, 2)).double()
+        mixing += (1.0 - probs.diagonal(dim1=-2, dim2=-1)).sum(dim=(0, 2)).double()
+    return contribution, mixing, n * frames
+
+
+def weight_magnitude(attn: Attention) -> list[float]:
+    """Per-head norm of the q, k, v rows and output-projection columns."""
+    heads = attn.heads
+    total = torch.zeros(heads, dtype=torch.float64)
+    for proj in (attn.to_q, attn.to_k, attn.to_v):
+        total += proj.weight.detach().reshape(heads, -1).double().pow(2).sum(dim=1)
+    out = attn.to_out[0].weight.detach()
+    total += out.reshape(out.shape[0], heads, -1).double().pow(2).sum(dim=(0, 2))
+    return total.sqrt().tolist()
+
+
+class TemporalStatsRecorder:
+    """Forward hooks on every temporal attention that accumulate per-step, per-head statistics."""
+
+    def __init__(self, model: nn.Module, sites: list[TemporalSite], steps: int):
+        self.model = model
+        self.sites = sites
+        self.step = 0
+        self.steps = steps
+        self._residual_norm: dict[str, torch.Tensor] = {}
+        self.sums = {
+            s.attention: {
+                "contribution": torch.zeros(steps, model.get_submodule(s.attention).heads, dtype=torch.float64),
+                "mixing": torch.zeros(steps, model.get_submodule(s.attention).heads, dtype=torch.float64),
+                "tokens": torch.zeros(steps, dtype=torch.float64),
+            }
+            for s in sites
+        }
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator["TemporalStatsRecorder"]:
+        handles = []
+        for site in self.sites:
+            attn = self.model.get_submodule(site.attention)
+            if site.norm is not None:
+                handles.append(self.model.get_submodule(site.norm).register_forward_pre_hook(
+                    self._residual_hook(site.attention)))
+            handles.append(attn.register_forward_pre_hook(self._attention_hook(site), with_kwargs=True))
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _residual_hook(self, name: str):
+        def hook(module, args):
+            self._residual_norm[name] = args[0].detach().norm(dim=-1)
+        return hook
+
+    def _attention_hook(self, site: TemporalSite):
+        def hook(attn, args, kwargs):
+            hidden_states = args[0] if args else kwargs["hidden_states"]
+            residual_norm = self._residual_norm.pop(site.attention, None)
+            if residual_norm is None:
+                residual_norm = hidden_states.detach().norm(dim=-1)
+            contribution, mixing, tokens = attention_head_statistics(attn, hidden_states.detach(), residual_norm)
+            sums = self.sums[site.attention]
+            sums["contribution"][self.step] += contribution
+            sums["mixing"][self.step] += mixing
+            sums["tokens"][self.step] += tokens
+        return hook
+
+    def scores(self, timesteps: list[int], samples: int) -> Scores:
+        modules = {}
+        for site in self.sites:
+            attn = self.model.get_submodule(site.attention)
+            sums = self.sums[site.attention]
+            tokens = sums["tokens"].clamp_min(1.0)[:, None]
+            per_step = {c: (sums[c] / tokens).tolist() for c in ("contribution", "mixing")}
+            overall = {c: (sums[c].sum(0) / sums["tokens"].sum().clamp_min(1.0)).tolist()
+                       for c in ("contribution", "mixing")}
+            overall["magnitude"] = weight_magnitude(attn)
+            modules[site.attention] = ModuleScores(attn.heads, attn.inner_dim // attn.heads, overall, per_step)
+        return Scores(modules, timesteps, samples)
+
+
+def calibrate(adapter: ModelAdapter, bundle: ModelBundle, shape: VideoShape, section: CalibrationSection) -> Scores:
+    """Run the denoising loop over prompts x seeds and score every temporal head."""
+    model = bundle.model
+    sites = adapter.temporal_sites(model)
+    recorder = TemporalStatsRecorder(model, sites, section.steps)
+    runs = [(p, s) for p in section.prompts for s in section.seeds]
+    timesteps: list[int] = []
+    with recorder.attached(), progress() as bar:
+        task = bar.add_task("calibrate", total=len(runs) * section.steps)
+
+        def on_step(i: int) -> None:
+            recorder.step = i
+            bar.advance(task)
+
+        for prompt, seed in runs:
+            run = adapter.trajectory(bundle, model, prompt, seed, shape, section.steps, section.guidance_scale,
+                                     on_step)
+            timesteps = run.timesteps
+    return recorder.scores(timesteps, len(runs))

@@ -1,0 +1,52 @@
+"""``f3export check``: re-verify a finished build, for CI and after deployment.
+
+Every file the manifest lists must hash as recorded, then every engine is run
+on its stored golden inputs and held to the build's export-fidelity gates
+against the stored PyTorch outputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .artifacts import Manifest, sha256_file
+from .engines import get_backend
+from .errors import CheckError
+from .recipe import ValidationSection
+from .validate import Comparison, Gate, export_gates, load_goldens
+
+
+def verify_files(manifest: Manifest) -> int:
+    """Check every recorded file's SHA-256; returns how many were checked."""
+    checked = 0
+    for stage, record in manifest.doc["stages"].items():
+        for rel, digest in record["files"].items():
+            path = manifest.root / rel
+            if not path.is_file():
+                raise CheckError(f"{path}: missing (recorded by stage '{stage}')")
+            if sha256_file(path) != digest:
+                raise CheckError(f"{path}: content changed since the build (sha256 mismatch; rebuild it)")
+            checked += 1
+    return checked
+
+
+def check_artifacts(root: Path) -> tuple[int, list[Gate]]:
+    if not (root / "manifest.json").is_file():
+        raise CheckError(f"{root}: no manifest.json (not an f3export artifact folder, or the build never finished)")
+    manifest = Manifest(root)
+    if manifest.doc.get("status") not in ("passed", "failed") or "engines" not in manifest.doc:
+        raise CheckError(f"{root / 'manifest.json'}: the build did not finish; run f3export build again")
+    checked = verify_files(manifest)
+    recipe = manifest.doc["recipe"]
+    validation = ValidationSection(**recipe["validation"])
+    gates: list[Gate] = []
+    for variant, entry in manifest.doc["engines"].items():
+        backend = get_backend(entry["backend"], device=recipe["engine"]["device"],
+                              optimization_level=recipe["engine"]["optimization_level"])
+        engine = backend.load(root / entry["path"])
+        comparisons = []
+        for inputs, expected in load_goldens(root / entry["goldens"]):
+            actual = engine.run(inputs)
+            comparisons.extend(Comparison.of(actual[name], value) for name, value in expected.items())
+        gates += export_gates(Comparison.worst(comparisons), validation, f"check.{variant}")
+    return checked, gates

@@ -1,0 +1,71 @@
+"""The ``f3export`` command line."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import F3ExportError
+from .report import console, table
+
+
+def user_errors(command):
+    """Turn expected errors into one line on stderr and the error's exit code, without a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except F3ExportError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted: finished stages are kept, the rest reruns next time", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(__version__, prog_name="f3export")
+def main() -> None:
+    """F3-Pruning of temporal attention in text-to-video models, exported to validated engines."""
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override a recipe value (repeatable), e.g. --set pruning.ratio=0.25")
+@click.option("--force", is_flag=True, help="Rebuild every stage, ignoring the cache.")
+@user_errors
+def build(recipe: Path, overrides: tuple[str, ...], force: bool) -> None:
+    """Calibrate, prune, export, build engines and validate, as RECIPE says."""
+    from .build import Build, print_summary
+    from .recipe import load_recipe
+
+    result = Build(load_recipe(recipe, list(overrides)), force=force).run()
+    print_summary(result)
+    if not result.passed:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("artifact_dir", type=click.Path(path_type=Path))
+@user_errors
+def check(artifact_dir: Path) -> None:
+    """Re-run the engines of a build on its goldens; fail on any change or drift."""
+    from .check import check_artifacts
+
+    checked, gates = check_artifacts(artifact_dir)
+    console.print(table(f"check {artifact_dir}", ["metric", "value", "limit", "result"], [
+        [g.metric, f"{g.value:.6g}", f"{'<=' if g.kind == 'max' else '>='} {g.limit:g}",
+         "[green]pass[/]" if g.passed else "[bold red]FAIL[/]"] for g in gates]))
+    failed = [g.metric for g in gates if not g.passed]
+    if failed:
+        click.echo(f"error: {artifact_dir}: engine output drifted from the goldens ({', '.join(failed)})", err=True)
+        sys.exit(1)
+    console.print(f"{checked} files verified, {len(gates)} gates passed", highlight=False)

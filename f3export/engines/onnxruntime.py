@@ -1,0 +1,91 @@
+"""ONNX Runtime: the embedded default engine.
+
+The engine is the model as ONNX Runtime optimised it for the chosen
+optimization level, saved so production loads it without re-optimising.
+Levels above ``extended`` insert layout-specific kernels: such an engine
+runs only on the kind of machine that built it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from ..errors import BackendUnavailable
+
+LEVELS = {
+    "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+ERROR_SEVERITY = 3  # keep ORT's optimizer notes off the console
+
+
+def resolve_providers(device: str) -> list[str]:
+    available = ort.get_available_providers()
+    if device == "auto":
+        return [p for p in (PROVIDERS["cuda"], PROVIDERS["cpu"]) if p in available]
+    if PROVIDERS[device] not in available:
+        raise BackendUnavailable(f"[engine].device = {device!r}: onnxruntime here offers only {', '.join(available)}")
+    return [PROVIDERS[device]] + ([PROVIDERS["cpu"]] if device != "cpu" else [])
+
+
+class OnnxRuntimeSession:
+    def __init__(self, path: Path, providers: list[str], level: str = "extended", threads: int = 0):
+        options = ort.SessionOptions()
+        options.log_severity_level = ERROR_SEVERITY
+        options.graph_optimization_level = LEVELS[level]
+        options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self.session.run(None, inputs)))
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(self, device: str = "cpu", optimization_level: str = "extended"):
+        self.device = device
+        self.level = optimization_level
+        self.providers = resolve_providers(device)
+
+    def engine_name(self, onnx_path: Path) -> str:
+        device = self.providers[0].removesuffix("ExecutionProvider").lower()
+        return f"{onnx_path.stem}.ort-{device}-{self.level}.onnx"
+
+    def build(self, onnx_path: Path, engine_path: Path) -> list[Path]:
+        engine_path.parent.mkdir(parents=True, exist_ok=True)
+        external = (onnx_path.parent / (onnx_path.name + ".data")).exists()
+        data_name = engine_path.name + ".data"
+        with tempfile.TemporaryDirectory(dir=engine_path.parent, prefix=f".{engine_path.name}.tmp-") as tmp:
+            staged = Path(tmp) / engine_path.name
+            options = ort.SessionOptions()
+            options.log_severity_level = ERROR_SEVERITY
+            options.graph_optimization_level = LEVELS[self.level]
+            options.optimized_model_filepath = str(staged)
+            if external:
+                options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                                 data_name)
+                options.add_session_config_entry(
+                    "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+            ort.InferenceSession(str(onnx_path), options, providers=self.providers)
+            files = [engine_path]
+            if external:
+                os.replace(Path(tmp) / data_name, engine_path.parent / data_name)
+                files.append(engine_path.parent / data_name)
+            os.replace(staged, engine_path)
+        return files
+
+    def load(self, engine_path: Path) -> OnnxRuntimeSession:
+        return OnnxRuntimeSession(engine_path, self.providers, self.level)
+
+    def versions(self) -> dict[str, str]:
+        return {"onnxruntime": ort.__version__}

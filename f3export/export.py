@@ -1,0 +1,99 @@
+"""ONNX export: trace, graph surgery, checks, external data for big models.
+
+torch.onnx (TorchScript exporter, which honours named dynamic axes directly)
+writes the raw graph; onnx-graphsurgeon then cleans it up, folds constants
+and sorts it topologically, which also drops nodes that pruning left dead;
+ONNX shape inference and ``onnx.checker`` (by path, so external data is
+checked too) gate the result. Models whose weights exceed 2 GiB, the protobuf
+limit, are saved with external data automatically.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime
+import torch
+from torch import nn
+
+from .errors import RecipeError
+from .models.base import ExportSpec
+
+PROTOBUF_LIMIT = 2**31
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+
+
+@dataclass(frozen=True)
+class OnnxInfo:
+    path: Path
+    files: list[Path]  # the .onnx file and its external data file, if any
+    parameters: int
+    bytes_on_disk: int
+    external_data: bool
+    nodes: int
+
+
+def onnx_parameter_count(model: onnx.ModelProto) -> int:
+    """Elements of the floating-point initializers holding weights (scalar constants left out)."""
+    total = 0
+    for init in model.graph.initializer:
+        size = int(np.prod(init.dims)) if init.dims else 1
+        if init.data_type in FLOAT_TYPES and size > 1:
+            total += size
+    return total
+
+
+def _surgery(model: onnx.ModelProto) -> onnx.ModelProto:
+    onnxruntime.set_default_logger_severity(3)  # constant folding runs ONNX Runtime; keep its notes quiet
+    graph = gs.import_onnx(model)
+    graph.cleanup().toposort()
+    graph.fold_constants().cleanup().toposort()
+    return gs.export_onnx(graph)
+
+
+def export_onnx(model: nn.Module, spec: ExportSpec, path: Path, opset: int, external_data: str) -> OnnxInfo:
+    """Export to ``path`` (and ``path.data`` when external); nothing appears there unless every step passed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data_name = path.name + ".data"
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.tmp-") as tmp_dir:
+        raw = Path(tmp_dir) / "raw.onnx"
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracer warnings about Python values in shapes are expected
+            torch.onnx.export(model, tuple(spec.inputs.values()), str(raw), input_names=list(spec.inputs),
+                              output_names=spec.output_names, dynamic_axes=spec.dynamic_axes,
+                              opset_version=opset, dynamo=False, do_constant_folding=True)
+        graph = _surgery(onnx.load(str(raw), load_external_data=True))
+        weight_bytes = sum(t.ByteSize() for t in graph.graph.initializer)
+        external = external_data == "always" or (external_data == "auto" and weight_bytes > PROTOBUF_LIMIT * 0.9)
+        if external_data == "never" and weight_bytes > PROTOBUF_LIMIT * 0.9:
+            raise RecipeError(f"[export].external_data = 'never', but {path.name} holds "
+                              f"{weight_bytes / 2**30:.2f} GiB of weights, over the 2 GiB protobuf limit")
+        staged = Path(tmp_dir) / path.name
+        if external:
+            onnx.save_model(graph, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+            onnx.shape_inference.infer_shapes_path(str(staged))
+        else:
+            graph = onnx.shape_inference.infer_shapes(graph)
+            onnx.save_model(graph, str(staged))
+        onnx.checker.check_model(str(staged), full_check=True)
+        parameters = onnx_parameter_count(graph)
+        nodes = len(graph.graph.node)
+        stale = path.parent / data_name
+        for staged_file in Path(tmp_dir).iterdir():
+            staged_file.chmod(0o644)
+        if external:
+            os.replace(Path(tmp_dir) / data_name, stale)
+        elif stale.exists():
+            stale.unlink()
+        os.replace(staged, path)
+    files = [path] + ([path.parent / data_name] if external else [])
+    return OnnxInfo(path, files, parameters, sum(f.stat().st_size for f in files), external, nodes)

@@ -1,0 +1,212 @@
+"""Planning which temporal heads go, and removing them physically.
+
+For a head h of an attention with head width d, pruning drops rows
+[h*d:(h+1)*d] of to_q, to_k and to_v and the same columns of to_out.0, then
+sets the module's head count. A module that loses every head is replaced by
+its output bias (``RemovedAttention``) and its norm by the identity.
+
+Exactness: the pruned model equals the original with the removed heads'
+output-projection columns zeroed (``mask_heads``), to float tolerance.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.models.attention_processor import Attention
+from torch import nn
+
+from .artifacts import write_json
+from .calibrate import Scores
+from .errors import CheckpointError
+from .models import ADAPTERS
+from .models.attention import RemovedAttention
+from .models.base import ModelAdapter, TemporalSite
+from .recipe import PruningSection
+from .weights import load_into, load_state_dict, read_json, save_state_dict
+
+PRUNED_CONFIG = "config.json"
+PRUNED_WEIGHTS = "model.safetensors"
+
+
+@dataclass
+class PruningPlan:
+    criterion: str
+    scope: str
+    ratio: float
+    min_heads_per_module: int
+    keep: list[str]
+    heads: dict[str, int]  # module -> heads before pruning
+    removed: dict[str, list[int]]  # module -> indices of removed heads (sorted)
+
+    @property
+    def total_heads(self) -> int:
+        return sum(self.heads.values())
+
+    @property
+    def removed_heads(self) -> int:
+        return sum(len(v) for v in self.removed.values())
+
+    def kept(self, module: str) -> list[int]:
+        gone = set(self.removed.get(module, []))
+        return [h for h in range(self.heads[module]) if h not in gone]
+
+    def head_counts(self) -> dict[str, int]:
+        return {m: len(self.kept(m)) for m in self.heads}
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["summary"] = {
+            "total_heads": self.total_heads,
+            "removed_heads": self.removed_heads,
+            "modules_removed": sorted(m for m, n in self.head_counts().items() if n == 0),
+        }
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "PruningPlan":
+        return cls(**{k: v for k, v in data.items() if k != "summary"})
+
+
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def make_plan(scores: Scores, section: PruningSection) -> PruningPlan:
+    """Rank heads by the criterion and remove the lowest ``ratio`` of them.
+
+    Modules matching a ``keep`` pattern are never pruned and no module drops
+    below ``min_heads_per_module``; when those limits bind, fewer heads go.
+    Ties are broken by module order, then head index, so plans are deterministic.
+    """
+    heads = {name: m.heads for name, m in scores.modules.items()}
+    protected = {m for m in heads if any(fnmatch.fnmatchcase(m, pattern) for pattern in section.keep)}
+    order = {name: i for i, name in enumerate(heads)}
+    left = dict(heads)
+    removed: dict[str, list[int]] = {m: [] for m in heads}
+
+    def candidates(modules):
+        ranked = [(scores.modules[m].scores[section.criterion][h], order[m], h, m)
+                  for m in modules if m not in protected for h in range(heads[m])]
+        return sorted(ranked)
+
+    def take(ranked, budget):
+        for _, _, head, module in ranked:
+            if budget == 0:
+                break
+            if left[module] - 1 >= section.min_heads_per_module:
+                removed[module].append(head)
+                left[module] -= 1
+                budget -= 1
+
+    if section.scope == "global":
+        take(candidates(heads), _round_half_up(section.ratio * sum(heads.values())))
+    else:
+        for module in heads:
+            take(candidates([module]), _round_half_up(section.ratio * heads[module]))
+    return PruningPlan(section.criterion, section.scope, section.ratio, section.min_heads_per_module,
+                       list(section.keep), heads, {m: sorted(v) for m, v in removed.items() if v})
+
+
+def _head_indices(head_dim: int, heads: list[int]) -> torch.Tensor:
+    return torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
+
+
+def _rows(linear: nn.Linear, index: torch.Tensor) -> nn.Linear:
+    out = nn.Linear(linear.in_features, len(index), bias=linear.bias is not None,
+                    dtype=linear.weight.dtype, device=linear.weight.device)
+    out.weight.data.copy_(linear.weight.data[index])
+    if linear.bias is not None:
+        out.bias.data.copy_(linear.bias.data[index])
+    return out
+
+
+def _columns(linear: nn.Linear, index: torch.Tensor) -> nn.Linear:
+    out = nn.Linear(len(index), linear.out_features, bias=linear.bias is not None,
+                    dtype=linear.weight.dtype, device=linear.weight.device)
+    out.weight.data.copy_(linear.weight.data[:, index])
+    if linear.bias is not None:
+        out.bias.data.copy_(linear.bias.data)
+    return out
+
+
+def prune_attention_heads(attn: Attention, keep: list[int]) -> None:
+    """Keep only the listed heads of a diffusers ``Attention`` (at least one), in place."""
+    if attn.inner_kv_dim != attn.inner_dim or attn.added_kv_proj_dim is not None:
+        raise ValueError("grouped-query or added-KV attention is not supported by head pruning")
+    head_dim = attn.inner_dim // attn.heads
+    index = _head_indices(head_dim, keep)
+    attn.to_q, attn.to_k, attn.to_v = (_rows(p, index) for p in (attn.to_q, attn.to_k, attn.to_v))
+    attn.to_out[0] = _columns(attn.to_out[0], index)
+    attn.heads = attn.sliceable_head_dim = len(keep)
+    attn.inner_dim = attn.inner_kv_dim = len(keep) * head_dim
+
+
+def remove_site(model: nn.Module, site: TemporalSite) -> None:
+    """Replace a fully pruned attention by its output bias, and its norm by the identity."""
+    attn = model.get_submodule(site.attention)
+    out = attn.to_out[0]
+    model.set_submodule(site.attention, RemovedAttention(out.out_features, out.bias))
+    if site.norm is not None:
+        model.set_submodule(site.norm, nn.Identity())
+
+
+def apply_plan(model: nn.Module, sites: list[TemporalSite], plan: PruningPlan) -> None:
+    """Physically remove the plan's heads from the model, in place."""
+    for site in sites:
+        keep = plan.kept(site.attention)
+        if len(keep) == plan.heads[site.attention]:
+            continue
+        if keep:
+            prune_attention_heads(model.get_submodule(site.attention), keep)
+        else:
+            remove_site(model, site)
+
+
+@torch.no_grad()
+def mask_heads(model: nn.Module, plan: PruningPlan) -> None:
+    """Zero the output-projection columns of the plan's removed heads (the reference for exactness)."""
+    for module, heads in plan.removed.items():
+        attn = model.get_submodule(module)
+        head_dim = attn.inner_dim // attn.heads
+        attn.to_out[0].weight[:, _head_indices(head_dim, heads)] = 0.0
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_pruned(family: str, config: dict[str, Any], model: nn.Module, plan: PruningPlan, folder: Path) -> list[Path]:
+    """A self-contained pruned model: weights + the family config + per-module head counts."""
+    folder.mkdir(parents=True, exist_ok=True)
+    weights, config_path = folder / PRUNED_WEIGHTS, folder / PRUNED_CONFIG
+    save_state_dict(model, weights)
+    write_json(config_path, {"family": family, "config": config, "temporal_heads": plan.head_counts()})
+    return [weights, config_path]
+
+
+def load_pruned(folder: Path) -> tuple[ModelAdapter, dict[str, Any], nn.Module]:
+    """Rebuild a model saved by ``save_pruned``: base network, head counts applied, strict weight load."""
+    meta = read_json(folder / PRUNED_CONFIG)
+    try:
+        adapter = ADAPTERS[meta["family"]]
+        config, head_counts = meta["config"], meta["temporal_heads"]
+    except KeyError as exc:
+        raise CheckpointError(f"{folder / PRUNED_CONFIG}: missing or unknown {exc}") from None
+    model = adapter.build(config).eval()
+    sites = adapter.temporal_sites(model)
+    heads = {s.attention: model.get_submodule(s.attention).heads for s in sites}
+    unknown = sorted(set(head_counts) - set(heads))
+    if unknown:
+        raise CheckpointError(f"{folder / PRUNED_CONFIG}: unknown temporal module {unknown[0]!r}")
+    shape_only = PruningPlan("", "", 0.0, 0, [], heads,
+                             {m: list(range(n, heads[m])) for m, n in head_counts.items() if n < heads[m]})
+    apply_plan(model, sites, shape_only)
+    weights = folder / PRUNED_WEIGHTS
+    load_into(model, load_state_dict(weights), weights)
+    return adapter, config, model

@@ -1,0 +1,243 @@
+"""Recipes: one TOML file that says what to build, validated before anything runs.
+
+Each section is a frozen dataclass; the field metadata carries the checks, so
+the schema, defaults and error messages live in one place. Errors name the
+file and the key (``tav.toml: [pruning].ratio = 1.5 is out of range [0, 1]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+from .errors import RecipeError
+
+DYNAMIC_AXES = ("batch", "frames", "height", "width")
+
+
+def spec(default: Any = dataclasses.MISSING, *, low: float | None = None, high: float | None = None,
+         choices: tuple | None = None, nonempty: bool = False, doc: str = "") -> Any:
+    """A recipe key: its default and the checks a value must pass."""
+    meta = {"low": low, "high": high, "choices": choices, "nonempty": nonempty, "doc": doc}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    family: str = spec(doc="model family, e.g. 'tune-a-video'")
+    preset: str | None = spec(None, doc="built-in config with seeded random weights")
+    path: str | None = spec(None, doc="local model folder (diffusers layout)")
+    seed: int = spec(0, low=0, doc="seed of a preset's random weights")
+    frames: int = spec(8, low=1, high=1024)
+    latent_height: int = spec(32, low=8, high=512)
+    latent_width: int = spec(32, low=8, high=512)
+
+
+@dataclass(frozen=True)
+class CalibrationSection:
+    prompts: list[str] = spec(["a man is surfing"], nonempty=True)
+    seeds: list[int] = spec([0], nonempty=True)
+    steps: int = spec(10, low=1, high=1000)
+    guidance_scale: float = spec(7.5, low=0.0)
+
+
+@dataclass(frozen=True)
+class PruningSection:
+    criterion: str = spec("contribution", choices=("contribution", "mixing", "magnitude"))
+    scope: str = spec("global", choices=("global", "module"))
+    ratio: float = spec(0.5, low=0.0, high=1.0, doc="fraction of temporal heads removed")
+    min_heads_per_module: int = spec(0, low=0)
+    keep: list[str] = spec([], doc="module names (glob patterns) never pruned")
+
+
+@dataclass(frozen=True)
+class ExportSection:
+    opset: int = spec(17, low=17, high=23)
+    batch: int = spec(2, low=1, doc="batch the graph is traced at (2 = classifier-free guidance)")
+    dynamic_axes: list[str] = spec(list(DYNAMIC_AXES), choices=DYNAMIC_AXES)
+    external_data: str = spec("auto", choices=("auto", "always", "never"))
+
+
+@dataclass(frozen=True)
+class EngineSection:
+    backend: str = spec("onnxruntime", choices=("onnxruntime",))
+    device: str = spec("cpu", choices=("cpu", "cuda", "auto"))
+    optimization_level: str = spec("extended", choices=("disabled", "basic", "extended", "all"))
+
+
+@dataclass(frozen=True)
+class ValidationSection:
+    prompts: list[str] = spec(["a dog running on the beach"], nonempty=True)
+    seeds: list[int] = spec([1000], nonempty=True)
+    steps: int = spec(10, low=1, high=1000)
+    guidance_scale: float = spec(7.5, low=0.0)
+    export_samples: int = spec(2, low=1, high=64, doc="fresh random inputs for export fidelity")
+    export_max_rel_l2: float = spec(1e-4, low=0.0)
+    export_min_cosine: float = spec(0.9999, low=-1.0, high=1.0)
+    pruning_min_step_cosine: float = spec(0.9, low=-1.0, high=1.0)
+    pruning_min_latent_psnr: float = spec(20.0)
+
+
+@dataclass(frozen=True)
+class OutputSection:
+    name: str | None = spec(None, doc="artifact folder name; default: the recipe file's stem")
+    dir: str = spec("artifacts")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelSection,
+    "calibration": CalibrationSection,
+    "pruning": PruningSection,
+    "export": ExportSection,
+    "engine": EngineSection,
+    "validation": ValidationSection,
+    "output": OutputSection,
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    source: Path
+    model: ModelSection
+    calibration: CalibrationSection
+    pruning: PruningSection
+    export: ExportSection
+    engine: EngineSection
+    validation: ValidationSection
+    output: OutputSection
+
+    @property
+    def name(self) -> str:
+        return self.output.name or self.source.stem
+
+    @property
+    def artifact_dir(self) -> Path:
+        return Path(self.output.dir) / self.name
+
+    def section(self, name: str) -> dict[str, Any]:
+        return dataclasses.asdict(getattr(self, name))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: self.section(name) for name in SECTIONS}
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _check_scalar(value: Any, tp: type, where: str) -> Any:
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise RecipeError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check_value(value: Any, tp: Any, meta: dict[str, Any], where: str) -> Any:
+    optional = type(None) in get_args(tp)
+    if optional:
+        tp = next(a for a in get_args(tp) if a is not type(None))
+    if get_origin(tp) is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        item_type = get_args(tp)[0]
+        value = [_check_scalar(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
+        if meta["nonempty"] and not value:
+            raise RecipeError(f"{where}: must not be empty")
+        items = value
+    else:
+        value = _check_scalar(value, tp, where)
+        items = [value]
+    for item in items:
+        if meta["choices"] is not None and item not in meta["choices"]:
+            raise RecipeError(f"{where} = {item!r} is not one of {', '.join(map(repr, meta['choices']))}")
+        low, high = meta["low"], meta["high"]
+        if (low is not None and item < low) or (high is not None and item > high):
+            bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+            raise RecipeError(f"{where} = {item!r} is out of range {bounds}")
+        if isinstance(item, str) and meta["nonempty"] and not item.strip():
+            raise RecipeError(f"{where}: must not be an empty string")
+    return value
+
+
+def _build_section(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}: expected a table [{where.split('[')[-1]}")
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise RecipeError(f"{where}: unknown key {key!r} (known: {', '.join(known)})")
+    values = {}
+    for name, f in known.items():
+        if name in raw:
+            values[name] = _check_value(raw[name], hints[name], dict(f.metadata), f"{where}.{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise RecipeError(f"{where}: missing required key {name!r}")
+    return cls(**values)
+
+
+def _parse_override(text: str) -> tuple[str, str, Any]:
+    """``section.key=value``; the value is read as TOML, or taken as a bare string."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise RecipeError(f"--set {text!r}: expected section.key=value")
+    dotted, raw_value = text.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw_value}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw_value.strip()
+    return section, key, value
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"{path}: invalid TOML ({exc})") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not a UTF-8 text file") from None
+    for text in overrides:
+        section, key, value = _parse_override(text)
+        if section not in SECTIONS:
+            raise RecipeError(f"--set {text!r}: unknown section [{section}]")
+        table = raw.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise RecipeError(f"{path}: [{section}] is not a table")
+        table[key] = value
+    for section in raw:
+        if section not in SECTIONS:
+            raise RecipeError(f"{path.name}: unknown section [{section}] (known: {', '.join(SECTIONS)})")
+    if "model" not in raw:
+        raise RecipeError(f"{path.name}: missing section [model]")
+    sections = {
+        name: _build_section(cls, raw.get(name, {}), f"{path.name}: [{name}]") for name, cls in SECTIONS.items()
+    }
+    model = sections["model"]
+    if (model.preset is None) == (model.path is None):
+        raise RecipeError(f"{path.name}: [model] needs exactly one of 'preset' or 'path'")
+    recipe = Recipe(source=path, **sections)
+    _check_model_family(recipe)
+    return recipe
+
+
+def _check_model_family(recipe: Recipe) -> None:
+    from .models import ADAPTERS
+
+    where = f"{recipe.source.name}: [model]"
+    model = recipe.model
+    if model.family not in ADAPTERS:
+        raise RecipeError(f"{where}.family = {model.family!r} is not one of {', '.join(map(repr, ADAPTERS))}")
+    adapter = ADAPTERS[model.family]
+    if model.preset is not None and model.preset not in adapter.presets:
+        raise RecipeError(f"{where}.preset = {model.preset!r} is not one of {', '.join(map(repr, adapter.presets))}")
+    if model.path is not None and not Path(model.path).is_dir():
+        raise RecipeError(f"{where}.path = {model.path!r}: folder not found")

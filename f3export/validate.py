@@ -1,0 +1,158 @@
+"""Validation: two questions, answered in numbers and gated by the recipe.
+
+1. Export fidelity: does the engine compute what the pruned PyTorch model
+   computes? Fresh seeded inputs, max abs error, relative L2, cosine, NaN/Inf.
+2. Pruning fidelity: how far does pruning move the model? Original and pruned
+   PyTorch models over whole denoising trajectories on held-out prompts and
+   seeds: per-step cosine of the guided noise predictions, PSNR of the final
+   latents.
+
+Inputs and outputs of (1) are stored as goldens so ``f3export check`` can
+re-run an engine later and compare.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .artifacts import atomic_path
+from .engines import Engine
+from .models.base import ModelAdapter, ModelBundle, VideoShape
+from .recipe import ExportSection, ValidationSection
+from .report import progress
+
+@dataclass(frozen=True)
+class Comparison:
+    max_abs: float
+    rel_l2: float
+    cosine: float
+    nonfinite: int
+
+    @classmethod
+    def of(cls, actual: np.ndarray, reference: np.ndarray) -> "Comparison":
+        a, r = np.asarray(actual, np.float64).ravel(), np.asarray(reference, np.float64).ravel()
+        nonfinite = int((~np.isfinite(a)).sum())
+        if nonfinite:
+            return cls(math.inf, math.inf, -1.0, nonfinite)
+        diff = a - r
+        ref_norm = np.linalg.norm(r)
+        denom = np.linalg.norm(a) * ref_norm
+        return cls(float(np.abs(diff).max(initial=0.0)), float(np.linalg.norm(diff) / max(ref_norm, 1e-30)),
+                   float(a @ r / denom) if denom > 0 else 1.0, 0)
+
+    @classmethod
+    def worst(cls, items: list["Comparison"]) -> "Comparison":
+        return cls(max(c.max_abs for c in items), max(c.rel_l2 for c in items), min(c.cosine for c in items),
+                   sum(c.nonfinite for c in items))
+
+
+@dataclass(frozen=True)
+class Gate:
+    metric: str
+    value: float
+    limit: float
+    kind: str  # "max" (value <= limit) or "min" (value >= limit)
+
+    @property
+    def passed(self) -> bool:
+        if math.isnan(self.value):
+            return False
+        return self.value <= self.limit if self.kind == "max" else self.value >= self.limit
+
+
+def export_gates(result: Comparison, section: ValidationSection, prefix: str) -> list[Gate]:
+    return [
+        Gate(f"{prefix}.rel_l2", result.rel_l2, section.export_max_rel_l2, "max"),
+        Gate(f"{prefix}.cosine", result.cosine, section.export_min_cosine, "min"),
+        Gate(f"{prefix}.nonfinite", float(result.nonfinite), 0.0, "max"),
+    ]
+
+
+def psnr(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    """PSNR in dB, the peak being the reference's value range."""
+    mse = torch.mean((actual.double() - reference.double()) ** 2).item()
+    peak = (reference.max() - reference.min()).item()
+    return math.inf if mse == 0 else 10.0 * math.log10(peak * peak / mse)
+
+
+def export_fidelity(adapter: ModelAdapter, model: nn.Module, engine: Engine, shape: VideoShape,
+                    export: ExportSection, section: ValidationSection, seed_base: int = 10_000
+                    ) -> tuple[Comparison, dict[str, np.ndarray]]:
+    """Engine vs PyTorch on fresh seeded inputs; returns the worst case and the goldens."""
+    comparisons, goldens = [], {}
+    for i in range(section.export_samples):
+        spec = adapter.export_spec(model, shape, export.batch, [], seed=seed_base + i)
+        feeds = {k: v.numpy() for k, v in spec.inputs.items()}
+        with torch.no_grad():
+            expected = model(**spec.inputs)
+        expected = {spec.output_names[0]: expected.numpy()}
+        actual = engine.run(feeds)
+        comparisons.extend(Comparison.of(actual[k], expected[k]) for k in expected)
+        goldens.update({f"{i}/input/{k}": v for k, v in feeds.items()})
+        goldens.update({f"{i}/expected/{k}": v for k, v in expected.items()})
+    return Comparison.worst(comparisons), goldens
+
+
+@dataclass
+class PruningFidelity:
+    step_cosine_min: float
+    step_cosine_mean: float
+    latent_psnr_min: float
+    per_run: list[dict[str, Any]]
+
+
+@torch.no_grad()
+def pruning_fidelity(adapter: ModelAdapter, bundle: ModelBundle, pruned: nn.Module, shape: VideoShape,
+                     section: ValidationSection) -> PruningFidelity:
+    runs = [(p, s) for p in section.prompts for s in section.seeds]
+    per_run = []
+    with progress() as bar:
+        task = bar.add_task("validate", total=2 * len(runs) * section.steps)
+        for prompt, seed in runs:
+            reference, candidate = (
+                adapter.trajectory(bundle, model, prompt, seed, shape, section.steps, section.guidance_scale,
+                                   lambda _: bar.advance(task))
+                for model in (bundle.model, pruned)
+            )
+            cosines = [torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+                       for a, b in zip(candidate.noise_preds, reference.noise_preds)]
+            per_run.append({"prompt": prompt, "seed": seed, "step_cosine": cosines,
+                            "latent_psnr": psnr(candidate.latents, reference.latents)})
+    all_cosines = [c for run in per_run for c in run["step_cosine"]]
+    return PruningFidelity(min(all_cosines), float(np.mean(all_cosines)),
+                           min(run["latent_psnr"] for run in per_run), per_run)
+
+
+def pruning_gates(result: PruningFidelity, section: ValidationSection) -> list[Gate]:
+    return [
+        Gate("pruning.step_cosine_min", result.step_cosine_min, section.pruning_min_step_cosine, "min"),
+        Gate("pruning.latent_psnr_min", result.latent_psnr_min, section.pruning_min_latent_psnr, "min"),
+    ]
+
+
+def save_goldens(path: Path, goldens: dict[str, np.ndarray]) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **goldens)
+
+
+def load_goldens(path: Path) -> list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    """[(inputs, expected outputs)] per golden sample."""
+    with np.load(path, allow_pickle=False) as data:
+        samples: dict[str, tuple[dict, dict]] = {}
+        for key in data.files:
+            index, kind, name = key.split("/", 2)
+            inputs, expected = samples.setdefault(index, ({}, {}))
+            (inputs if kind == "input" else expected)[name] = data[key]
+    return [samples[k] for k in sorted(samples, key=int)]
+
+
+def gates_json(gates: list[Gate]) -> list[dict[str, Any]]:
+    return [{**asdict(g), "passed": g.passed} for g in gates]
