@@ -91,7 +91,7 @@ class Build:
         if bundle.random_weights:
             console.print(f"[bold yellow]note:[/] {self.recipe.model.family} {bundle.description}: "
                           "RANDOM weights, so scores and fidelity say nothing about a trained model. "
-                          "Set \\[model].path to a checkpoint folder for real results.")
+                          "Set \\[model].path to a checkpoint folder for real results.", soft_wrap=True)
         return bundle
 
     @cached_property

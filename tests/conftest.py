@@ -1,0 +1,75 @@
+"""Shared fixtures: the tiny Tune-A-Video model and helpers to write recipes."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from f3export.models import ADAPTERS
+from f3export.models.base import VideoShape
+
+TAV = ADAPTERS["tune-a-video"]
+SMALL_SHAPE = VideoShape(frames=4, latent_height=8, latent_width=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle():
+    return TAV.load_preset("tiny", seed=0)
+
+
+@pytest.fixture
+def tiny_model(tiny_bundle):
+    return copy.deepcopy(tiny_bundle.model)
+
+
+@pytest.fixture
+def small_inputs(tiny_bundle):
+    return TAV.export_spec(tiny_bundle.model, SMALL_SHAPE, batch=2, dynamic=[], seed=7).inputs
+
+
+FAST_RECIPE = """
+[model]
+family = "tune-a-video"
+preset = "tiny"
+frames = 4
+latent_height = 8
+latent_width = 8
+
+[calibration]
+prompts = ["a man is skiing"]
+seeds = [0]
+steps = 3
+
+[pruning]
+ratio = 0.5
+
+[validation]
+prompts = ["a dog is running"]
+seeds = [1000]
+steps = 3
+export_samples = 1
+pruning_min_step_cosine = 0.5
+pruning_min_latent_psnr = 5.0
+
+[output]
+dir = "{out}"
+"""
+
+
+@pytest.fixture
+def write_recipe(tmp_path):
+    """write_recipe(text, name) -> path; ``{out}`` in the text becomes an artifacts folder under tmp_path."""
+
+    def write(text: str = FAST_RECIPE, name: str = "fast") -> Path:
+        path = tmp_path / f"{name}.toml"
+        path.write_text(text.replace("{out}", str(tmp_path / "artifacts")))
+        return path
+
+    return write
+
+
+def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()

@@ -1,0 +1,69 @@
+"""Head statistics are what DESIGN.md defines, measured on the real forward pass."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from f3export.calibrate import attention_head_statistics, calibrate, weight_magnitude
+from f3export.prune import PruningPlan, mask_heads
+from f3export.recipe import CalibrationSection
+
+from conftest import SMALL_SHAPE, TAV
+
+
+@pytest.fixture
+def temporal_attention(tiny_model):
+    return tiny_model.down_blocks[0].attentions[0].transformer_blocks[0].attn_temp
+
+
+def test_contribution_is_each_heads_own_output_norm_over_the_residual_norm(temporal_attention):
+    x = torch.randn(5, 6, temporal_attention.to_q.in_features, generator=torch.Generator().manual_seed(0))
+    residual_norm = torch.rand(5, 6) + 0.5
+    contribution, _, tokens = attention_head_statistics(temporal_attention, x, residual_norm)
+    bias = temporal_attention.to_out[0].bias
+    for head in range(temporal_attention.heads):
+        only_this_head = copy.deepcopy(temporal_attention)
+        holder = torch.nn.Module()
+        holder.attn = only_this_head
+        others = [h for h in range(8) if h != head]
+        mask_heads(holder, PruningPlan("", "", 0, 0, [], {"attn": 8}, {"attn": others}))
+        with torch.no_grad():
+            y = only_this_head(x) - bias
+        expected = (y.norm(dim=-1) / residual_norm).sum()
+        assert contribution[head].item() == pytest.approx(expected.item(), rel=1e-4)
+    assert tokens == 30
+
+
+def test_mixing_of_uniform_attention_is_one_minus_one_over_frames(temporal_attention):
+    with torch.no_grad():
+        temporal_attention.to_q.weight.zero_()  # equal logits: every frame attends to all F equally
+    x = torch.randn(3, 4, temporal_attention.to_q.in_features)
+    _, mixing, tokens = attention_head_statistics(temporal_attention, x, torch.ones(3, 4))
+    assert torch.allclose(mixing / tokens, torch.full((8,), 1 - 1 / 4, dtype=torch.float64))
+
+
+def test_magnitude_is_the_norm_of_each_heads_weights(temporal_attention):
+    d = temporal_attention.inner_dim // 8
+    head = 3
+    rows = slice(head * d, (head + 1) * d)
+    expected = sum(p.weight[rows].pow(2).sum() for p in (temporal_attention.to_q, temporal_attention.to_k,
+                                                           temporal_attention.to_v))
+    expected = (expected + temporal_attention.to_out[0].weight[:, rows].pow(2).sum()).sqrt()
+    assert weight_magnitude(temporal_attention)[head] == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_calibration_scores_every_head_overall_and_per_step(tiny_bundle):
+    section = CalibrationSection(prompts=["a", "b"], seeds=[0], steps=3)
+    scores = calibrate(TAV, tiny_bundle, SMALL_SHAPE, section)
+    assert len(scores.modules) == 7 and scores.samples == 2 and len(scores.timesteps) == 3
+    for module in scores.modules.values():
+        assert set(module.scores) == {"contribution", "mixing", "magnitude"}
+        assert all(len(v) == 8 for v in module.scores.values())
+        assert len(module.per_step["contribution"]) == 3
+        per_step_mean = torch.tensor(module.per_step["contribution"]).mean(0)
+        assert torch.allclose(per_step_mean, torch.tensor(module.scores["contribution"]), rtol=1e-5)
+        assert all(0.0 < m < 1.0 for m in module.scores["mixing"])
+        assert all(c > 0.0 for c in module.scores["contribution"])

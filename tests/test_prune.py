@@ -1,0 +1,97 @@
+"""Physical pruning removes exactly the planned heads and nothing else."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from f3export.calibrate import ModuleScores, Scores
+from f3export.models.attention import RemovedAttention
+from f3export.prune import (PruningPlan, apply_plan, load_pruned, make_plan, mask_heads, parameter_count,
+                            save_pruned)
+from f3export.recipe import PruningSection
+
+from conftest import TAV
+
+
+def scores_for(model, criterion="contribution", seed=0) -> Scores:
+    """Distinct pseudo-random scores for every temporal head."""
+    generator = torch.Generator().manual_seed(seed)
+    modules = {}
+    for site in TAV.temporal_sites(model):
+        attn = model.get_submodule(site.attention)
+        values = torch.rand(attn.heads, generator=generator).tolist()
+        modules[site.attention] = ModuleScores(attn.heads, attn.inner_dim // attn.heads, {criterion: values})
+    return Scores(modules, timesteps=[], samples=0)
+
+
+def expected_removed_parameters(model, plan: PruningPlan) -> int:
+    total = 0
+    for module, heads in plan.removed.items():
+        attn = model.get_submodule(module)
+        width, head_dim = attn.to_out[0].out_features, attn.inner_dim // attn.heads
+        total += len(heads) * 4 * width * head_dim  # q, k, v rows and output columns
+        if len(heads) == attn.heads:
+            total += 2 * width  # the norm goes with the module; the output bias stays
+    return total
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.25, 0.5, 1.0])
+def test_pruned_model_equals_original_with_heads_masked(tiny_model, small_inputs, ratio):
+    plan = make_plan(scores_for(tiny_model), PruningSection(ratio=ratio))
+    assert plan.removed_heads == round(ratio * 56)
+    pruned, masked = copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)
+    apply_plan(pruned, TAV.temporal_sites(pruned), plan)
+    mask_heads(masked, plan)
+    with torch.no_grad():
+        out_pruned, out_masked, out_original = (m(**small_inputs) for m in (pruned, masked, tiny_model))
+    assert torch.allclose(out_pruned, out_masked, atol=1e-5, rtol=1e-5)
+    assert parameter_count(tiny_model) - parameter_count(pruned) == expected_removed_parameters(tiny_model, plan)
+    if ratio > 0:
+        assert not torch.allclose(out_pruned, out_original, atol=1e-3)  # pruning did change the function
+
+
+def test_module_losing_all_heads_keeps_only_its_output_bias(tiny_model):
+    module = TAV.temporal_sites(tiny_model)[0]
+    plan = PruningPlan("contribution", "global", 0.1, 0, [], {module.attention: 8}, {module.attention: list(range(8))})
+    bias = tiny_model.get_submodule(module.attention).to_out[0].bias.detach().clone()
+    apply_plan(tiny_model, [module], plan)
+    removed = tiny_model.get_submodule(module.attention)
+    assert isinstance(removed, RemovedAttention)
+    assert torch.equal(removed.bias, bias)
+    assert isinstance(tiny_model.get_submodule(module.norm), torch.nn.Identity)
+
+
+def test_global_ranking_removes_lowest_scores_across_modules(tiny_model):
+    scores = scores_for(tiny_model)
+    plan = make_plan(scores, PruningSection(ratio=0.25))
+    removed = [scores.modules[m].scores["contribution"][h] for m, hs in plan.removed.items() for h in hs]
+    kept = [scores.modules[m].scores["contribution"][h] for m in plan.heads for h in plan.kept(m)]
+    assert len(removed) == 14 and max(removed) < min(kept)
+
+
+def test_module_scope_removes_the_ratio_from_every_module(tiny_model):
+    plan = make_plan(scores_for(tiny_model), PruningSection(scope="module", ratio=0.25))
+    assert {m: len(h) for m, h in plan.removed.items()} == {m: 2 for m in plan.heads}
+
+
+def test_min_heads_and_keep_limit_what_goes(tiny_model):
+    plan = make_plan(scores_for(tiny_model), PruningSection(ratio=1.0, min_heads_per_module=3, keep=["mid_block.*"]))
+    counts = plan.head_counts()
+    assert all(n == 3 for m, n in counts.items() if not m.startswith("mid_block"))
+    assert [n for m, n in counts.items() if m.startswith("mid_block")] == [8]
+    assert plan.removed_heads == 6 * 5
+
+
+def test_saved_pruned_model_reloads_with_its_head_counts(tmp_path, tiny_bundle, tiny_model, small_inputs):
+    plan = make_plan(scores_for(tiny_model, seed=4), PruningSection(ratio=0.6))
+    apply_plan(tiny_model, TAV.temporal_sites(tiny_model), plan)
+    save_pruned(TAV.family, tiny_bundle.config, tiny_model, plan, tmp_path)
+    adapter, _, reloaded = load_pruned(tmp_path)
+    assert adapter is TAV
+    assert {s.attention: getattr(reloaded.get_submodule(s.attention), "heads", 0)
+            for s in TAV.temporal_sites(reloaded)} == plan.head_counts()
+    with torch.no_grad():
+        assert torch.equal(reloaded(**small_inputs), tiny_model(**small_inputs))

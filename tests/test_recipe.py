@@ -1,0 +1,55 @@
+"""Recipes are validated before anything runs; mistakes are one line naming the key, exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from f3export.errors import RecipeError
+from f3export.recipe import load_recipe
+
+from conftest import FAST_RECIPE
+
+
+def test_the_shipped_recipe_loads():
+    recipe = load_recipe("recipes/tav.toml")
+    assert recipe.name == "tav" and recipe.model.preset == "tiny" and recipe.pruning.ratio == 0.5
+
+
+@pytest.mark.parametrize("edit, message", [
+    (("ratio = 0.5", "ratio = 1.5"), r"\[pruning\]\.ratio = 1\.5 is out of range \[0\.0, 1\.0\]"),
+    (("ratio = 0.5", "ratio = \"half\""), r"\[pruning\]\.ratio: expected a number, got str 'half'"),
+    (("ratio = 0.5", "ratoi = 0.5"), r"\[pruning\]: unknown key 'ratoi'"),
+    (("[pruning]", "[prunning]"), r"unknown section \[prunning\]"),
+    (("steps = 3\n\n[pruning]", "steps = -1\n\n[pruning]"), r"\[calibration\]\.steps = -1 is out of range"),
+    (('prompts = ["a man is skiing"]', "prompts = []"), r"\[calibration\]\.prompts: must not be empty"),
+    (('preset = "tiny"', 'preset = "huge"'), r"\[model\]\.preset = 'huge' is not one of"),
+    (('preset = "tiny"', 'preset = "tiny"\npath = "."'), r"needs exactly one of 'preset' or 'path'"),
+    (('preset = "tiny"', 'path = "no/such/folder"'), r"\[model\]\.path = 'no/such/folder': folder not found"),
+    (('family = "tune-a-video"', 'family = "sora"'), r"\[model\]\.family = 'sora' is not one of"),
+    (("[model]", "[model"), r"invalid TOML"),
+])
+def test_malformed_recipe_names_the_problem(write_recipe, edit, message):
+    path = write_recipe(FAST_RECIPE.replace(*edit, 1))
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(path)
+
+
+def test_set_overrides_values_and_is_validated_too(write_recipe):
+    path = write_recipe()
+    recipe = load_recipe(path, ["pruning.ratio=0.25", "model.preset=tiny", "calibration.seeds=[1, 2]"])
+    assert recipe.pruning.ratio == 0.25 and recipe.calibration.seeds == [1, 2]
+    with pytest.raises(RecipeError, match=r"\[pruning\]\.scope = 'everything' is not one of"):
+        load_recipe(path, ["pruning.scope=everything"])
+    with pytest.raises(RecipeError, match=r"expected section\.key=value"):
+        load_recipe(path, ["ratio=0.3"])
+
+
+def test_cli_reports_a_bad_recipe_in_one_line_with_exit_code_2(write_recipe):
+    path = write_recipe(FAST_RECIPE.replace("ratio = 0.5", "ratio = 1.5"))
+    done = subprocess.run([sys.executable, "-m", "f3export", "build", str(path)], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "error: fast.toml: [pruning].ratio = 1.5 is out of range [0.0, 1.0]"
+    assert "Traceback" not in done.stderr + done.stdout
