@@ -133,3 +133,36 @@ def test_odd_latent_sizes_run_and_keep_their_shape(tiny_model):
     with torch.no_grad():
         out = tiny_model(sample, torch.tensor([10.0]), torch.randn(1, 77, TINY.cross_attention_dim))
     assert out.shape == sample.shape
+
+
+def bytes_to_unicode() -> list[str]:
+    """GPT-2/CLIP byte-level alphabet, to write a character-level CLIP vocabulary."""
+    visible = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    extra = [b for b in range(256) if b not in visible]
+    return [chr(c) for c in visible] + [chr(256 + i) for i in range(len(extra))]
+
+
+def write_clip(folder, width: int) -> None:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    chars = bytes_to_unicode()
+    vocab = {token: i for i, token in enumerate(chars + [c + "</w>" for c in chars] +
+                                                ["<|startoftext|>", "<|endoftext|>"])}
+    (folder / "tokenizer").mkdir(parents=True)
+    (folder / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(folder / "tokenizer" / "vocab.json"), str(folder / "tokenizer" / "merges.txt"),
+                  model_max_length=77).save_pretrained(folder / "tokenizer")
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width,
+                            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77)
+    CLIPTextModel(config).save_pretrained(folder / "text_encoder")
+
+
+def test_a_clip_text_encoder_in_the_folder_conditions_calibration(tmp_path, tiny_model):
+    write_checkpoint(tmp_path, tiny_model, "safetensors", ORIGINAL_STYLE_CONFIG)
+    write_clip(tmp_path, TINY.cross_attention_dim)
+    bundle = TAV.load_folder(tmp_path)
+    embeddings = TAV.encode_prompts(bundle, ["a man is skiing", "a cat"])
+    assert embeddings.shape == (2, 77, TINY.cross_attention_dim)
+    assert not torch.allclose(embeddings[0], embeddings[1])
+    assert TAV.weights_digest(None, str(tmp_path), 0) != TAV.weights_digest("tiny", None, 0)

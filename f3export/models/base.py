@@ -190,7 +190,7 @@ class LatentVideoDiffusionAdapter(ModelAdapter):
         return Trajectory(noise_preds, latents, [int(t) for t in scheduler.timesteps])
 
 
-def load_clip_text_encoder(folder: Path) -> Callable[[list[str]], torch.Tensor] | None:
+def load_clip_text_encoder(folder: Path, tokens: int = 77) -> Callable[[list[str]], torch.Tensor] | None:
     """CLIP text encoder + tokenizer from ``text_encoder/`` and ``tokenizer/``, if the folder has them."""
     if not (folder / "text_encoder").is_dir():
         return None
@@ -204,7 +204,7 @@ def load_clip_text_encoder(folder: Path) -> Callable[[list[str]], torch.Tensor] 
 
     @torch.no_grad()
     def encode(prompts: list[str]) -> torch.Tensor:
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+        ids = tokenizer(prompts, padding="max_length", max_length=tokens, truncation=True,
                         return_tensors="pt").input_ids
         return encoder(ids)[0]
 
