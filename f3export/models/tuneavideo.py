@@ -241,6 +241,13 @@ class Transformer3DModel(nn.Module):
         return _unfold_frames(out, frames)
 
 
+def _transformers(cfg: TuneAVideoConfig, channels: int, count: int) -> nn.ModuleList:
+    return nn.ModuleList(
+        Transformer3DModel(channels, cfg.attention_head_dim, cfg.cross_attention_dim, cfg.norm_num_groups)
+        for _ in range(count)
+    )
+
+
 class DownBlock3D(nn.Module):
     def __init__(self, cfg: TuneAVideoConfig, in_ch: int, out_ch: int, temb_ch: int, with_attention: bool,
                  add_downsample: bool):
@@ -251,10 +258,7 @@ class DownBlock3D(nn.Module):
             for i in range(layers)
         )
         if with_attention:
-            self.attentions = nn.ModuleList(
-                Transformer3DModel(out_ch, cfg.attention_head_dim, cfg.cross_attention_dim, cfg.norm_num_groups)
-                for _ in range(layers)
-            )
+            self.attentions = _transformers(cfg, out_ch, layers)
         if add_downsample:
             self.downsamplers = nn.ModuleList([Downsample3D(out_ch, cfg.downsample_padding)])
 
@@ -283,10 +287,7 @@ class UpBlock3D(nn.Module):
             for i in range(layers)
         )
         if with_attention:
-            self.attentions = nn.ModuleList(
-                Transformer3DModel(out_ch, cfg.attention_head_dim, cfg.cross_attention_dim, cfg.norm_num_groups)
-                for _ in range(layers)
-            )
+            self.attentions = _transformers(cfg, out_ch, layers)
         if add_upsample:
             self.upsamplers = nn.ModuleList([Upsample3D(out_ch)])
 
@@ -304,9 +305,7 @@ class UpBlock3D(nn.Module):
 class MidBlock3D(nn.Module):
     def __init__(self, cfg: TuneAVideoConfig, ch: int, temb_ch: int):
         super().__init__()
-        self.attentions = nn.ModuleList(
-            [Transformer3DModel(ch, cfg.attention_head_dim, cfg.cross_attention_dim, cfg.norm_num_groups)]
-        )
+        self.attentions = _transformers(cfg, ch, 1)
         self.resnets = nn.ModuleList(
             ResnetBlock3D(ch, ch, temb_ch, cfg.norm_num_groups, cfg.norm_eps, cfg.mid_block_scale_factor)
             for _ in range(2)
