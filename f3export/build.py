@@ -27,9 +27,9 @@ from . import __version__
 from .artifacts import Manifest, StageRecord, content_key, write_json
 from .calibrate import Scores, calibrate
 from .engines import get_backend
-from .errors import F3ExportError
+from .errors import F3ExportError, RecipeError
 from .export import export_onnx
-from .models import ADAPTERS
+from .models import get_adapter
 from .models.base import ModelBundle, VideoShape
 from .prune import PruningPlan, apply_plan, load_pruned, make_plan, parameter_count, save_pruned
 from .recipe import Recipe
@@ -72,13 +72,17 @@ class Build:
     def __init__(self, recipe: Recipe, force: bool = False):
         self.recipe = recipe
         self.force = force
-        self.adapter = ADAPTERS[recipe.model.family]
+        self.adapter = get_adapter(recipe.model.family, recipe.model.adapter_options)
         self.root = recipe.artifact_dir
         self.shape = VideoShape(recipe.model.frames, recipe.model.latent_height, recipe.model.latent_width)
         self.versions = library_versions()
         self.backend = get_backend(recipe.engine.backend, device=recipe.engine.device,
                                    optimization_level=recipe.engine.optimization_level)
         self.result = BuildResult(self.root)
+        fixed = sorted(set(recipe.export.dynamic_axes) & set(self.adapter.fixed_axes))
+        if fixed:
+            raise RecipeError(f"{recipe.source.name}: [export].dynamic_axes: {recipe.model.family} models cannot "
+                              f"export {', '.join(map(repr, fixed))} as dynamic")
 
     # -- inputs, loaded lazily ------------------------------------------------------------------------
     @cached_property
@@ -88,6 +92,9 @@ class Build:
             bundle = self.adapter.load_preset(model.preset, model.seed)
         else:
             bundle = self.adapter.load_folder(Path(model.path))
+        problem = self.adapter.shape_error(bundle.model, self.shape)
+        if problem:
+            raise RecipeError(f"{self.recipe.source.name}: [model].{problem}")
         if bundle.random_weights:
             console.print(f"[bold yellow]note:[/] {self.recipe.model.family} {bundle.description}: "
                           "RANDOM weights, so scores and fidelity say nothing about a trained model. "
@@ -135,7 +142,7 @@ class Build:
         original = self.bundle.model
         pruned = copy.deepcopy(original)
         apply_plan(pruned, self.adapter.temporal_sites(pruned), plan)
-        files = save_pruned(self.adapter.family, self.bundle.config, pruned, plan, self.root / "pruned")
+        files = save_pruned(self.adapter, self.bundle.config, pruned, plan, self.root / "pruned")
         before, after = parameter_count(original), parameter_count(pruned)
         return files, {"parameters_original": before, "parameters_pruned": after, "parameters_removed": before - after}
 

@@ -54,6 +54,32 @@ def build(recipe: Path, overrides: tuple[str, ...], force: bool) -> None:
 
 
 @main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a recipe value.")
+@user_errors
+def inspect(recipe: Path, overrides: tuple[str, ...]) -> None:
+    """List the temporal attention modules RECIPE's model has, before anything is pruned."""
+    from .build import Build
+    from .recipe import load_recipe
+
+    build = Build(load_recipe(recipe, list(overrides)))
+    model = build.bundle.model
+    rows, total = [], 0
+    for site in build.adapter.temporal_sites(model):
+        attn = model.get_submodule(site.attention)
+        modules = [attn] + ([model.get_submodule(site.norm)] if site.norm else [])
+        count = sum(p.numel() for m in modules for p in m.parameters())
+        total += count
+        rows.append([site.attention, str(attn.heads), str(attn.inner_dim // attn.heads), f"{count:,}"])
+    params = sum(p.numel() for p in model.parameters())
+    result = table(f"{build.recipe.model.family}: temporal attention modules", ["module", "heads", "head dim",
+                                                                              "parameters"], rows)
+    result.caption = (f"{len(rows)} modules, {sum(int(r[1]) for r in rows)} heads, {total:,} of {params:,} "
+                      f"parameters ({100 * total / params:.1f}%)")
+    console.print(result)
+
+
+@main.command()
 @click.argument("artifact_dir", type=click.Path(path_type=Path))
 @user_errors
 def check(artifact_dir: Path) -> None:

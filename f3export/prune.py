@@ -24,7 +24,7 @@ from torch import nn
 from .artifacts import write_json
 from .calibrate import Scores
 from .errors import CheckpointError
-from .models import ADAPTERS
+from .models import FAMILIES, get_adapter
 from .models.attention import RemovedAttention
 from .models.base import ModelAdapter, TemporalSite
 from .recipe import PruningSection
@@ -181,12 +181,14 @@ def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def save_pruned(family: str, config: dict[str, Any], model: nn.Module, plan: PruningPlan, folder: Path) -> list[Path]:
+def save_pruned(adapter: ModelAdapter, config: dict[str, Any], model: nn.Module, plan: PruningPlan,
+                folder: Path) -> list[Path]:
     """A self-contained pruned model: weights + the family config + per-module head counts."""
     folder.mkdir(parents=True, exist_ok=True)
     weights, config_path = folder / PRUNED_WEIGHTS, folder / PRUNED_CONFIG
     save_state_dict(model, weights)
-    write_json(config_path, {"family": family, "config": config, "temporal_heads": plan.head_counts()})
+    write_json(config_path, {"family": adapter.family, "adapter_options": adapter.options(), "config": config,
+                             "temporal_heads": plan.head_counts()})
     return [weights, config_path]
 
 
@@ -194,7 +196,9 @@ def load_pruned(folder: Path) -> tuple[ModelAdapter, dict[str, Any], nn.Module]:
     """Rebuild a model saved by ``save_pruned``: base network, head counts applied, strict weight load."""
     meta = read_json(folder / PRUNED_CONFIG)
     try:
-        adapter = ADAPTERS[meta["family"]]
+        if meta["family"] not in FAMILIES:
+            raise KeyError(f"family {meta['family']!r}")
+        adapter = get_adapter(meta["family"], meta.get("adapter_options"))
         config, head_counts = meta["config"], meta["temporal_heads"]
     except KeyError as exc:
         raise CheckpointError(f"{folder / PRUNED_CONFIG}: missing or unknown {exc}") from None

@@ -36,6 +36,17 @@ class ModelSection:
     frames: int = spec(8, low=1, high=1024)
     latent_height: int = spec(32, low=8, high=512)
     latent_width: int = spec(32, low=8, high=512)
+    # family = "diffusers" only: a model f3export has no adapter for, described here.
+    class_name: str | None = spec(None, doc="diffusers model class, e.g. 'UNet3DConditionModel'")
+    temporal_modules: list[str] = spec([], doc="glob patterns naming its temporal Attention modules")
+    text_per_frame: bool = spec(False, doc="the model takes one text embedding per frame")
+
+    @property
+    def adapter_options(self) -> dict:
+        if self.family != "diffusers":
+            return {}
+        return {"class_name": self.class_name, "temporal_modules": self.temporal_modules,
+                "text_per_frame": self.text_per_frame}
 
 
 @dataclass(frozen=True)
@@ -230,14 +241,30 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 
 
 def _check_model_family(recipe: Recipe) -> None:
-    from .models import ADAPTERS
+    from .models import FAMILIES
+    from .models.diffusers_video import diffusers_class
+    from .errors import CheckpointError
 
     where = f"{recipe.source.name}: [model]"
     model = recipe.model
-    if model.family not in ADAPTERS:
-        raise RecipeError(f"{where}.family = {model.family!r} is not one of {', '.join(map(repr, ADAPTERS))}")
-    adapter = ADAPTERS[model.family]
-    if model.preset is not None and model.preset not in adapter.presets:
-        raise RecipeError(f"{where}.preset = {model.preset!r} is not one of {', '.join(map(repr, adapter.presets))}")
+    if model.family not in FAMILIES:
+        raise RecipeError(f"{where}.family = {model.family!r} is not one of {', '.join(map(repr, FAMILIES))}")
+    presets = FAMILIES[model.family].presets
+    if model.preset is not None and model.preset not in presets:
+        known = ", ".join(map(repr, presets)) or "none (give 'path')"
+        raise RecipeError(f"{where}.preset = {model.preset!r} is not one of {known}")
     if model.path is not None and not Path(model.path).is_dir():
         raise RecipeError(f"{where}.path = {model.path!r}: folder not found")
+    custom = {"class_name": model.class_name, "temporal_modules": model.temporal_modules,
+              "text_per_frame": model.text_per_frame}
+    if model.family == "diffusers":
+        if model.class_name is None or not model.temporal_modules:
+            raise RecipeError(f"{where}: family 'diffusers' needs 'class_name' and 'temporal_modules'")
+        try:
+            diffusers_class(model.class_name)
+        except CheckpointError:
+            raise RecipeError(f"{where}.class_name = {model.class_name!r} is not a diffusers model class") from None
+    else:
+        for key, value in custom.items():
+            if value not in (None, [], False):
+                raise RecipeError(f"{where}.{key} applies only to family 'diffusers'")

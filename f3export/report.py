@@ -8,7 +8,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-console = Console(stderr=True)
+# Logs (CI, pipes) get lines wide enough for module names; a terminal uses its own width.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 def progress() -> Progress:
@@ -19,7 +20,7 @@ def progress() -> Progress:
 def table(title: str, columns: list[str], rows: list[list[str]]) -> Table:
     result = Table(title=title, title_justify="left")
     for column in columns:
-        result.add_column(column)
+        result.add_column(column, overflow="fold")
     for row in rows:
         result.add_row(*row)
     return result

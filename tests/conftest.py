@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from f3export.models import ADAPTERS
+from f3export.models import get_adapter
 from f3export.models.base import VideoShape
 
-TAV = ADAPTERS["tune-a-video"]
+TAV = get_adapter("tune-a-video")
 SMALL_SHAPE = VideoShape(frames=4, latent_height=8, latent_width=8)
 
 

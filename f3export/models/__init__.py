@@ -1,6 +1,19 @@
 """Model families. Each registers one adapter; the core looks families up here and nowhere else."""
 
+from __future__ import annotations
+
+from typing import Any
+
 from .base import ModelAdapter
+from .custom import CustomDiffusersAdapter
 from .tuneavideo import TuneAVideoAdapter
 
-ADAPTERS: dict[str, ModelAdapter] = {adapter.family: adapter for adapter in (TuneAVideoAdapter(),)}
+FAMILIES: dict[str, type[ModelAdapter]] = {
+    cls.family: cls
+    for cls in (TuneAVideoAdapter, CustomDiffusersAdapter)
+}
+
+
+def get_adapter(family: str, options: dict[str, Any] | None = None) -> ModelAdapter:
+    """The adapter of a family; ``options`` configure families described by the recipe alone."""
+    return FAMILIES[family](**(options or {}))

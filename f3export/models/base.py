@@ -78,6 +78,11 @@ class Trajectory:
 class ModelAdapter(ABC):
     family: ClassVar[str]
     presets: ClassVar[dict[str, dict[str, Any]]]
+    fixed_axes: ClassVar[tuple[str, ...]] = ()  # input axes the exported graph cannot leave dynamic
+
+    def shape_error(self, model: nn.Module, shape: VideoShape) -> str | None:
+        """Why this model cannot run clips of ``shape``, or None."""
+        return None
 
     @abstractmethod
     def build(self, config: dict[str, Any]) -> nn.Module:
@@ -104,6 +109,10 @@ class ModelAdapter(ABC):
     def trajectory(self, bundle: ModelBundle, model: nn.Module, prompt: str, seed: int, shape: VideoShape,
                    steps: int, guidance_scale: float, on_step: Callable[[int], None] | None = None) -> Trajectory:
         """Run the family's sampling loop for one prompt and seed."""
+
+    def options(self) -> dict[str, Any]:
+        """Constructor arguments of this adapter, saved with a pruned model to rebuild it."""
+        return {}
 
     def load_preset(self, name: str, seed: int) -> ModelBundle:
         config = self.presets[name]
@@ -183,7 +192,9 @@ class LatentVideoDiffusionAdapter(ModelAdapter):
             if on_step is not None:
                 on_step(i)
             model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            uncond, cond = model(model_input, t.float().expand(2), context).chunk(2)
+            # Channels past the latent ones (a learned variance, as in Latte) are not part of the noise.
+            noise = model(model_input, t.float().expand(2), context)[:, :self.latent_channels]
+            uncond, cond = noise.chunk(2)
             guided = uncond + guidance_scale * (cond - uncond)
             noise_preds.append(guided)
             latents = scheduler.step(guided, t, latents).prev_sample
