@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from .animatediff import AnimateDiffAdapter
 from .base import ModelAdapter
 from .custom import CustomDiffusersAdapter
+from .latte import LatteAdapter
+from .modelscope import ModelScopeAdapter
 from .tuneavideo import TuneAVideoAdapter
 
 FAMILIES: dict[str, type[ModelAdapter]] = {
     cls.family: cls
-    for cls in (TuneAVideoAdapter, CustomDiffusersAdapter)
+    for cls in (TuneAVideoAdapter, ModelScopeAdapter, AnimateDiffAdapter, LatteAdapter, CustomDiffusersAdapter)
 }
 
 

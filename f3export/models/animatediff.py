@@ -1,0 +1,31 @@
+"""AnimateDiff (diffusers ``UNetMotionModel``): an SD UNet with motion modules.
+
+Temporal attention lives in ``motion_modules.*``; their blocks add sinusoidal
+frame positions before attention, so clips are at most ``motion_max_seq_length``
+frames. The model takes one text embedding per frame.
+"""
+
+from .diffusers_video import DiffusersVideoAdapter
+
+
+class AnimateDiffAdapter(DiffusersVideoAdapter):
+    family = "animatediff"
+    class_name = "UNetMotionModel"
+    temporal_patterns = ("*motion_modules.*.attn[12]",)
+    text_per_frame = True
+    presets = {
+        "tiny": {
+            "sample_size": 16, "block_out_channels": [32, 64], "layers_per_block": 1, "norm_num_groups": 8,
+            "down_block_types": ["CrossAttnDownBlockMotion", "DownBlockMotion"],
+            "up_block_types": ["UpBlockMotion", "CrossAttnUpBlockMotion"],
+            "cross_attention_dim": 32, "num_attention_heads": 4, "motion_num_attention_heads": 8,
+            "motion_max_seq_length": 32,
+        },
+    }
+
+    def shape_error(self, model, shape):
+        limit = model.inner.config.motion_max_seq_length
+        if shape.frames > limit:
+            return f"frames = {shape.frames}, but the motion modules' positions cover at most " \
+                   f"motion_max_seq_length = {limit} frames"
+        return None
