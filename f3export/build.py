@@ -26,7 +26,7 @@ from filelock import FileLock, Timeout
 from . import __version__
 from .artifacts import Manifest, StageRecord, content_key, write_json
 from .calibrate import Scores, calibrate
-from .engines import get_backend
+from .engines import make_backend
 from .errors import F3ExportError, RecipeError
 from .export import export_onnx
 from .models import get_adapter
@@ -34,8 +34,8 @@ from .models.base import ModelBundle, VideoShape
 from .prune import PruningPlan, apply_plan, load_pruned, make_plan, parameter_count, save_pruned
 from .recipe import Recipe
 from .report import console, table
-from .validate import (Gate, export_fidelity, export_gates, gates_json, pruning_fidelity, pruning_gates,
-                       save_goldens)
+from .validate import (Gate, compare_engine, export_gates, gates_json, golden_samples, pruning_fidelity,
+                       pruning_gates, save_goldens)
 
 STAGES = ("calibrate", "plan", "prune", "export", "engine", "validate")
 MODEL_VARIANTS = ("original", "pruned")
@@ -76,8 +76,8 @@ class Build:
         self.root = recipe.artifact_dir
         self.shape = VideoShape(recipe.model.frames, recipe.model.latent_height, recipe.model.latent_width)
         self.versions = library_versions()
-        self.backend = get_backend(recipe.engine.backend, device=recipe.engine.device,
-                                   optimization_level=recipe.engine.optimization_level)
+        # Every backend asked for is set up now, so one that cannot run here fails before any work.
+        self.backends = [make_backend(name, recipe, self.root) for name in recipe.engine.selected]
         self.result = BuildResult(self.root)
         fixed = sorted(set(recipe.export.dynamic_axes) & set(self.adapter.fixed_axes))
         if fixed:
@@ -160,26 +160,34 @@ class Build:
         return files, data
 
     def _engine(self, export: StageRecord) -> tuple[list[Path], dict[str, Any]]:
-        files, data = [], {"backend": self.backend.name}
-        for variant in MODEL_VARIANTS:
-            onnx_path = self.root / export.data[variant]["path"]
-            engine_path = self.root / "engines" / self.backend.engine_name(onnx_path)
-            files += self.backend.build(onnx_path, engine_path)
-            data[variant] = str(engine_path.relative_to(self.root))
+        files, data = [], {}
+        for backend in self.backends:
+            for variant in MODEL_VARIANTS:
+                onnx_path = self.root / export.data[variant]["path"]
+                engine_path = self.root / "engines" / backend.engine_name(onnx_path)
+                files += backend.build(onnx_path, engine_path)
+                data[f"{variant}.{backend.name}"] = {"backend": backend.name, "variant": variant,
+                                                     "path": str(engine_path.relative_to(self.root)),
+                                                     "precision": backend.precision, "versions": backend.versions()}
         return files, data
 
     def _validate(self, engine: StageRecord) -> tuple[list[Path], dict[str, Any]]:
         section = self.recipe.validation
         pruned = self._pruned_model()
+        backends = {b.name: b for b in self.backends}
         files, metrics, gates = [], {}, []
         for variant, model in (("original", self.bundle.model), ("pruned", pruned)):
-            runtime = self.backend.load(self.root / engine.data[variant])
-            worst, goldens = export_fidelity(self.adapter, model, runtime, self.shape, self.recipe.export, section)
+            samples = golden_samples(self.adapter, model, self.shape, self.recipe.export, section)
             golden_path = self.root / "goldens" / f"{variant}.npz"
-            save_goldens(golden_path, goldens)
+            save_goldens(golden_path, samples)
             files.append(golden_path)
-            metrics[f"export.{variant}"] = vars(worst)
-            gates += export_gates(worst, section, f"export.{variant}")
+            for name, entry in engine.data.items():
+                if entry["variant"] != variant:
+                    continue
+                backend = backends[entry["backend"]]
+                worst = compare_engine(backend.load(self.root / entry["path"]), samples)
+                metrics[f"export.{name}"] = vars(worst)
+                gates += export_gates(worst, section, backend.precision, f"export.{name}")
         fidelity = pruning_fidelity(self.adapter, self.bundle, pruned, self.shape, section)
         metrics["pruning"] = vars(fidelity)
         gates += pruning_gates(fidelity, section)
@@ -206,7 +214,8 @@ class Build:
     def _run_locked(self) -> BuildResult:
         r, v = self.recipe, self.versions
         shape = vars(self.shape)
-        self.manifest.doc.update({"name": r.name, "recipe": r.as_dict(), "versions": v, "status": "building"})
+        self.manifest.doc.update({"name": r.name, "recipe_file": str(r.source), "recipe": r.as_dict(), "versions": v,
+                                  "status": "building"})
         # Each key hashes the stage's own settings and the content of the files it reads, so a stage
         # reruns exactly when something it consumes changed.
         calibrate = self._run_stage("calibrate", content_key(
@@ -220,7 +229,8 @@ class Build:
             "export", prune.files, self.model_key, r.section("export"), shape, v["torch"], v["onnx"],
             v["onnx_graphsurgeon"], v["f3export"]), self._export)
         engine = self._run_stage("engine", content_key(
-            "engine", export.files, r.section("engine"), self.backend.versions()), lambda: self._engine(export))
+            "engine", export.files, r.section("engine"), [b.versions() for b in self.backends]),
+            lambda: self._engine(export))
         validate = self._run_stage("validate", content_key(
             "validate", engine.files, prune.files, self.model_key, r.section("validation"), shape, v["f3export"]),
             lambda: self._validate(engine))
@@ -237,9 +247,9 @@ class Build:
                 "onnx_removed_equals_torch_removed":
                     export.data["parameters_removed"] == prune.data["parameters_removed"],
             },
-            "engines": {variant: {"backend": engine.data["backend"], "path": engine.data[variant],
-                                  "goldens": f"goldens/{variant}.npz", "good": self.result.passed}
-                        for variant in MODEL_VARIANTS},
+            "engines": {name: {"backend": entry["backend"], "path": entry["path"],
+                               "goldens": f"goldens/{entry['variant']}.npz", "good": self.result.passed}
+                        for name, entry in engine.data.items()},
         })
         self.manifest.save()
         return self.result

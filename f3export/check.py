@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from .artifacts import Manifest, sha256_file
-from .engines import get_backend
+from .engines import make_backend
 from .errors import CheckError
-from .recipe import ValidationSection
-from .validate import Comparison, Gate, export_gates, load_goldens
+from .recipe import Recipe
+from .validate import Gate, compare_engine, export_gates, load_goldens
 
 
 def verify_files(manifest: Manifest) -> int:
@@ -37,16 +37,10 @@ def check_artifacts(root: Path) -> tuple[int, list[Gate]]:
     if manifest.doc.get("status") not in ("passed", "failed") or "engines" not in manifest.doc:
         raise CheckError(f"{root / 'manifest.json'}: the build did not finish; run f3export build again")
     checked = verify_files(manifest)
-    recipe = manifest.doc["recipe"]
-    validation = ValidationSection(**recipe["validation"])
+    recipe = Recipe.from_dict(Path(manifest.doc["recipe_file"]), manifest.doc["recipe"])
     gates: list[Gate] = []
-    for variant, entry in manifest.doc["engines"].items():
-        backend = get_backend(entry["backend"], device=recipe["engine"]["device"],
-                              optimization_level=recipe["engine"]["optimization_level"])
-        engine = backend.load(root / entry["path"])
-        comparisons = []
-        for inputs, expected in load_goldens(root / entry["goldens"]):
-            actual = engine.run(inputs)
-            comparisons.extend(Comparison.of(actual[name], value) for name, value in expected.items())
-        gates += export_gates(Comparison.worst(comparisons), validation, f"check.{variant}")
+    for name, entry in manifest.doc["engines"].items():
+        backend = make_backend(entry["backend"], recipe, root)
+        worst = compare_engine(backend.load(root / entry["path"]), load_goldens(root / entry["goldens"]))
+        gates += export_gates(worst, recipe.validation, backend.precision, f"check.{name}")
     return checked, gates

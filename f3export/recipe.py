@@ -74,11 +74,28 @@ class ExportSection:
     external_data: str = spec("auto", choices=("auto", "always", "never"))
 
 
+BACKENDS = ("onnxruntime", "tensorrt")
+
+
 @dataclass(frozen=True)
 class EngineSection:
-    backend: str = spec("onnxruntime", choices=("onnxruntime",))
+    backend: str | None = spec(None, choices=BACKENDS, doc="one engine backend")
+    backends: list[str] = spec([], choices=BACKENDS, doc="several engine backends")
+    # ONNX Runtime
     device: str = spec("cpu", choices=("cpu", "cuda", "auto"))
     optimization_level: str = spec("extended", choices=("disabled", "basic", "extended", "all"))
+    # TensorRT
+    precision: str = spec("fp16", choices=("fp32", "fp16", "bf16"))
+    builder_optimization_level: int = spec(3, low=0, high=5)
+    fp32_norms: bool = spec(True, doc="keep normalisation, softmax and reductions in fp32 (fp16/bf16 overflow)")
+    profile_batch: list[int] = spec([], low=1, doc="[min, opt, max]; default: the export shape, static")
+    profile_frames: list[int] = spec([], low=1)
+    profile_height: list[int] = spec([], low=1, doc="latent height")
+    profile_width: list[int] = spec([], low=1, doc="latent width")
+
+    @property
+    def selected(self) -> list[str]:
+        return list(self.backends) or [self.backend or "onnxruntime"]
 
 
 @dataclass(frozen=True)
@@ -88,8 +105,10 @@ class ValidationSection:
     steps: int = spec(10, low=1, high=1000)
     guidance_scale: float = spec(7.5, low=0.0)
     export_samples: int = spec(2, low=1, high=64, doc="fresh random inputs for export fidelity")
-    export_max_rel_l2: float = spec(1e-4, low=0.0)
+    export_max_rel_l2: float = spec(1e-4, low=0.0, doc="fp32 engines")
     export_min_cosine: float = spec(0.9999, low=-1.0, high=1.0)
+    export_fp16_max_rel_l2: float = spec(2e-2, low=0.0, doc="fp16 / bf16 engines")
+    export_fp16_min_cosine: float = spec(0.999, low=-1.0, high=1.0)
     pruning_min_step_cosine: float = spec(0.9, low=-1.0, high=1.0)
     pruning_min_latent_psnr: float = spec(20.0)
 
@@ -135,6 +154,11 @@ class Recipe:
 
     def as_dict(self) -> dict[str, Any]:
         return {name: self.section(name) for name in SECTIONS}
+
+    @classmethod
+    def from_dict(cls, source: Path, data: dict[str, Any]) -> "Recipe":
+        """A recipe as stored in a manifest (already validated when it was built)."""
+        return cls(source=source, **{name: SECTIONS[name](**data[name]) for name in SECTIONS})
 
 
 def _type_name(tp: Any) -> str:
@@ -237,7 +261,19 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raise RecipeError(f"{path.name}: [model] needs exactly one of 'preset' or 'path'")
     recipe = Recipe(source=path, **sections)
     _check_model_family(recipe)
+    _check_engine(recipe)
     return recipe
+
+
+def _check_engine(recipe: Recipe) -> None:
+    where = f"{recipe.source.name}: [engine]"
+    engine = recipe.engine
+    if engine.backend is not None and engine.backends:
+        raise RecipeError(f"{where}: give 'backend' or 'backends', not both")
+    for axis in ("batch", "frames", "height", "width"):
+        values = getattr(engine, f"profile_{axis}")
+        if values and (len(values) != 3 or not values[0] <= values[1] <= values[2]):
+            raise RecipeError(f"{where}.profile_{axis} = {values}: expected [min, opt, max] with min <= opt <= max")
 
 
 def _check_model_family(recipe: Recipe) -> None:

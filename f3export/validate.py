@@ -67,10 +67,14 @@ class Gate:
         return self.value <= self.limit if self.kind == "max" else self.value >= self.limit
 
 
-def export_gates(result: Comparison, section: ValidationSection, prefix: str) -> list[Gate]:
+def export_gates(result: Comparison, section: ValidationSection, precision: str, prefix: str) -> list[Gate]:
+    """Engine-vs-PyTorch gates; fp16/bf16 engines get their own, looser tolerances."""
+    fp32 = precision == "fp32"
+    max_rel_l2 = section.export_max_rel_l2 if fp32 else section.export_fp16_max_rel_l2
+    min_cosine = section.export_min_cosine if fp32 else section.export_fp16_min_cosine
     return [
-        Gate(f"{prefix}.rel_l2", result.rel_l2, section.export_max_rel_l2, "max"),
-        Gate(f"{prefix}.cosine", result.cosine, section.export_min_cosine, "min"),
+        Gate(f"{prefix}.rel_l2", result.rel_l2, max_rel_l2, "max"),
+        Gate(f"{prefix}.cosine", result.cosine, min_cosine, "min"),
         Gate(f"{prefix}.nonfinite", float(result.nonfinite), 0.0, "max"),
     ]
 
@@ -82,22 +86,28 @@ def psnr(actual: torch.Tensor, reference: torch.Tensor) -> float:
     return math.inf if mse == 0 else 10.0 * math.log10(peak * peak / mse)
 
 
-def export_fidelity(adapter: ModelAdapter, model: nn.Module, engine: Engine, shape: VideoShape,
-                    export: ExportSection, section: ValidationSection, seed_base: int = 10_000
-                    ) -> tuple[Comparison, dict[str, np.ndarray]]:
-    """Engine vs PyTorch on fresh seeded inputs; returns the worst case and the goldens."""
-    comparisons, goldens = [], {}
+Golden = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]  # (inputs, PyTorch outputs)
+
+
+@torch.no_grad()
+def golden_samples(adapter: ModelAdapter, model: nn.Module, shape: VideoShape, export: ExportSection,
+                   section: ValidationSection, seed_base: int = 10_000) -> list[Golden]:
+    """Fresh seeded inputs (never the export's own example) and the PyTorch model's outputs."""
+    samples = []
     for i in range(section.export_samples):
         spec = adapter.export_spec(model, shape, export.batch, [], seed=seed_base + i)
-        feeds = {k: v.numpy() for k, v in spec.inputs.items()}
-        with torch.no_grad():
-            expected = model(**spec.inputs)
-        expected = {spec.output_names[0]: expected.numpy()}
-        actual = engine.run(feeds)
-        comparisons.extend(Comparison.of(actual[k], expected[k]) for k in expected)
-        goldens.update({f"{i}/input/{k}": v for k, v in feeds.items()})
-        goldens.update({f"{i}/expected/{k}": v for k, v in expected.items()})
-    return Comparison.worst(comparisons), goldens
+        outputs = model(**spec.inputs)
+        samples.append(({k: v.numpy() for k, v in spec.inputs.items()}, {spec.output_names[0]: outputs.numpy()}))
+    return samples
+
+
+def compare_engine(engine: Engine, samples: list[Golden]) -> Comparison:
+    """The worst agreement of an engine with the expected outputs over all samples."""
+    comparisons = []
+    for inputs, expected in samples:
+        actual = engine.run(inputs)
+        comparisons.extend(Comparison.of(actual[name], value) for name, value in expected.items())
+    return Comparison.worst(comparisons)
 
 
 @dataclass
@@ -137,16 +147,19 @@ def pruning_gates(result: PruningFidelity, section: ValidationSection) -> list[G
     ]
 
 
-def save_goldens(path: Path, goldens: dict[str, np.ndarray]) -> None:
+def save_goldens(path: Path, samples: list[Golden]) -> None:
+    arrays = {}
+    for i, (inputs, expected) in enumerate(samples):
+        arrays.update({f"{i}/input/{k}": v for k, v in inputs.items()})
+        arrays.update({f"{i}/expected/{k}": v for k, v in expected.items()})
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as handle:
-            np.savez(handle, **goldens)
+            np.savez(handle, **arrays)
 
 
-def load_goldens(path: Path) -> list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
-    """[(inputs, expected outputs)] per golden sample."""
+def load_goldens(path: Path) -> list[Golden]:
     with np.load(path, allow_pickle=False) as data:
-        samples: dict[str, tuple[dict, dict]] = {}
+        samples: dict[str, Golden] = {}
         for key in data.files:
             index, kind, name = key.split("/", 2)
             inputs, expected = samples.setdefault(index, ({}, {}))

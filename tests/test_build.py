@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from f3export.cli import main
-from f3export.engines import get_backend
+from f3export.engines.onnxruntime import OnnxRuntimeBackend
 from f3export.export import export_onnx
 
 from conftest import FAST_RECIPE, SMALL_SHAPE, TAV, relative_l2
@@ -46,7 +46,7 @@ def test_build_writes_every_artifact(built):
         assert (root / rel).is_file(), rel
     assert not list(root.rglob(".*tmp*")), "no temporary files are left behind"
     doc = manifest(root)
-    assert doc["status"] == "passed" and doc["engines"]["pruned"]["good"] is True
+    assert doc["status"] == "passed" and doc["engines"]["pruned.onnxruntime"]["good"] is True
     assert set(doc["versions"]) >= {"f3export", "torch", "onnx", "onnxruntime"}
     assert "RANDOM weights" in output and "validation gates" in output
 
@@ -68,8 +68,8 @@ def test_export_fidelity_meets_the_fp32_gate(built):
     _, root, _ = built
     metrics = json.loads((root / "validation.json").read_text())["metrics"]
     for variant in ("original", "pruned"):
-        assert metrics[f"export.{variant}"]["rel_l2"] <= 1e-4
-        assert metrics[f"export.{variant}"]["nonfinite"] == 0
+        assert metrics[f"export.{variant}.onnxruntime"]["rel_l2"] <= 1e-4
+        assert metrics[f"export.{variant}.onnxruntime"]["nonfinite"] == 0
     assert len(metrics["pruning"]["per_run"][0]["step_cosine"]) == 3
 
 
@@ -126,7 +126,7 @@ def test_failed_gate_fails_the_build_and_marks_engines_not_good(write_recipe):
     assert result.exit_code == 1
     assert "pruning.latent_psnr_min" in result.output and "FAIL" in result.output
     doc = manifest(path.parent / "artifacts" / "fast")
-    assert doc["status"] == "failed" and doc["engines"]["pruned"]["good"] is False
+    assert doc["status"] == "failed" and doc["engines"]["pruned.onnxruntime"]["good"] is False
 
 
 def test_external_data_export_is_checked_and_runs(tmp_path, tiny_model):
@@ -137,7 +137,7 @@ def test_external_data_export_is_checked_and_runs(tmp_path, tiny_model):
     external = [i for i in stored if i.data_location == onnx.TensorProto.EXTERNAL]
     assert sum(np.prod(i.dims) for i in external) * 4 == (tmp_path / "model.onnx.data").stat().st_size
     assert sum(np.prod(i.dims) for i in external) > 0.99 * sum(p.numel() for p in tiny_model.parameters())
-    backend = get_backend("onnxruntime")
+    backend = OnnxRuntimeBackend()
     files = backend.build(tmp_path / "model.onnx", tmp_path / "engine.onnx")
     assert [f.name for f in files] == ["engine.onnx", "engine.onnx.data"]
     out = backend.load(tmp_path / "engine.onnx").run({k: v.numpy() for k, v in spec.inputs.items()})
@@ -145,3 +145,17 @@ def test_external_data_export_is_checked_and_runs(tmp_path, tiny_model):
         reference = tiny_model(**spec.inputs)
     assert relative_l2(torch.from_numpy(out["noise_pred"]), reference) < 1e-4
     assert np.isfinite(out["noise_pred"]).all()
+
+
+def test_runtime_helper_runs_the_engine_in_a_denoising_loop(built):
+    from f3export.prune import load_pruned
+    from f3export.runtime import EngineUNet
+
+    _, root, _ = built
+    unet = EngineUNet(root)
+    _, _, pruned = load_pruned(root / "pruned")
+    spec = TAV.export_spec(pruned, SMALL_SHAPE, batch=2, dynamic=[], seed=11)
+    noise = unet(spec.inputs["sample"], 500, spec.inputs["encoder_hidden_states"])
+    with torch.no_grad():
+        reference = pruned(spec.inputs["sample"], torch.tensor([500.0, 500.0]), spec.inputs["encoder_hidden_states"])
+    assert isinstance(noise, torch.Tensor) and relative_l2(noise, reference) < 1e-4

@@ -51,6 +51,7 @@ class OnnxRuntimeSession:
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
+    precision = "fp32"
 
     def __init__(self, device: str = "cpu", optimization_level: str = "extended"):
         self.device = device

@@ -1,0 +1,56 @@
+"""Use a built engine in your own denoising loop, with no other f3export machinery.
+
+    unet = EngineUNet("artifacts/tav")                  # the pruned engine, first backend built
+    noise = unet(latents, t, text_embeddings)           # torch tensors or numpy arrays in, same out
+
+Production code can equally load the engine files directly (ONNX Runtime,
+TensorRT); this helper only reads the manifest to find them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .engines import make_backend
+from .errors import CheckError
+from .recipe import Recipe
+
+
+class EngineUNet:
+    def __init__(self, artifact_dir: str | Path, variant: str = "pruned", backend: str | None = None):
+        root = Path(artifact_dir)
+        manifest_path = root / "manifest.json"
+        if not manifest_path.is_file():
+            raise CheckError(f"{root}: no manifest.json; build it with f3export build first")
+        manifest = json.loads(manifest_path.read_text())
+        entries = {k: v for k, v in manifest["engines"].items()
+                   if k.startswith(f"{variant}.") and (backend is None or v["backend"] == backend)}
+        if not entries:
+            raise CheckError(f"{root}: no {variant} engine{' for ' + backend if backend else ''} in the manifest")
+        entry = next(iter(entries.values()))
+        recipe = Recipe.from_dict(Path(manifest["recipe_file"]), manifest["recipe"])
+        self.engine = make_backend(entry["backend"], recipe, root).load(root / entry["path"])
+
+    def __call__(self, sample, timestep, encoder_hidden_states):
+        as_torch = hasattr(sample, "detach")
+        batch = sample.shape[0]
+        feeds = {
+            "sample": _numpy(sample),
+            "timestep": np.broadcast_to(_numpy(timestep).astype(np.float32).reshape(-1), (batch,)).copy(),
+            "encoder_hidden_states": _numpy(encoder_hidden_states),
+        }
+        out = self.engine.run(feeds)["noise_pred"]
+        if as_torch:
+            import torch
+
+            return torch.from_numpy(out).to(sample.device)
+        return out
+
+
+def _numpy(value) -> np.ndarray:
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return np.ascontiguousarray(np.asarray(value, dtype=np.float32))
