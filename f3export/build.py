@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import json
 import platform
+import resource
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -109,11 +111,14 @@ class Build:
     def _pruned_model(self) -> torch.nn.Module:
         return load_pruned(self.root / "pruned")[2]
 
-    def _run_stage(self, name: str, key: str, run: Callable[[], tuple[list[Path], dict[str, Any]]]) -> StageRecord:
+    def _run_stage(self, name: str, key: str, run: Callable[[], tuple[list[Path], dict[str, Any]]],
+                   needs_model: bool = True) -> StageRecord:
         record = None if self.force else self.manifest.reusable(name, key)
         if record is not None:
             self.result.outcomes.append(StageOutcome(name, True, 0.0, record))
             return record
+        if needs_model:
+            self.bundle  # load (and check) the model before the stage announces itself
         start = time.perf_counter()
         console.print(f"[bold]{name}[/] ...", highlight=False)
         files, data = run()
@@ -206,10 +211,19 @@ class Build:
             raise F3ExportError(f"{self.root}: another f3export build holds {self.root / '.lock'}; "
                                 "wait for it to finish") from None
         try:
+            self._remove_partial_files()
             self.manifest = Manifest(self.root)
             return self._run_locked()
         finally:
             lock.release()
+
+    def _remove_partial_files(self) -> None:
+        """Temp files of a build that was killed (never renamed into place); safe under the lock."""
+        for partial in sorted(self.root.rglob(".*.tmp-*"), reverse=True):
+            if partial.is_dir():
+                shutil.rmtree(partial)
+            elif partial.exists():
+                partial.unlink()
 
     def _run_locked(self) -> BuildResult:
         r, v = self.recipe, self.versions
@@ -222,23 +236,25 @@ class Build:
             "calibrate", self.model_key, r.section("calibration"), shape, v["torch"], v["diffusers"],
             v["f3export"]), self._calibrate)
         plan = self._run_stage("plan", content_key("plan", calibrate.files, r.section("pruning"), v["f3export"]),
-                               self._plan)
-        prune = self._run_stage("prune", content_key("prune", plan.files, self.model_key, v["f3export"]),
-                                self._prune)
+                               self._plan, needs_model=False)
+        prune = self._run_stage("prune", content_key("prune", plan.files, self.model_key, v["torch"],
+                                                     v["f3export"]), self._prune)
         export = self._run_stage("export", content_key(
             "export", prune.files, self.model_key, r.section("export"), shape, v["torch"], v["onnx"],
             v["onnx_graphsurgeon"], v["f3export"]), self._export)
-        engine = self._run_stage("engine", content_key(
-            "engine", export.files, r.section("engine"), [b.versions() for b in self.backends]),
-            lambda: self._engine(export))
+        backend_versions = [b.versions() for b in self.backends]
+        engine = self._run_stage("engine", content_key("engine", export.files, r.section("engine"), backend_versions),
+                                 lambda: self._engine(export), needs_model=False)
         validate = self._run_stage("validate", content_key(
-            "validate", engine.files, prune.files, self.model_key, r.section("validation"), shape, v["f3export"]),
-            lambda: self._validate(engine))
+            "validate", engine.files, prune.files, self.model_key, r.section("validation"), shape, v["torch"],
+            v["diffusers"], backend_versions, v["f3export"]), lambda: self._validate(engine))
 
         self.result.gates = [Gate(**{k: g[k] for k in ("metric", "value", "limit", "kind")})
                              for g in validate.data["gates"]]
         self.manifest.doc.update({
             "status": "passed" if self.result.passed else "failed",
+            # High-water mark of this build process (stages reused from the cache cost nothing here).
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "parameters": {
                 "torch": {k.removeprefix("parameters_"): n for k, n in prune.data.items()},
                 "onnx": {"original": export.data["original"]["parameters"],
@@ -282,5 +298,6 @@ def print_summary(result: BuildResult) -> None:
     for item in summary_tables(result, manifest):
         console.print(item)
     verdict = "[green]passed[/]" if result.passed else "[bold red]FAILED: a validation gate did not pass[/]"
-    console.print(f"build {verdict}; artifacts in {result.root}", highlight=False)
+    console.print(f"build {verdict}; artifacts in {result.root}; peak memory {manifest.doc['peak_rss_mb']:,} MiB",
+                  highlight=False)
     sys.stderr.flush()

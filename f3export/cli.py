@@ -81,6 +81,28 @@ def inspect(recipe: Path, overrides: tuple[str, ...]) -> None:
 
 @main.command()
 @click.argument("artifact_dir", type=click.Path(path_type=Path))
+@click.option("--runs", default=10, show_default=True, help="Timed runs per model (after warm-up).")
+@click.option("--warmup", default=2, show_default=True, help="Untimed runs per model first.")
+@click.option("--ratios", default="", help="Also prune, export and time these ratios, e.g. 0,0.25,0.5,0.75,1 "
+              "(writes bench.png).")
+@user_errors
+def bench(artifact_dir: Path, runs: int, warmup: int, ratios: str) -> None:
+    """Latency, size, memory and FLOPs of the original vs the pruned model of a build."""
+    from .bench import Bench, print_bench
+
+    try:
+        ratio_list = [float(r) for r in ratios.split(",") if r.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{ratios!r}: expected comma-separated numbers", param_hint="--ratios") from None
+    if any(not 0 <= r <= 1 for r in ratio_list):
+        raise click.BadParameter(f"{ratios!r}: ratios lie in [0, 1]", param_hint="--ratios")
+    result = Bench(artifact_dir, runs, warmup).run(ratio_list)
+    print_bench(result)
+    console.print(f"written: {artifact_dir / 'bench.json'}", highlight=False)
+
+
+@main.command()
+@click.argument("artifact_dir", type=click.Path(path_type=Path))
 @user_errors
 def check(artifact_dir: Path) -> None:
     """Re-run the engines of a build on its goldens; fail on any change or drift."""

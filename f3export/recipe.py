@@ -260,6 +260,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if (model.preset is None) == (model.path is None):
         raise RecipeError(f"{path.name}: [model] needs exactly one of 'preset' or 'path'")
     recipe = Recipe(source=path, **sections)
+    name = recipe.name
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise RecipeError(f"{path.name}: [output].name = {name!r} must be a plain folder name (no path separators)")
     _check_model_family(recipe)
     _check_engine(recipe)
     return recipe

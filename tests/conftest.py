@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
+
+from f3export.cli import main
 
 from f3export.models import get_adapter
 from f3export.models.base import VideoShape
@@ -71,5 +74,20 @@ def write_recipe(tmp_path):
     return write
 
 
+@pytest.fixture(scope="session")
+def built(tmp_path_factory):
+    """One finished build, shared read-only by the tests below (copy it before changing anything)."""
+    folder = tmp_path_factory.mktemp("build")
+    recipe = folder / "fast.toml"
+    recipe.write_text(FAST_RECIPE.replace("{out}", str(folder / "artifacts")))
+    result = run("build", recipe)
+    assert result.exit_code == 0, result.output
+    return recipe, folder / "artifacts" / "fast", result.output
+
+
 def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)

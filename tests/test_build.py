@@ -8,30 +8,12 @@ import shutil
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pytest
 import torch
-from click.testing import CliRunner
 
-from f3export.cli import main
 from f3export.engines.onnxruntime import OnnxRuntimeBackend
 from f3export.export import export_onnx
 
-from conftest import FAST_RECIPE, SMALL_SHAPE, TAV, relative_l2
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """One finished build, shared read-only by the tests below (copy it before changing anything)."""
-    folder = tmp_path_factory.mktemp("build")
-    recipe = folder / "fast.toml"
-    recipe.write_text(FAST_RECIPE.replace("{out}", str(folder / "artifacts")))
-    result = run("build", recipe)
-    assert result.exit_code == 0, result.output
-    return recipe, folder / "artifacts" / "fast", result.output
+from conftest import FAST_RECIPE, SMALL_SHAPE, TAV, relative_l2, run
 
 
 def manifest(root):

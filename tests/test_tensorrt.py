@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -15,7 +14,7 @@ from f3export.errors import BackendUnavailable
 from f3export.export import export_onnx
 from f3export.recipe import load_recipe
 
-from conftest import FAST_RECIPE, SMALL_SHAPE, TAV
+from conftest import SMALL_SHAPE, TAV
 
 
 def tensorrt_unavailable_reason() -> str | None:

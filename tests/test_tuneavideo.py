@@ -10,7 +10,7 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 
 from f3export.errors import CheckpointError
-from f3export.models.tuneavideo import TINY, TuneAVideoConfig, TuneAVideoUNet
+from f3export.models.tuneavideo import TINY, TuneAVideoConfig
 
 from conftest import TAV
 

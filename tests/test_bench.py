@@ -1,0 +1,41 @@
+"""`f3export bench` runs on a finished build and writes the fields the README promises (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from click.testing import CliRunner
+
+from f3export.cli import main
+
+
+
+def test_bench_writes_latency_flops_sizes_and_a_ratio_sweep(built, tmp_path):
+    _, root, _ = built
+    work = tmp_path / "fast"
+    shutil.copytree(root, work)
+    result = CliRunner().invoke(main, ["bench", str(work), "--runs", "2", "--warmup", "1", "--ratios", "0,1"])
+    assert result.exit_code == 0, result.output
+    bench = json.loads((work / "bench.json").read_text())
+    models = bench["models"]
+    assert models["original"]["flops"] > models["pruned"]["flops"] > 0
+    assert 0 < bench["temporal_flops_share"] < 1
+    assert bench["ideal_speedup"] == models["original"]["flops"] / models["pruned"]["flops"]
+    removed = models["original"]["parameters"] - models["pruned"]["parameters"]
+    assert models["original"]["weight_bytes"] - models["pruned"]["weight_bytes"] == removed * 4
+    ort = bench["backends"]["onnxruntime"]
+    for variant in ("original", "pruned"):
+        assert ort["latency_per_step"][variant]["runs"] == 2 and ort["latency_per_step"][variant]["median_ms"] > 0
+        assert ort["peak_memory_mb"][variant]["peak_mb"] >= ort["peak_memory_mb"][variant]["baseline_mb"] > 0
+        assert ort["trajectory_ms"][variant] == ort["latency_per_step"][variant]["median_ms"] * bench["steps"]
+    assert {"measured_speedup", "measured_over_ideal", "gain_fraction", "engine_bytes"} <= set(ort)
+    assert [r["ratio"] for r in bench["ratios"]] == [0.0, 1.0]
+    assert bench["ratios"][0]["ideal_speedup"] == 1.0 and bench["ratios"][1]["removed_heads"] == 28 * 2
+    assert (work / "bench.png").stat().st_size > 10_000
+
+
+def test_bench_refuses_ratios_outside_zero_one(built):
+    _, root, _ = built
+    result = CliRunner().invoke(main, ["bench", str(root), "--ratios", "0.5,2"])
+    assert result.exit_code == 2 and "ratios lie in [0, 1]" in result.output
