@@ -27,6 +27,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .artifacts import write_json
+from .build import MODEL_VARIANTS
 from .calibrate import Scores
 from .engines import make_backend
 from .engines.onnxruntime import OnnxRuntimeBackend
@@ -37,8 +38,6 @@ from .models.base import ModelAdapter, VideoShape
 from .prune import apply_plan, load_pruned, make_plan, parameter_count
 from .recipe import PruningSection, Recipe
 from .report import console, progress, table
-
-MODEL_VARIANTS = ("original", "pruned")
 
 
 @dataclass(frozen=True)

@@ -35,11 +35,10 @@ from .models import get_adapter
 from .models.base import ModelBundle, VideoShape
 from .prune import PruningPlan, apply_plan, load_pruned, make_plan, parameter_count, save_pruned
 from .recipe import Recipe
-from .report import console, table
+from .report import console, gates_table, table
 from .validate import (Gate, compare_engine, export_gates, gates_json, golden_samples, pruning_fidelity,
                        pruning_gates, save_goldens)
 
-STAGES = ("calibrate", "plan", "prune", "export", "engine", "validate")
 MODEL_VARIANTS = ("original", "pruned")
 
 
@@ -287,10 +286,7 @@ def summary_tables(result: BuildResult, manifest: Manifest) -> list:
     plan = manifest.doc["stages"]["plan"]["data"]
     numbers.caption = (f"{plan['removed_heads']} of {plan['total_heads']} temporal heads removed, "
                        f"{len(plan['modules_removed'])} modules removed entirely")
-    gates = table("validation gates", ["metric", "value", "limit", "result"], [
-        [g.metric, f"{g.value:.6g}", f"{'<=' if g.kind == 'max' else '>='} {g.limit:g}",
-         "[green]pass[/]" if g.passed else "[bold red]FAIL[/]"] for g in result.gates])
-    return [stages, numbers, gates]
+    return [stages, numbers, gates_table("validation gates", result.gates)]
 
 
 def print_summary(result: BuildResult) -> None:

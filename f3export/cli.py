@@ -10,7 +10,7 @@ import click
 
 from . import __version__
 from .errors import F3ExportError
-from .report import console, table
+from .report import console, gates_table, table
 
 
 def user_errors(command):
@@ -109,9 +109,7 @@ def check(artifact_dir: Path) -> None:
     from .check import check_artifacts
 
     checked, gates = check_artifacts(artifact_dir)
-    console.print(table(f"check {artifact_dir}", ["metric", "value", "limit", "result"], [
-        [g.metric, f"{g.value:.6g}", f"{'<=' if g.kind == 'max' else '>='} {g.limit:g}",
-         "[green]pass[/]" if g.passed else "[bold red]FAIL[/]"] for g in gates]))
+    console.print(gates_table(f"check {artifact_dir}", gates))
     failed = [g.metric for g in gates if not g.passed]
     if failed:
         click.echo(f"error: {artifact_dir}: engine output drifted from the goldens ({', '.join(failed)})", err=True)

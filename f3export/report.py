@@ -24,3 +24,10 @@ def table(title: str, columns: list[str], rows: list[list[str]]) -> Table:
     for row in rows:
         result.add_row(*row)
     return result
+
+
+def gates_table(title: str, gates) -> Table:
+    """Validation gates (``metric``, ``value``, ``limit``, ``kind``, ``passed``) with their verdicts."""
+    return table(title, ["metric", "value", "limit", "result"], [
+        [g.metric, f"{g.value:.6g}", f"{'<=' if g.kind == 'max' else '>='} {g.limit:g}",
+         "[green]pass[/]" if g.passed else "[bold red]FAIL[/]"] for g in gates])

@@ -163,7 +163,7 @@ def kill_during(path, stage_line: str) -> None:
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in process.stdout:
         if line.startswith(stage_line):
-            time.sleep(0.5)
+            time.sleep(0.2)  # well inside the stage (export takes seconds, engine build about one)
             process.send_signal(signal.SIGKILL)
             break
     process.wait(timeout=120)

@@ -22,7 +22,6 @@ import onnx
 from ..artifacts import content_key, sha256_file
 from ..errors import BackendUnavailable
 
-AXES = ("batch", "frames", "height", "width")
 CUDA_ATTR_CC_MAJOR, CUDA_ATTR_CC_MINOR = 75, 76  # cudaDevAttrComputeCapabilityMajor / Minor
 
 
