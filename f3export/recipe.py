@@ -8,6 +8,7 @@ file and the key (``tav.toml: [pruning].ratio = 1.5 is out of range [0, 1]``).
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,7 +266,23 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raise RecipeError(f"{path.name}: [output].name = {name!r} must be a plain folder name (no path separators)")
     _check_model_family(recipe)
     _check_engine(recipe)
+    _check_allowed_roots(recipe)
     return recipe
+
+
+ALLOWED_ROOTS_ENV = "F3EXPORT_ALLOWED_ROOTS"
+
+
+def _check_allowed_roots(recipe: Recipe) -> None:
+    """With F3EXPORT_ALLOWED_ROOTS set (folders, os.pathsep-separated), as on a shared build server,
+    a recipe may read a model and write artifacts only inside those folders (symlinks resolved)."""
+    roots = [Path(r).resolve() for r in os.environ.get(ALLOWED_ROOTS_ENV, "").split(os.pathsep) if r]
+    if not roots:
+        return
+    for key, value in (("[model].path", recipe.model.path), ("[output].dir", recipe.output.dir)):
+        if value is not None and not any(Path(value).resolve().is_relative_to(root) for root in roots):
+            raise RecipeError(f"{recipe.source.name}: {key} = {value!r} is outside the allowed roots "
+                              f"({ALLOWED_ROOTS_ENV})")
 
 
 def _check_engine(recipe: Recipe) -> None:

@@ -76,3 +76,16 @@ def test_cli_reports_a_bad_recipe_in_one_line_with_exit_code_2(write_recipe):
     assert done.returncode == 2
     assert done.stderr.strip() == "error: fast.toml: [pruning].ratio = 1.5 is out of range [0.0, 1.0]"
     assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_paths_outside_the_allowed_roots_are_refused(write_recipe, tmp_path, monkeypatch):
+    path = write_recipe()
+    monkeypatch.setenv("F3EXPORT_ALLOWED_ROOTS", str(tmp_path / "models"))
+    with pytest.raises(RecipeError, match=r"\[output\]\.dir = '.*' is outside the allowed roots"):
+        load_recipe(path)
+    monkeypatch.setenv("F3EXPORT_ALLOWED_ROOTS", str(tmp_path))
+    assert load_recipe(path).output.dir.startswith(str(tmp_path))
+    (tmp_path / "link").symlink_to("/usr")  # inside the root by name, outside once resolved
+    linked = write_recipe(FAST_RECIPE.replace('preset = "tiny"', f'path = "{tmp_path / "link"}"'), name="linked")
+    with pytest.raises(RecipeError, match=r"\[model\]\.path = '.*link' is outside the allowed roots"):
+        load_recipe(linked)
