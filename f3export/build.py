@@ -107,7 +107,9 @@ class Build:
         m = self.recipe.model
         return self.adapter.weights_digest(m.preset, m.path, m.seed)
 
-    def _pruned_model(self) -> torch.nn.Module:
+    @cached_property
+    def pruned_model(self) -> torch.nn.Module:
+        """The pruned model as saved by the prune stage, reloaded from disk (which also checks the saved form)."""
         return load_pruned(self.root / "pruned")[2]
 
     def _run_stage(self, name: str, key: str, run: Callable[[], tuple[list[Path], dict[str, Any]]],
@@ -125,6 +127,9 @@ class Build:
         record = self.manifest.complete(name, key, files, data, seconds)
         self.result.outcomes.append(StageOutcome(name, False, seconds, record))
         return record
+
+    def _models(self) -> tuple[tuple[str, torch.nn.Module], ...]:
+        return ("original", self.bundle.model), ("pruned", self.pruned_model)
 
     # -- stages ---------------------------------------------------------------------------------------
     def _calibrate(self) -> tuple[list[Path], dict[str, Any]]:
@@ -153,7 +158,7 @@ class Build:
     def _export(self) -> tuple[list[Path], dict[str, Any]]:
         section = self.recipe.export
         files, data = [], {}
-        for variant, model in (("original", self.bundle.model), ("pruned", self._pruned_model())):
+        for variant, model in self._models():
             spec = self.adapter.export_spec(model, self.shape, section.batch, section.dynamic_axes)
             info = export_onnx(model, spec, self.root / "onnx" / f"{variant}.onnx", section.opset,
                                section.external_data)
@@ -177,10 +182,9 @@ class Build:
 
     def _validate(self, engine: StageRecord) -> tuple[list[Path], dict[str, Any]]:
         section = self.recipe.validation
-        pruned = self._pruned_model()
         backends = {b.name: b for b in self.backends}
         files, metrics, gates = [], {}, []
-        for variant, model in (("original", self.bundle.model), ("pruned", pruned)):
+        for variant, model in self._models():
             samples = golden_samples(self.adapter, model, self.shape, self.recipe.export, section)
             golden_path = self.root / "goldens" / f"{variant}.npz"
             save_goldens(golden_path, samples)
@@ -192,7 +196,7 @@ class Build:
                 worst = compare_engine(backend.load(self.root / entry["path"]), samples)
                 metrics[f"export.{name}"] = vars(worst)
                 gates += export_gates(worst, section, backend.precision, f"export.{name}")
-        fidelity = pruning_fidelity(self.adapter, self.bundle, pruned, self.shape, section)
+        fidelity = pruning_fidelity(self.adapter, self.bundle, self.pruned_model, self.shape, section)
         metrics["pruning"] = vars(fidelity)
         gates += pruning_gates(fidelity, section)
         report = self.root / "validation.json"
