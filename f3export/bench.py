@@ -27,7 +27,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .artifacts import write_json
-from .build import MODEL_VARIANTS
+from .build import MODEL_VARIANTS, Build
 from .calibrate import Scores
 from .engines import make_backend
 from .engines.onnxruntime import OnnxRuntimeBackend
@@ -132,13 +132,8 @@ class Bench:
         self.runs, self.warmup = runs, warmup
         self._ort = OnnxRuntimeBackend(self.recipe.engine.device, self.recipe.engine.optimization_level)
 
-    def _original(self) -> torch.nn.Module:
-        m = self.recipe.model
-        bundle = self.adapter.load_preset(m.preset, m.seed) if m.preset else self.adapter.load_folder(Path(m.path))
-        return bundle.model
-
     def run(self, ratios: list[float] | None) -> dict[str, Any]:
-        original = self._original()
+        original = Build(self.recipe).bundle.model  # the same loading and checks as the build
         _, _, pruned = load_pruned(self.root / "pruned")
         temporal = [s.attention for s in self.adapter.temporal_sites(original)]
         # The recipe's dynamic axes, so engines built for the sweep match the built ones graph for graph.
