@@ -159,7 +159,11 @@ class Recipe:
     @classmethod
     def from_dict(cls, source: Path, data: dict[str, Any]) -> "Recipe":
         """A recipe as stored in a manifest (already validated when it was built)."""
-        return cls(source=source, **{name: SECTIONS[name](**data[name]) for name in SECTIONS})
+        try:
+            return cls(source=source, **{name: SECTIONS[name](**data[name]) for name in SECTIONS})
+        except (KeyError, TypeError) as exc:
+            raise RecipeError(f"{source}: the manifest's recipe does not match this f3export version ({exc}); "
+                              "rebuild with f3export build") from None
 
 
 def _type_name(tp: Any) -> str:

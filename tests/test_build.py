@@ -141,3 +141,15 @@ def test_runtime_helper_runs_the_engine_in_a_denoising_loop(built):
     with torch.no_grad():
         reference = pruned(spec.inputs["sample"], torch.tensor([500.0, 500.0]), spec.inputs["encoder_hidden_states"])
     assert isinstance(noise, torch.Tensor) and relative_l2(noise, reference) < 1e-4
+
+
+def test_check_of_a_manifest_from_another_version_is_one_clear_line(built, tmp_path):
+    _, root, _ = built
+    copy = tmp_path / "fast"
+    shutil.copytree(root, copy)
+    doc = manifest(copy)
+    doc["recipe"]["engine"]["retired_option"] = 1
+    (copy / "manifest.json").write_text(json.dumps(doc))
+    result = run("check", copy)
+    assert result.exit_code == 2
+    assert "does not match this f3export version" in result.output
