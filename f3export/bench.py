@@ -31,12 +31,12 @@ from .build import MODEL_VARIANTS, Build
 from .calibrate import Scores
 from .engines import make_backend
 from .engines.onnxruntime import OnnxRuntimeBackend
-from .errors import CheckError
+from .check import open_build
 from .export import export_onnx
 from .models import get_adapter
 from .models.base import ModelAdapter, VideoShape
 from .prune import apply_plan, load_pruned, make_plan, parameter_count
-from .recipe import PruningSection, Recipe
+from .recipe import PruningSection
 from .report import console, progress, table
 
 
@@ -88,16 +88,15 @@ _PEAK_SCRIPT = """
 import json, sys
 import numpy as np
 from pathlib import Path
+from f3export.check import open_build
 from f3export.engines import make_backend
-from f3export.recipe import Recipe
 
 def high_water_mib():  # VmHWM belongs to this process's address space (ru_maxrss survives exec on Linux)
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
 
-manifest = json.loads(Path(sys.argv[1], "manifest.json").read_text())
-recipe = Recipe.from_dict(Path(manifest["recipe_file"]), manifest["recipe"])
+_, recipe = open_build(Path(sys.argv[1]))
 feeds = dict(np.load(sys.argv[4]))
 base = high_water_mib()
 engine = make_backend(sys.argv[2], recipe, Path(sys.argv[1])).load(Path(sys.argv[3]))
@@ -120,12 +119,9 @@ def _bytes_with_data(path: Path) -> int:
 
 class Bench:
     def __init__(self, root: Path, runs: int, warmup: int):
-        manifest_path = root / "manifest.json"
-        if not manifest_path.is_file():
-            raise CheckError(f"{root}: no manifest.json; run f3export build first")
         self.root = root
-        self.manifest = json.loads(manifest_path.read_text())
-        self.recipe = Recipe.from_dict(Path(self.manifest["recipe_file"]), self.manifest["recipe"])
+        manifest, self.recipe = open_build(root)
+        self.manifest = manifest.doc
         model = self.recipe.model
         self.adapter: ModelAdapter = get_adapter(model.family, model.adapter_options)
         self.shape = VideoShape(model.frames, model.latent_height, model.latent_width)

@@ -200,9 +200,10 @@ class Build:
         metrics["pruning"] = vars(fidelity)
         gates += pruning_gates(fidelity, section)
         report = self.root / "validation.json"
-        write_json(report, {"metrics": metrics, "gates": gates_json(gates), "passed": all(g.passed for g in gates)})
+        summary = {"metrics": metrics, "gates": gates_json(gates), "passed": all(g.passed for g in gates)}
+        write_json(report, summary)
         files.append(report)
-        return files, {"metrics": metrics, "gates": gates_json(gates), "passed": all(g.passed for g in gates)}
+        return files, summary
 
     # -- orchestration --------------------------------------------------------------------------------
     def run(self) -> BuildResult:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .artifacts import Manifest, sha256_file
+from .artifacts import MANIFEST, Manifest, sha256_file
 from .engines import make_backend
 from .errors import CheckError
 from .recipe import Recipe
@@ -30,14 +30,19 @@ def verify_files(manifest: Manifest) -> int:
     return checked
 
 
-def check_artifacts(root: Path) -> tuple[int, list[Gate]]:
-    if not (root / "manifest.json").is_file():
-        raise CheckError(f"{root}: no manifest.json (not an f3export artifact folder, or the build never finished)")
+def open_build(root: Path) -> tuple[Manifest, Recipe]:
+    """The manifest of a finished build and the recipe it was built from (for check, bench and runtime)."""
+    if not (root / MANIFEST).is_file():
+        raise CheckError(f"{root}: no {MANIFEST} (not an f3export artifact folder, or the build never finished)")
     manifest = Manifest(root)
     if manifest.doc.get("status") not in ("passed", "failed") or "engines" not in manifest.doc:
-        raise CheckError(f"{root / 'manifest.json'}: the build did not finish; run f3export build again")
+        raise CheckError(f"{root / MANIFEST}: the build did not finish; run f3export build again")
+    return manifest, Recipe.from_dict(Path(manifest.doc["recipe_file"]), manifest.doc["recipe"])
+
+
+def check_artifacts(root: Path) -> tuple[int, list[Gate]]:
+    manifest, recipe = open_build(root)
     checked = verify_files(manifest)
-    recipe = Recipe.from_dict(Path(manifest.doc["recipe_file"]), manifest.doc["recipe"])
     gates: list[Gate] = []
     for name, entry in manifest.doc["engines"].items():
         backend = make_backend(entry["backend"], recipe, root)

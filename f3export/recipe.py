@@ -17,6 +17,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 from .errors import RecipeError
 
 DYNAMIC_AXES = ("batch", "frames", "height", "width")
+CUSTOM_MODEL_KEYS = ("class_name", "temporal_modules", "text_per_frame")  # [model] keys of family "diffusers"
 
 
 def spec(default: Any = dataclasses.MISSING, *, low: float | None = None, high: float | None = None,
@@ -44,10 +45,7 @@ class ModelSection:
 
     @property
     def adapter_options(self) -> dict:
-        if self.family != "diffusers":
-            return {}
-        return {"class_name": self.class_name, "temporal_modules": self.temporal_modules,
-                "text_per_frame": self.text_per_frame}
+        return {key: getattr(self, key) for key in CUSTOM_MODEL_KEYS} if self.family == "diffusers" else {}
 
 
 @dataclass(frozen=True)
@@ -294,7 +292,7 @@ def _check_engine(recipe: Recipe) -> None:
     engine = recipe.engine
     if engine.backend is not None and engine.backends:
         raise RecipeError(f"{where}: give 'backend' or 'backends', not both")
-    for axis in ("batch", "frames", "height", "width"):
+    for axis in DYNAMIC_AXES:
         values = getattr(engine, f"profile_{axis}")
         if values and (len(values) != 3 or not values[0] <= values[1] <= values[2]):
             raise RecipeError(f"{where}.profile_{axis} = {values}: expected [min, opt, max] with min <= opt <= max")
@@ -315,8 +313,6 @@ def _check_model_family(recipe: Recipe) -> None:
         raise RecipeError(f"{where}.preset = {model.preset!r} is not one of {known}")
     if model.path is not None and not Path(model.path).is_dir():
         raise RecipeError(f"{where}.path = {model.path!r}: folder not found")
-    custom = {"class_name": model.class_name, "temporal_modules": model.temporal_modules,
-              "text_per_frame": model.text_per_frame}
     if model.family == "diffusers":
         if model.class_name is None or not model.temporal_modules:
             raise RecipeError(f"{where}: family 'diffusers' needs 'class_name' and 'temporal_modules'")
@@ -325,6 +321,6 @@ def _check_model_family(recipe: Recipe) -> None:
         except CheckpointError:
             raise RecipeError(f"{where}.class_name = {model.class_name!r} is not a diffusers model class") from None
     else:
-        for key, value in custom.items():
-            if value not in (None, [], False):
+        for key in CUSTOM_MODEL_KEYS:
+            if getattr(model, key) not in (None, [], False):
                 raise RecipeError(f"{where}.{key} applies only to family 'diffusers'")

@@ -9,29 +9,24 @@ TensorRT); this helper only reads the manifest to find them.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
+from .check import open_build
 from .engines import make_backend
 from .errors import CheckError
-from .recipe import Recipe
 
 
 class EngineUNet:
     def __init__(self, artifact_dir: str | Path, variant: str = "pruned", backend: str | None = None):
         root = Path(artifact_dir)
-        manifest_path = root / "manifest.json"
-        if not manifest_path.is_file():
-            raise CheckError(f"{root}: no manifest.json; build it with f3export build first")
-        manifest = json.loads(manifest_path.read_text())
-        entries = {k: v for k, v in manifest["engines"].items()
+        manifest, recipe = open_build(root)
+        entries = {k: v for k, v in manifest.doc["engines"].items()
                    if k.startswith(f"{variant}.") and (backend is None or v["backend"] == backend)}
         if not entries:
             raise CheckError(f"{root}: no {variant} engine{' for ' + backend if backend else ''} in the manifest")
         entry = next(iter(entries.values()))
-        recipe = Recipe.from_dict(Path(manifest["recipe_file"]), manifest["recipe"])
         self.engine = make_backend(entry["backend"], recipe, root).load(root / entry["path"])
 
     def __call__(self, sample, timestep, encoder_hidden_states):
