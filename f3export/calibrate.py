@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
-from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from .models.base import ModelAdapter, ModelBundle, TemporalSite, VideoShape
@@ -28,7 +27,6 @@ from .recipe import CalibrationSection
 from .report import progress
 
 CRITERIA = ("contribution", "mixing", "magnitude")
-_CHUNK_ELEMENTS = 1 << 24  # bound on the [tokens, heads, frames, channels] tensor of one chunk
 
 
 @dataclass
@@ -58,53 +56,6 @@ class Scores:
         return cls({n: ModuleScores(**m) for n, m in data["modules"].items()}, data["timesteps"], data["samples"])
 
 
-def _split_heads(attn: Attention, x: torch.Tensor) -> torch.Tensor:
-    n, f, _ = x.shape
-    return x.reshape(n, f, attn.heads, -1).transpose(1, 2)  # [n, heads, frames, head_dim]
-
-
-@torch.no_grad()
-def attention_head_statistics(attn: Attention, hidden_states: torch.Tensor, residual_norm: torch.Tensor
-                              ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Summed per-head contribution and mixing over all tokens of one call, and the token count.
-
-    hidden_states: [N, F, C] the attention's input (N sequences of F frames);
-    residual_norm: [N, F] the norm of the residual stream at the same tokens.
-    """
-    heads = attn.heads
-    weight_out = attn.to_out[0].weight  # [C_out, heads * head_dim]
-    per_head_out = weight_out.reshape(weight_out.shape[0], heads, -1).permute(1, 2, 0)  # [heads, head_dim, C_out]
-    n, frames, _ = hidden_states.shape
-    chunk = max(1, _CHUNK_ELEMENTS // (heads * frames * weight_out.shape[0]))
-    contribution = torch.zeros(heads, dtype=torch.float64)
-    mixing = torch.zeros(heads, dtype=torch.float64)
-    for start in range(0, n, chunk):
-        x = hidden_states[start:start + chunk]
-        q, k, v = (_split_heads(attn, proj(x)) for proj in (attn.to_q, attn.to_k, attn.to_v))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.scale, dim=-1)
-        head_out = torch.einsum("nhfd,hdc->nhfc", probs @ v.float(), per_head_out.float())
-        head_out = head_out / attn.rescale_output_factor
-        ratio = head_out.norm(dim=-1) / residual_norm[start:start + chunk, None, :].float().clamp_min(1e-12)
-        contribution += ratio.sum(dim=(0, 2)).double()
-        mixing += (1.0 - probs.diagonal(dim1=-2, dim2=-1)).sum(dim=(0, 2)).double()
-    return contribution, mixing, n * frames
-
-
-def weight_magnitude(attn: Attention) -> list[float]:
-    """Per-head norm of the q, k, v rows and output-projection columns."""
-    heads = attn.heads
-    total = torch.zeros(heads, dtype=torch.float64)
-    for proj in (attn.to_q, attn.to_k, attn.to_v):
-        total += proj.weight.detach().reshape(heads, -1).double().pow(2).sum(dim=1)
-    out = attn.to_out[0].weight.detach()
-    total += out.reshape(out.shape[0], heads, -1).double().pow(2).sum(dim=(0, 2))
-    return total.sqrt().tolist()
-
-
 class TemporalStatsRecorder:
     """Forward hooks on every temporal attention that accumulate per-step, per-head statistics."""
 
@@ -116,8 +67,8 @@ class TemporalStatsRecorder:
         self._residual_norm: dict[str, torch.Tensor] = {}
         self.sums = {
             s.attention: {
-                "contribution": torch.zeros(steps, model.get_submodule(s.attention).heads, dtype=torch.float64),
-                "mixing": torch.zeros(steps, model.get_submodule(s.attention).heads, dtype=torch.float64),
+                "contribution": torch.zeros(steps, s.heads_of(model).heads, dtype=torch.float64),
+                "mixing": torch.zeros(steps, s.heads_of(model).heads, dtype=torch.float64),
                 "tokens": torch.zeros(steps, dtype=torch.float64),
             }
             for s in sites
@@ -149,7 +100,7 @@ class TemporalStatsRecorder:
             residual_norm = self._residual_norm.pop(site.attention, None)
             if residual_norm is None:
                 residual_norm = hidden_states.detach().norm(dim=-1)
-            contribution, mixing, tokens = attention_head_statistics(attn, hidden_states.detach(), residual_norm)
+            contribution, mixing, tokens = site.access(attn).statistics(hidden_states.detach(), residual_norm)
             sums = self.sums[site.attention]
             sums["contribution"][self.step] += contribution
             sums["mixing"][self.step] += mixing
@@ -159,14 +110,14 @@ class TemporalStatsRecorder:
     def scores(self, timesteps: list[int], samples: int) -> Scores:
         modules = {}
         for site in self.sites:
-            attn = self.model.get_submodule(site.attention)
+            heads = site.heads_of(self.model)
             sums = self.sums[site.attention]
             tokens = sums["tokens"].clamp_min(1.0)[:, None]
             per_step = {c: (sums[c] / tokens).tolist() for c in ("contribution", "mixing")}
             overall = {c: (sums[c].sum(0) / sums["tokens"].sum().clamp_min(1.0)).tolist()
                        for c in ("contribution", "mixing")}
-            overall["magnitude"] = weight_magnitude(attn)
-            modules[site.attention] = ModuleScores(attn.heads, attn.inner_dim // attn.heads, overall, per_step)
+            overall["magnitude"] = heads.magnitude()
+            modules[site.attention] = ModuleScores(heads.heads, heads.head_dim, overall, per_step)
         return Scores(modules, timesteps, samples)
 
 

@@ -66,11 +66,11 @@ def inspect(recipe: Path, overrides: tuple[str, ...]) -> None:
     model = build.bundle.model
     rows, total = [], 0
     for site in build.adapter.temporal_sites(model):
-        attn = model.get_submodule(site.attention)
-        modules = [attn] + ([model.get_submodule(site.norm)] if site.norm else [])
+        heads = site.heads_of(model)
+        modules = [heads.module] + ([model.get_submodule(site.norm)] if site.norm and not site.shared_norm else [])
         count = sum(p.numel() for m in modules for p in m.parameters())
         total += count
-        rows.append([site.attention, str(attn.heads), str(attn.inner_dim // attn.heads), f"{count:,}"])
+        rows.append([site.attention, str(heads.heads), str(heads.head_dim), f"{count:,}"])
     params = sum(p.numel() for p in model.parameters())
     result = table(f"{build.recipe.model.family}: temporal attention modules", ["module", "heads", "head dim",
                                                                               "parameters"], rows)

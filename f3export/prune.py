@@ -1,9 +1,11 @@
 """Planning which temporal heads go, and removing them physically.
 
 For a head h of an attention with head width d, pruning drops rows
-[h*d:(h+1)*d] of to_q, to_k and to_v and the same columns of to_out.0, then
-sets the module's head count. A module that loses every head is replaced by
-its output bias (``RemovedAttention``) and its norm by the identity.
+[h*d:(h+1)*d] of the q, k and v projections and the same columns of the output
+projection, then sets the module's head count (each family's
+``AttentionHeads`` knows where those rows live). A module that loses every
+head is replaced by its constant remainder (the output bias) and its own norm
+by the identity.
 
 Exactness: the pruned model equals the original with the removed heads'
 output-projection columns zeroed (``mask_heads``), to float tolerance.
@@ -18,14 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from .artifacts import write_json
 from .calibrate import Scores
 from .errors import CheckpointError
 from .models import FAMILIES, get_adapter
-from .models.attention import RemovedAttention
 from .models.base import ModelAdapter, TemporalSite
 from .recipe import PruningSection
 from .weights import load_into, load_state_dict, read_json, save_state_dict
@@ -113,46 +113,10 @@ def make_plan(scores: Scores, section: PruningSection) -> PruningPlan:
                        list(section.keep), heads, {m: sorted(v) for m, v in removed.items() if v})
 
 
-def _head_indices(head_dim: int, heads: list[int]) -> torch.Tensor:
-    return torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
-
-
-def _rows(linear: nn.Linear, index: torch.Tensor) -> nn.Linear:
-    out = nn.Linear(linear.in_features, len(index), bias=linear.bias is not None,
-                    dtype=linear.weight.dtype, device=linear.weight.device)
-    out.weight.data.copy_(linear.weight.data[index])
-    if linear.bias is not None:
-        out.bias.data.copy_(linear.bias.data[index])
-    return out
-
-
-def _columns(linear: nn.Linear, index: torch.Tensor) -> nn.Linear:
-    out = nn.Linear(len(index), linear.out_features, bias=linear.bias is not None,
-                    dtype=linear.weight.dtype, device=linear.weight.device)
-    out.weight.data.copy_(linear.weight.data[:, index])
-    if linear.bias is not None:
-        out.bias.data.copy_(linear.bias.data)
-    return out
-
-
-def prune_attention_heads(attn: Attention, keep: list[int]) -> None:
-    """Keep only the listed heads of a diffusers ``Attention`` (at least one), in place."""
-    if attn.inner_kv_dim != attn.inner_dim or attn.added_kv_proj_dim is not None:
-        raise ValueError("grouped-query or added-KV attention is not supported by head pruning")
-    head_dim = attn.inner_dim // attn.heads
-    index = _head_indices(head_dim, keep)
-    attn.to_q, attn.to_k, attn.to_v = (_rows(p, index) for p in (attn.to_q, attn.to_k, attn.to_v))
-    attn.to_out[0] = _columns(attn.to_out[0], index)
-    attn.heads = attn.sliceable_head_dim = len(keep)
-    attn.inner_dim = attn.inner_kv_dim = len(keep) * head_dim
-
-
 def remove_site(model: nn.Module, site: TemporalSite) -> None:
-    """Replace a fully pruned attention by its output bias, and its norm by the identity."""
-    attn = model.get_submodule(site.attention)
-    out = attn.to_out[0]
-    model.set_submodule(site.attention, RemovedAttention(out.out_features, out.bias))
-    if site.norm is not None:
+    """Replace a fully pruned attention by its constant remainder, and its own norm by the identity."""
+    model.set_submodule(site.attention, site.heads_of(model).removed())
+    if site.norm is not None and not site.shared_norm:
         model.set_submodule(site.norm, nn.Identity())
 
 
@@ -163,18 +127,17 @@ def apply_plan(model: nn.Module, sites: list[TemporalSite], plan: PruningPlan) -
         if len(keep) == plan.heads[site.attention]:
             continue
         if keep:
-            prune_attention_heads(model.get_submodule(site.attention), keep)
+            site.heads_of(model).keep(keep)
         else:
             remove_site(model, site)
 
 
 @torch.no_grad()
-def mask_heads(model: nn.Module, plan: PruningPlan) -> None:
+def mask_heads(model: nn.Module, sites: list[TemporalSite], plan: PruningPlan) -> None:
     """Zero the output-projection columns of the plan's removed heads (the reference for exactness)."""
-    for module, heads in plan.removed.items():
-        attn = model.get_submodule(module)
-        head_dim = attn.inner_dim // attn.heads
-        attn.to_out[0].weight[:, _head_indices(head_dim, heads)] = 0.0
+    for site in sites:
+        if plan.removed.get(site.attention):
+            site.heads_of(model).mask(plan.removed[site.attention])
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -204,7 +167,7 @@ def load_pruned(folder: Path) -> tuple[ModelAdapter, dict[str, Any], nn.Module]:
         raise CheckpointError(f"{folder / PRUNED_CONFIG}: missing or unknown {exc}") from None
     model = adapter.build(config).eval()
     sites = adapter.temporal_sites(model)
-    heads = {s.attention: model.get_submodule(s.attention).heads for s in sites}
+    heads = {s.attention: s.heads_of(model).heads for s in sites}
     unknown = sorted(set(head_counts) - set(heads))
     if unknown:
         raise CheckpointError(f"{folder / PRUNED_CONFIG}: unknown temporal module {unknown[0]!r}")

@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from f3export.calibrate import attention_head_statistics, calibrate, weight_magnitude
-from f3export.prune import PruningPlan, mask_heads
+from f3export.calibrate import calibrate
+from f3export.models.attention import DiffusersAttentionHeads
 from f3export.recipe import CalibrationSection
 
 from conftest import SMALL_SHAPE, TAV
@@ -22,14 +22,11 @@ def temporal_attention(tiny_model):
 def test_contribution_is_each_heads_own_output_norm_over_the_residual_norm(temporal_attention):
     x = torch.randn(5, 6, temporal_attention.to_q.in_features, generator=torch.Generator().manual_seed(0))
     residual_norm = torch.rand(5, 6) + 0.5
-    contribution, _, tokens = attention_head_statistics(temporal_attention, x, residual_norm)
+    contribution, _, tokens = DiffusersAttentionHeads(temporal_attention).statistics(x, residual_norm)
     bias = temporal_attention.to_out[0].bias
     for head in range(temporal_attention.heads):
         only_this_head = copy.deepcopy(temporal_attention)
-        holder = torch.nn.Module()
-        holder.attn = only_this_head
-        others = [h for h in range(8) if h != head]
-        mask_heads(holder, PruningPlan("", "", 0, 0, [], {"attn": 8}, {"attn": others}))
+        DiffusersAttentionHeads(only_this_head).mask([h for h in range(8) if h != head])
         with torch.no_grad():
             y = only_this_head(x) - bias
         expected = (y.norm(dim=-1) / residual_norm).sum()
@@ -41,7 +38,7 @@ def test_mixing_of_uniform_attention_is_one_minus_one_over_frames(temporal_atten
     with torch.no_grad():
         temporal_attention.to_q.weight.zero_()  # equal logits: every frame attends to all F equally
     x = torch.randn(3, 4, temporal_attention.to_q.in_features)
-    _, mixing, tokens = attention_head_statistics(temporal_attention, x, torch.ones(3, 4))
+    _, mixing, tokens = DiffusersAttentionHeads(temporal_attention).statistics(x, torch.ones(3, 4))
     assert torch.allclose(mixing / tokens, torch.full((8,), 1 - 1 / 4, dtype=torch.float64))
 
 
@@ -52,7 +49,7 @@ def test_magnitude_is_the_norm_of_each_heads_weights(temporal_attention):
     expected = sum(p.weight[rows].pow(2).sum() for p in (temporal_attention.to_q, temporal_attention.to_k,
                                                            temporal_attention.to_v))
     expected = (expected + temporal_attention.to_out[0].weight[:, rows].pow(2).sum()).sqrt()
-    assert weight_magnitude(temporal_attention)[head] == pytest.approx(expected.item(), rel=1e-6)
+    assert DiffusersAttentionHeads(temporal_attention).magnitude()[head] == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_calibration_scores_every_head_overall_and_per_step(tiny_bundle):

@@ -21,9 +21,9 @@ def scores_for(model, criterion="contribution", seed=0, adapter=TAV) -> Scores:
     generator = torch.Generator().manual_seed(seed)
     modules = {}
     for site in adapter.temporal_sites(model):
-        attn = model.get_submodule(site.attention)
-        values = torch.rand(attn.heads, generator=generator).tolist()
-        modules[site.attention] = ModuleScores(attn.heads, attn.inner_dim // attn.heads, {criterion: values})
+        heads = site.heads_of(model)
+        values = torch.rand(heads.heads, generator=generator).tolist()
+        modules[site.attention] = ModuleScores(heads.heads, heads.head_dim, {criterion: values})
     return Scores(modules, timesteps=[], samples=0)
 
 
@@ -44,7 +44,7 @@ def test_pruned_model_equals_original_with_heads_masked(tiny_model, small_inputs
     assert plan.removed_heads == round(ratio * 56)
     pruned, masked = copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)
     apply_plan(pruned, TAV.temporal_sites(pruned), plan)
-    mask_heads(masked, plan)
+    mask_heads(masked, TAV.temporal_sites(masked), plan)
     with torch.no_grad():
         out_pruned, out_masked, out_original = (m(**small_inputs) for m in (pruned, masked, tiny_model))
     assert torch.allclose(out_pruned, out_masked, atol=1e-5, rtol=1e-5)

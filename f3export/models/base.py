@@ -22,19 +22,27 @@ from .. import __version__
 from ..artifacts import content_key, sha256_file
 from ..errors import CheckpointError
 from ..weights import read_json
+from .attention import AttentionHeads, DiffusersAttentionHeads
 
 
 @dataclass(frozen=True)
 class TemporalSite:
     """A temporal attention module: the unit F3-Pruning ranks and prunes heads of.
 
-    ``attention`` is the module path of a diffusers ``Attention``; ``norm`` the
-    path of the norm feeding it, whose input is the residual stream (removed
-    together with the attention when all heads go).
+    ``attention`` is the module path; ``access`` how its heads are read and cut
+    (a diffusers ``Attention`` unless the family says otherwise). ``norm`` is
+    the path of the norm feeding it, whose input is the residual stream; it is
+    removed together with the attention when all heads go, unless
+    ``shared_norm`` says other modules read it too.
     """
 
     attention: str
     norm: str | None = None
+    shared_norm: bool = False
+    access: type[AttentionHeads] = DiffusersAttentionHeads
+
+    def heads_of(self, model: nn.Module) -> AttentionHeads:
+        return self.access(model.get_submodule(self.attention))
 
 
 @dataclass(frozen=True)
