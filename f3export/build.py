@@ -197,8 +197,8 @@ class Build:
                 metrics[f"export.{name}"] = vars(worst)
                 gates += export_gates(worst, section, backend.precision, f"export.{name}")
         fidelity = pruning_fidelity(self.adapter, self.bundle, self.pruned_model, self.shape, section)
-        metrics["pruning"] = vars(fidelity)
-        gates += pruning_gates(fidelity, section)
+        metrics["pruning"] = fidelity.to_json()
+        gates += pruning_gates(self.adapter, fidelity, section)
         report = self.root / "validation.json"
         summary = {"metrics": metrics, "gates": gates_json(gates), "passed": all(g.passed for g in gates)}
         write_json(report, summary)

@@ -122,21 +122,21 @@ class TemporalStatsRecorder:
 
 
 def calibrate(adapter: ModelAdapter, bundle: ModelBundle, shape: VideoShape, section: CalibrationSection) -> Scores:
-    """Run the denoising loop over prompts x seeds and score every temporal head."""
+    """Run the model over the section's inputs (prompts x seeds, or token sequences) and score every temporal head."""
     model = bundle.model
     sites = adapter.temporal_sites(model)
-    recorder = TemporalStatsRecorder(model, sites, section.steps)
-    runs = [(p, s) for p in section.prompts for s in section.seeds]
+    steps = adapter.run_steps(section.steps)
+    recorder = TemporalStatsRecorder(model, sites, steps)
+    runs = adapter.runs(section)
     timesteps: list[int] = []
     with recorder.attached(), progress() as bar:
-        task = bar.add_task("calibrate", total=len(runs) * section.steps)
+        task = bar.add_task("calibrate", total=len(runs) * steps)
 
         def on_step(i: int) -> None:
             recorder.step = i
             bar.advance(task)
 
-        for prompt, seed in runs:
-            run = adapter.trajectory(bundle, model, prompt, seed, shape, section.steps, section.guidance_scale,
-                                     on_step)
-            timesteps = run.timesteps
+        for run in runs:
+            timesteps = adapter.trajectory(bundle, model, run, shape, section.steps, section.guidance_scale,
+                                           on_step).timesteps
     return recorder.scores(timesteps, len(runs))

@@ -48,12 +48,16 @@ class ModelSection:
         return {key: getattr(self, key) for key in CUSTOM_MODEL_KEYS} if self.family == "diffusers" else {}
 
 
+TOKENS_DOC = ".npy file of int token sequences [runs, sequence] in the model's layout (token models)"
+
+
 @dataclass(frozen=True)
 class CalibrationSection:
     prompts: list[str] = spec(["a man is surfing"], nonempty=True)
     seeds: list[int] = spec([0], nonempty=True)
     steps: int = spec(10, low=1, high=1000)
     guidance_scale: float = spec(7.5, low=0.0)
+    tokens: str | None = spec(None, doc=TOKENS_DOC + "; replaces prompts x seeds")
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,7 @@ class ValidationSection:
     seeds: list[int] = spec([1000], nonempty=True)
     steps: int = spec(10, low=1, high=1000)
     guidance_scale: float = spec(7.5, low=0.0)
+    tokens: str | None = spec(None, doc=TOKENS_DOC + "; held out from calibration")
     export_samples: int = spec(2, low=1, high=64, doc="fresh random inputs for export fidelity")
     export_max_rel_l2: float = spec(1e-4, low=0.0, doc="fp32 engines")
     export_min_cosine: float = spec(0.9999, low=-1.0, high=1.0)
@@ -110,6 +115,8 @@ class ValidationSection:
     export_fp16_min_cosine: float = spec(0.999, low=-1.0, high=1.0)
     pruning_min_step_cosine: float = spec(0.9, low=-1.0, high=1.0)
     pruning_min_latent_psnr: float = spec(20.0)
+    pruning_min_logit_cosine: float = spec(0.9, low=-1.0, high=1.0, doc="token models: per frame")
+    pruning_min_top1_agreement: float = spec(0.5, low=0.0, high=1.0, doc="token models: same argmax token")
 
 
 @dataclass(frozen=True)
@@ -313,6 +320,7 @@ def _check_model_family(recipe: Recipe) -> None:
         raise RecipeError(f"{where}.preset = {model.preset!r} is not one of {known}")
     if model.path is not None and not Path(model.path).is_dir():
         raise RecipeError(f"{where}.path = {model.path!r}: folder not found")
+    _check_family_keys(recipe, FAMILIES)
     if model.family == "diffusers":
         if model.class_name is None or not model.temporal_modules:
             raise RecipeError(f"{where}: family 'diffusers' needs 'class_name' and 'temporal_modules'")
@@ -324,3 +332,23 @@ def _check_model_family(recipe: Recipe) -> None:
         for key in CUSTOM_MODEL_KEYS:
             if getattr(model, key) not in (None, [], False):
                 raise RecipeError(f"{where}.{key} applies only to family 'diffusers'")
+
+
+def _family_keys(adapter: type) -> set[str]:
+    return set(adapter.run_keys) | {gate.recipe_key for gate in adapter.fidelity_gates}
+
+
+def _check_family_keys(recipe: Recipe, families: dict[str, type]) -> None:
+    """[calibration]/[validation] keys that only some families read must not be set for the others."""
+    own = _family_keys(families[recipe.model.family])
+    others = set().union(*map(_family_keys, families.values())) - own
+    for name in ("calibration", "validation"):
+        section = getattr(recipe, name)
+        for f in dataclasses.fields(section):
+            default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+            if f.name in others and getattr(section, f.name) != default:
+                raise RecipeError(f"{recipe.source.name}: [{name}].{f.name} does not apply to "
+                                  f"{recipe.model.family} models")
+        tokens = getattr(section, "tokens", None)
+        if tokens is not None and not Path(tokens).is_file():
+            raise RecipeError(f"{recipe.source.name}: [{name}].tokens = {tokens!r}: file not found")

@@ -3,9 +3,10 @@
 1. Export fidelity: does the engine compute what the pruned PyTorch model
    computes? Fresh seeded inputs, max abs error, relative L2, cosine, NaN/Inf.
 2. Pruning fidelity: how far does pruning move the model? Original and pruned
-   PyTorch models over whole denoising trajectories on held-out prompts and
-   seeds: per-step cosine of the guided noise predictions, PSNR of the final
-   latents.
+   PyTorch models on held-out runs, compared with the family's metrics: for
+   diffusion, whole denoising trajectories (per-step cosine of the guided noise
+   predictions, PSNR of the final latents); for token models, logits (cosine,
+   top-1 agreement).
 
 Inputs and outputs of (1) are stored as goldens so ``f3export check`` can
 re-run an engine later and compare.
@@ -79,13 +80,6 @@ def export_gates(result: Comparison, section: ValidationSection, precision: str,
     ]
 
 
-def psnr(actual: torch.Tensor, reference: torch.Tensor) -> float:
-    """PSNR in dB, the peak being the reference's value range."""
-    mse = torch.mean((actual.double() - reference.double()) ** 2).item()
-    peak = (reference.max() - reference.min()).item()
-    return math.inf if mse == 0 else 10.0 * math.log10(peak * peak / mse)
-
-
 Golden = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]  # (inputs, PyTorch outputs)
 
 
@@ -112,39 +106,40 @@ def compare_engine(engine: Engine, samples: list[Golden]) -> Comparison:
 
 @dataclass
 class PruningFidelity:
-    step_cosine_min: float
-    step_cosine_mean: float
-    latent_psnr_min: float
+    summary: dict[str, float]  # <metric>_min and <metric>_mean over every value of every run
     per_run: list[dict[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.summary, "per_run": self.per_run}
 
 
 @torch.no_grad()
 def pruning_fidelity(adapter: ModelAdapter, bundle: ModelBundle, pruned: nn.Module, shape: VideoShape,
                      section: ValidationSection) -> PruningFidelity:
-    runs = [(p, s) for p in section.prompts for s in section.seeds]
+    """Original and pruned models on the same held-out runs, compared with the family's metrics."""
+    runs = adapter.runs(section)
     per_run = []
     with progress() as bar:
-        task = bar.add_task("validate", total=2 * len(runs) * section.steps)
-        for prompt, seed in runs:
+        task = bar.add_task("validate", total=2 * len(runs) * adapter.run_steps(section.steps))
+        for run in runs:
             reference, candidate = (
-                adapter.trajectory(bundle, model, prompt, seed, shape, section.steps, section.guidance_scale,
+                adapter.trajectory(bundle, model, run, shape, section.steps, section.guidance_scale,
                                    lambda _: bar.advance(task))
                 for model in (bundle.model, pruned)
             )
-            cosines = [torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
-                       for a, b in zip(candidate.noise_preds, reference.noise_preds)]
-            per_run.append({"prompt": prompt, "seed": seed, "step_cosine": cosines,
-                            "latent_psnr": psnr(candidate.latents, reference.latents)})
-    all_cosines = [c for run in per_run for c in run["step_cosine"]]
-    return PruningFidelity(min(all_cosines), float(np.mean(all_cosines)),
-                           min(run["latent_psnr"] for run in per_run), per_run)
+            per_run.append({"prompt": run.prompt, "seed": run.seed, **adapter.fidelity(reference, candidate)})
+    summary = {}
+    for metric in per_run[0]:
+        if metric in ("prompt", "seed"):
+            continue
+        values = [v for run in per_run for v in np.atleast_1d(run[metric])]
+        summary[f"{metric}_min"], summary[f"{metric}_mean"] = float(np.min(values)), float(np.mean(values))
+    return PruningFidelity(summary, per_run)
 
 
-def pruning_gates(result: PruningFidelity, section: ValidationSection) -> list[Gate]:
-    return [
-        Gate("pruning.step_cosine_min", result.step_cosine_min, section.pruning_min_step_cosine, "min"),
-        Gate("pruning.latent_psnr_min", result.latent_psnr_min, section.pruning_min_latent_psnr, "min"),
-    ]
+def pruning_gates(adapter: ModelAdapter, result: PruningFidelity, section: ValidationSection) -> list[Gate]:
+    return [Gate(f"pruning.{g.metric}_min", result.summary[f"{g.metric}_min"], getattr(section, g.recipe_key), "min")
+            for g in adapter.fidelity_gates]
 
 
 def save_goldens(path: Path, samples: list[Golden]) -> None:

@@ -9,11 +9,13 @@ trajectory runs. Families that share a call signature share the code below.
 from __future__ import annotations
 
 import hashlib
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
+import numpy as np
 import torch
 from diffusers import DDIMScheduler
 from torch import nn
@@ -75,18 +77,64 @@ class ExportSpec:
 
 
 @dataclass
-class Trajectory:
-    """One denoising run: the guided noise prediction of every step and the final latents."""
+class Run:
+    """One calibration or validation input: a prompt and a seed, or one row of a token file."""
 
-    noise_preds: list[torch.Tensor]
-    latents: torch.Tensor
+    prompt: str
+    seed: int
+    tokens: np.ndarray | None = None
+
+
+@dataclass
+class Trajectory:
+    """What one run produced: the network's output at every step and the run's result.
+
+    For diffusion: the guided noise predictions and the final latents; for a
+    token model: the logits of one full-sequence forward, and those logits again.
+    """
+
+    outputs: list[torch.Tensor]
+    final: torch.Tensor
     timesteps: list[int]
+
+
+@dataclass(frozen=True)
+class FidelityGate:
+    """A pruning-fidelity metric of the family, gated as ``min over runs >= [validation].<recipe_key>``."""
+
+    metric: str
+    recipe_key: str
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
+
+
+def psnr(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    """PSNR in dB, the peak being the reference's value range."""
+    mse = torch.mean((actual.double() - reference.double()) ** 2).item()
+    peak = (reference.max() - reference.min()).item()
+    return math.inf if mse == 0 else 10.0 * math.log10(peak * peak / mse)
 
 
 class ModelAdapter(ABC):
     family: ClassVar[str]
     presets: ClassVar[dict[str, dict[str, Any]]]
     fixed_axes: ClassVar[tuple[str, ...]] = ()  # input axes the exported graph cannot leave dynamic
+    run_keys: ClassVar[tuple[str, ...]] = ()  # [calibration]/[validation] keys its runs read besides prompts, seeds
+    fidelity_gates: ClassVar[tuple[FidelityGate, ...]] = ()
+
+    def runs(self, section: Any) -> list[Run]:
+        """The inputs a [calibration] or [validation] section asks for: every prompt with every seed."""
+        return [Run(prompt, seed) for prompt in section.prompts for seed in section.seeds]
+
+    def run_steps(self, steps: int) -> int:
+        """Network calls (on_step callbacks) in one run given the recipe's ``steps``."""
+        return steps
+
+    @abstractmethod
+    def fidelity(self, reference: Trajectory, candidate: Trajectory) -> dict[str, float | list[float]]:
+        """Pruning-fidelity metrics of one run, pruned (candidate) against original (reference)."""
 
     def shape_error(self, model: nn.Module, shape: VideoShape) -> str | None:
         """Why this model cannot run clips of ``shape``, or None."""
@@ -114,9 +162,9 @@ class ModelAdapter(ABC):
         """Inputs of one forward pass (seeded), their names and the recipe's dynamic axes."""
 
     @abstractmethod
-    def trajectory(self, bundle: ModelBundle, model: nn.Module, prompt: str, seed: int, shape: VideoShape,
+    def trajectory(self, bundle: ModelBundle, model: nn.Module, run: Run, shape: VideoShape,
                    steps: int, guidance_scale: float, on_step: Callable[[int], None] | None = None) -> Trajectory:
-        """Run the family's sampling loop for one prompt and seed."""
+        """Run the family's sampling loop (or forward pass) for one input."""
 
     def options(self) -> dict[str, Any]:
         """Constructor arguments of this adapter, saved with a pruned model to rebuild it."""
@@ -156,6 +204,9 @@ class LatentVideoDiffusionAdapter(ModelAdapter):
 
     latent_channels: ClassVar[int] = 4
     text_tokens: ClassVar[int] = 77
+    run_keys = ("steps", "guidance_scale")
+    fidelity_gates = (FidelityGate("step_cosine", "pruning_min_step_cosine"),
+                      FidelityGate("latent_psnr", "pruning_min_latent_psnr"))
     default_scheduler: ClassVar[dict[str, Any]] = {
         # Stable Diffusion 1.x training schedule, as in Tune-A-Video's scheduler/ folder.
         "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -189,12 +240,12 @@ class LatentVideoDiffusionAdapter(ModelAdapter):
         return torch.cat([seeded_text_embedding(p, self.text_tokens, width) for p in prompts])
 
     @torch.no_grad()
-    def trajectory(self, bundle, model, prompt, seed, shape, steps, guidance_scale, on_step=None):
+    def trajectory(self, bundle, model, run, shape, steps, guidance_scale, on_step=None):
         scheduler = DDIMScheduler.from_config(bundle.scheduler_config or self.default_scheduler)
         scheduler.set_timesteps(steps)
-        context = self.encode_prompts(bundle, ["", prompt])
+        context = self.encode_prompts(bundle, ["", run.prompt])
         latents = torch.randn((1, self.latent_channels, shape.frames, shape.latent_height, shape.latent_width),
-                              generator=torch.Generator().manual_seed(seed)) * scheduler.init_noise_sigma
+                              generator=torch.Generator().manual_seed(run.seed)) * scheduler.init_noise_sigma
         noise_preds = []
         for i, t in enumerate(scheduler.timesteps):
             if on_step is not None:
@@ -207,6 +258,10 @@ class LatentVideoDiffusionAdapter(ModelAdapter):
             noise_preds.append(guided)
             latents = scheduler.step(guided, t, latents).prev_sample
         return Trajectory(noise_preds, latents, [int(t) for t in scheduler.timesteps])
+
+    def fidelity(self, reference, candidate):
+        return {"step_cosine": [cosine(c, r) for c, r in zip(candidate.outputs, reference.outputs)],
+                "latent_psnr": psnr(candidate.final, reference.final)}
 
 
 def load_clip_text_encoder(folder: Path, tokens: int = 77) -> Callable[[list[str]], torch.Tensor] | None:
