@@ -39,8 +39,8 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` or pickled ``.bin`` file.
+def load_state_dict(path: Path, container_key: str | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` or pickled ``.bin``/``.pt`` file (under ``container_key`` if given).
 
     Pickles are opened with ``weights_only=True``: a checkpoint that needs
     arbitrary code to load is refused rather than executed.
@@ -58,6 +58,10 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
+    if container_key is not None:
+        if not isinstance(state, dict) or container_key not in state:
+            raise CheckpointError(f"{path}: no {container_key!r} entry (expected {{{container_key!r}: state_dict}})")
+        state = state[container_key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: not a state dict of tensors")
     return state

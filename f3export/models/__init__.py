@@ -6,6 +6,7 @@ from typing import Any
 
 from .animatediff import AnimateDiffAdapter
 from .base import ModelAdapter
+from .cogvideo import CogVideoAdapter
 from .custom import CustomDiffusersAdapter
 from .latte import LatteAdapter
 from .modelscope import ModelScopeAdapter
@@ -13,7 +14,8 @@ from .tuneavideo import TuneAVideoAdapter
 
 FAMILIES: dict[str, type[ModelAdapter]] = {
     cls.family: cls
-    for cls in (TuneAVideoAdapter, ModelScopeAdapter, AnimateDiffAdapter, LatteAdapter, CustomDiffusersAdapter)
+    for cls in (TuneAVideoAdapter, ModelScopeAdapter, AnimateDiffAdapter, LatteAdapter, CogVideoAdapter,
+                CustomDiffusersAdapter)
 }
 
 
