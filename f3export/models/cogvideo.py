@@ -212,7 +212,7 @@ class RemovedTemporalChannel(TemporalMix):
 
     def __init__(self, bias: torch.Tensor, attn_distribution: torch.Tensor, text_len: int):
         super().__init__(bias.shape[0], text_len)
-        self.attn_distribution.data.copy_(attn_distribution.detach())
+        self.attn_distribution = nn.Parameter(attn_distribution.detach().clone())
         self.bias = nn.Parameter(bias.detach().clone())
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
