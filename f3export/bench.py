@@ -157,7 +157,7 @@ class Bench:
             "shape": {"batch": self.recipe.export.batch, **vars(self.shape)},
             "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                         "cuda": torch.cuda.is_available()},
-            "steps": self.recipe.validation.steps,
+            "steps": self.adapter.run_steps(self.recipe.validation.steps),
             "ratio": self.recipe.pruning.ratio,
             "models": flops,
             "temporal_flops_share": flops["original"]["temporal_flops"] / flops["original"]["flops"],

@@ -205,6 +205,12 @@ pruning_min_top1_agreement = 0.2
     assert [r["prompt"] for r in pruning["per_run"]] == ["validation.npy[0]"]
     assert len(pruning["per_run"][0]["logit_cosine"]) == 5  # one per frame
     assert run("check", root).exit_code == 0
+    result = run("bench", root, "--runs", "2", "--warmup", "1", "--ratios", "0,1")
+    assert result.exit_code == 0, result.output
+    bench = json.loads((root / "bench.json").read_text())
+    assert bench["steps"] == 1  # one full-sequence forward per run
+    assert bench["ideal_speedup"] > 1 and 0 < bench["temporal_flops_share"] < 1
+    assert [r["removed_heads"] for r in bench["ratios"]] == [0, 12]
 
 
 @pytest.mark.parametrize("extra, message", [

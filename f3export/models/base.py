@@ -9,7 +9,9 @@ trajectory runs. Families that share a call signature share the code below.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,7 +189,11 @@ class ModelAdapter(ABC):
     def weights_digest(self, preset: str | None, path: str | None, seed: int) -> str:
         """Identity of the weights, for the build cache, without building the model."""
         if preset is not None:
-            return content_key(self.family, preset, self.presets[preset], seed, __version__, torch.__version__)
+            # A preset's weights are made by code: the family's modules are part of their identity.
+            sources = [inspect.getsource(sys.modules[cls.__module__]) for cls in type(self).__mro__
+                       if cls.__module__.startswith("f3export.")]
+            return content_key(self.family, preset, self.presets[preset], seed, __version__, torch.__version__,
+                               sources)
         files = self.weights_files(Path(path))
         return content_key(self.family, [(f.name, sha256_file(f)) for f in files])
 
