@@ -1,4 +1,8 @@
-"""Calibration: per-head temporal attention statistics over real denoising trajectories.
+"""Calibration: per-head temporal attention statistics over the model's real runs.
+
+A run is a whole denoising trajectory for diffusion families, one full-sequence
+forward for token models (CogVideo); the family's ``AttentionHeads`` computes
+the statistics below for its own attention layout.
 
 For temporal attention module m with heads h, x the residual stream entering
 the module and A_h the frame-by-frame attention probabilities of head h:

@@ -142,6 +142,10 @@ def test_sat_folder_problems_are_one_line_errors(model, tmp_path):
     torch.save({"weights": {}}, folder / "1" / SAT_WEIGHTS)
     result = run("inspect", _recipe(tmp_path, f'path = "{folder}"'))
     assert result.exit_code == 2 and "no 'module' entry" in result.output
+    config = json.loads((folder / "model_config.json").read_text())
+    (folder / "model_config.json").write_text(json.dumps({**config, "window_size": 10, "cogvideo_stage": 2}))
+    result = run("inspect", _recipe(tmp_path, f'path = "{folder}"'))
+    assert result.exit_code == 2 and "stage 2's 3D window attention is not" in result.output
 
 
 def test_full_preset_loses_the_temporal_channels_share_at_ratio_one():

@@ -66,9 +66,9 @@ class CogVideoConfig:
     hidden_size: int
     num_attention_heads: int
     vocab_size: int
-    layout: tuple[int, int, int]
     max_sequence_length: int  # rows of the CogView2 position table (text and the first frame)
-    additional_seqlen: int  # rows of the extra position table (every later frame)
+    layout: tuple[int, int, int] = (64, 464, 2064)  # CogVideo's defaults from here on
+    additional_seqlen: int = 2000  # rows of the extra position table (every later frame)
     image_vocab_size: int = 20000  # icetk: image tokens are ids [0, 20000), text tokens follow
     frame_position_offset: int = 512  # position id of the first frame's first token
     layernorm_epsilon: float = 1e-5
@@ -93,7 +93,7 @@ class CogVideoConfig:
     def from_dict(cls, raw: dict[str, Any], source: str) -> "CogVideoConfig":
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in raw.items() if k in known}
-        layout = values.get("layout")
+        layout = values.get("layout", cls.layout)
         if isinstance(layout, str):  # SAT's command line form, "64, 464, 2064"
             layout = [int(x) for x in layout.split(",")]
         if not (isinstance(layout, list | tuple) and len(layout) == 3):
@@ -103,6 +103,9 @@ class CogVideoConfig:
         if missing:
             raise CheckpointError(f"{source}: missing key {missing[0]!r}")
         config = cls(**values)
+        if raw.get("layernorm_order", "sandwich") != "sandwich":
+            raise CheckpointError(f"{source}: layernorm_order = {raw['layernorm_order']!r} is not supported "
+                                  "(CogVideo's CogView2 layers use 'sandwich')")
         if raw.get("window_size", -1) != -1 or raw.get("cogvideo_stage", 1) != 1:
             raise CheckpointError(f"{source}: only stage 1 with full temporal attention (window_size = -1) is "
                                   "supported; stage 2's 3D window attention is not")
@@ -113,7 +116,8 @@ class CogVideoConfig:
         return config
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "layout": list(self.layout), "window_size": -1, "cogvideo_stage": 1}
+        return {**asdict(self), "layout": list(self.layout), "layernorm_order": "sandwich", "window_size": -1,
+                "cogvideo_stage": 1}
 
 
 @functools.lru_cache(maxsize=8)
