@@ -251,8 +251,8 @@ class TemporalChannelHeads(AttentionHeads):
         head_out = torch.einsum("bhsd,hdc->bhsc", context, per_head) * (1 - channel.spatial_weight())
         ratio = head_out.norm(dim=-1) / residual_norm[:, None, text_len:].clamp_min(1e-12)
         frame = _frame_ids(text_len, channel.frame_len, hidden_states.shape[1])
-        other_frames = (frame[None, :] >= 0) & (frame[None, :] != frame[text_len:, None])  # [S1, S]
-        mixing = (probs * other_frames).sum(dim=-1)  # attention mass on other frames' tokens
+        other_frames = ((frame[None, :] >= 0) & (frame[None, :] != frame[text_len:, None])).to(probs.device)
+        mixing = (probs * other_frames).sum(dim=-1)  # [B, H, S1]: attention mass on other (earlier) frames
         tokens = probs.shape[0] * probs.shape[2]
         return ratio.sum(dim=(0, 2)).double(), mixing.sum(dim=(0, 2)).double(), tokens
 
