@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import math
 import re
 from dataclasses import MISSING, asdict, dataclass, fields
@@ -392,8 +393,6 @@ def read_sat_state(path: Path) -> dict[str, torch.Tensor]:
 
 def save_sat(model: CogVideoModel, folder: Path, iteration: int = 1) -> None:
     """Write ``model`` as a SwissArmyTransformer checkpoint folder (SAT key names)."""
-    import json
-
     weights = folder / str(iteration) / SAT_WEIGHTS
     weights.parent.mkdir(parents=True, exist_ok=True)
     state = {ours_to_sat(k): v.detach().clone() for k, v in model.state_dict().items()}
@@ -418,21 +417,22 @@ def seeded_tokens(config: CogVideoConfig, frames: int, prompt: str, seed: int) -
     return torch.cat([text, images])
 
 
+# The real sizes: CogView2's 48 x 3072 transformer with 48 heads, 64 text tokens + 5 frames of 20 x 20.
+FULL_SIZE = {"num_layers": 48, "hidden_size": 3072, "num_attention_heads": 48, "vocab_size": 150010,
+             "image_vocab_size": 20000, "layout": [64, 464, 2064], "max_sequence_length": 912,
+             "additional_seqlen": 2000, "frame_position_offset": 512}
+
+
 class CogVideoAdapter(ModelAdapter):
     family = "cogvideo"
     presets = {
         "tiny": {"num_layers": 3, "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 320,
                  "image_vocab_size": 256, "layout": [8, 72, 328], "max_sequence_length": 80, "additional_seqlen": 256,
                  "frame_position_offset": 16},
-        # The real sizes: CogView2's 48 x 3072 transformer with 48 heads, 64 text tokens + 5 frames of 20 x 20.
-        "full": {"num_layers": 48, "hidden_size": 3072, "num_attention_heads": 48, "vocab_size": 150010,
-                 "image_vocab_size": 20000, "layout": [64, 464, 2064], "max_sequence_length": 912,
-                 "additional_seqlen": 2000, "frame_position_offset": 512},
-        # The full preset's width, heads, vocabulary and layout with 3 of its 48 layers, for machines that cannot
-        # hold its 31 GB of fp32 weights: each layer's arithmetic (and its speedup from pruning) is the real one.
-        "full-3-layers": {"num_layers": 3, "hidden_size": 3072, "num_attention_heads": 48, "vocab_size": 150010,
-                          "image_vocab_size": 20000, "layout": [64, 464, 2064], "max_sequence_length": 912,
-                          "additional_seqlen": 2000, "frame_position_offset": 512},
+        "full": FULL_SIZE,
+        # The full preset with 3 of its 48 layers, for machines that cannot hold its 31 GB of fp32 weights:
+        # each layer's arithmetic (and its speedup from pruning) is the real one.
+        "full-3-layers": {**FULL_SIZE, "num_layers": 3},
     }
     # The masks and position ids are fixed by the sequence layout; only the batch may vary.
     fixed_axes = ("frames", "height", "width")
