@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import numpy as np
 import pytest
@@ -245,3 +246,61 @@ def test_token_models_do_not_take_diffusion_keys_and_diffusion_models_no_tokens(
 def test_calibration_runs_are_one_forward_each(model):
     trajectory = COGVIDEO.trajectory(None, model, Run("a cat", 0), SHAPE, steps=1, guidance_scale=0.0)
     assert len(trajectory.outputs) == 5 and trajectory.final.shape == (1, 320, 320)
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, s, c = x.shape
+    return x.reshape(b, s, heads, c // heads).permute(0, 2, 1, 3)
+
+
+def _merged(context: torch.Tensor) -> torch.Tensor:
+    b, h, s, d = context.shape
+    return context.permute(0, 2, 1, 3).reshape(b, s, h * d)
+
+
+def sat_spatial_reference(attention, hidden, text_len, frame_len, frames):
+    """CogVideo's attention_localframe_and_text, block by block as SAT computes it."""
+    heads, (b, s, c) = attention.heads, hidden.shape
+    q0, k0, v0 = (_heads(x, heads) for x in attention.query_key_value(hidden).chunk(3, dim=-1))
+    d = q0.shape[-1]
+    to_text = torch.ones(b, 1, 1, text_len)
+    local = torch.ones(1, 1, frames, frame_len, frame_len).tril()
+    any2text = torch.matmul(q0 / math.sqrt(d), k0[..., :text_len, :].transpose(-1, -2))
+    text2text = any2text[..., :text_len, :] * to_text - 10000.0 * (1.0 - to_text)
+    frame2text = any2text[..., text_len:, :] * to_text - 10000.0 * (1.0 - to_text)
+    q_frames, k_frames, v_frames = (x[:, :, text_len:].reshape(b, heads, frames, frame_len, d) for x in (q0, k0, v0))
+    frame_local = torch.matmul(q_frames / math.sqrt(d), k_frames.transpose(-1, -2)) * local - 10000.0 * (1.0 - local)
+    probs = torch.softmax(torch.cat([frame2text, frame_local.view(b, heads, frames * frame_len, frame_len)], -1), -1)
+    frame_context = (torch.matmul(probs[..., :text_len], v0[..., :text_len, :])
+                     + torch.matmul(probs[..., text_len:].view(b, heads, frames, frame_len, frame_len), v_frames)
+                     .view(b, heads, frames * frame_len, d))
+    text_context = torch.matmul(torch.softmax(text2text, -1), v0[..., :text_len, :])
+    return attention.dense(_merged(text_context)), attention.dense(_merged(frame_context))
+
+
+def sat_temporal_reference(channel, hidden, text_len):
+    """CogVideo's FullAttentionMixin.attention_extra with text, pb-relax (alpha 16) included."""
+    alpha, heads = 16.0, channel.heads
+    frames_in, text_in = hidden[:, text_len:], hidden[:, :text_len]
+    q, k, v = (_heads(x, heads) for x in channel.query_key_value(frames_in).chunk(3, dim=-1))
+    _, k_text, v_text = (_heads(x, heads) for x in channel.query_key_value(text_in).chunk(3, dim=-1))
+    d, s1 = q.shape[-1], q.shape[2]
+    causal = torch.ones(1, 1, s1, s1).tril()
+    scores = torch.matmul(q / (math.sqrt(d) * alpha), k.transpose(-1, -2)) * causal - 10000.0 * (1.0 - causal)
+    relax = scores.reshape(scores.shape[0], heads, -1).max(dim=-1, keepdim=True)[0].unsqueeze(-1)
+    scores = (scores - relax) * alpha
+    to_text = (torch.matmul(q / (math.sqrt(d) * alpha), k_text.transpose(-1, -2)) - relax) * alpha
+    probs = torch.softmax(torch.cat([scores, to_text], dim=-1), dim=-1)
+    context = torch.matmul(probs[..., :s1], v) + torch.matmul(probs[..., s1:], v_text)
+    return channel.dense(_merged(context))
+
+
+def test_both_channels_compute_what_swissarmytransformer_computes(model):
+    layer = model.transformer.layers[1]
+    hidden = torch.randn(2, 328, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        text, frames = sat_spatial_reference(layer.attention, hidden, text_len=8, frame_len=64, frames=5)
+        assert torch.allclose(layer.attention(hidden), torch.cat([text, frames], dim=1), atol=1e-5)
+        temporal = sat_temporal_reference(layer.temporal, hidden, text_len=8)
+        weight = torch.sigmoid(layer.temporal.attn_distribution)
+        assert torch.allclose(layer.temporal(hidden), temporal * (1 - weight), atol=1e-5)
