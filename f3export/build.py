@@ -90,7 +90,10 @@ class Build:
     def bundle(self) -> ModelBundle:
         model = self.recipe.model
         if model.preset is not None:
-            bundle = self.adapter.load_preset(model.preset, model.seed)
+            try:
+                bundle = self.adapter.load_preset(model.preset, model.seed)
+            except RecipeError as exc:
+                raise RecipeError(f"{self.recipe.source.name}: {exc}") from None
         else:
             bundle = self.adapter.load_folder(Path(model.path))
         problem = self.adapter.shape_error(bundle.model, self.shape)

@@ -195,3 +195,10 @@ def test_same_recipe_builds_byte_identical_artifacts(built, write_recipe):
     again = json.loads((path.parent / "artifacts" / "fast" / "manifest.json").read_text())["stages"]
     assert {s: again[s]["files"] for s in STAGES} == {s: reference[s]["files"] for s in STAGES}
     assert os.path.getsize(path.parent / "artifacts" / "fast" / "onnx" / "pruned.onnx") > 0
+
+
+def test_a_preset_too_big_for_this_machine_is_refused_before_allocating(write_recipe, monkeypatch):
+    monkeypatch.setattr("f3export.models.base.available_memory_bytes", lambda: 1_000_000)  # 1 MB free
+    result = run("build", write_recipe())
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "fast.toml: [model].preset = 'tiny': its weights alone need 6 MiB, more than the 1 MiB" in result.output

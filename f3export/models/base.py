@@ -24,7 +24,7 @@ from torch import nn
 
 from .. import __version__
 from ..artifacts import content_key, sha256_file
-from ..errors import CheckpointError
+from ..errors import CheckpointError, RecipeError
 from ..weights import read_json
 from .attention import AttentionHeads, DiffusersAttentionHeads
 
@@ -174,6 +174,12 @@ class ModelAdapter(ABC):
 
     def load_preset(self, name: str, seed: int) -> ModelBundle:
         config = self.presets[name]
+        with torch.device("meta"):  # shapes only: what the weights will take, before allocating them
+            needed = sum(p.numel() * p.element_size() for p in self.build(config).parameters())
+        available = available_memory_bytes()
+        if available is not None and needed > available:
+            raise RecipeError(f"[model].preset = {name!r}: its weights alone need {_size(needed)}, more than the "
+                              f"{_size(available)} of memory available on this machine")
         torch.manual_seed(seed)
         model = self.build(config).eval()
         with torch.no_grad():
@@ -196,6 +202,21 @@ class ModelAdapter(ABC):
                                sources)
         files = self.weights_files(Path(path))
         return content_key(self.family, [(f.name, sha256_file(f)) for f in files])
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux); None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def seeded_text_embedding(prompt: str, tokens: int, width: int) -> torch.Tensor:
