@@ -67,7 +67,7 @@ def inspect(recipe: Path, overrides: tuple[str, ...]) -> None:
     rows, total = [], 0
     for site in build.adapter.temporal_sites(model):
         heads = site.heads_of(model)
-        modules = [heads.module] + ([model.get_submodule(site.norm)] if site.norm and not site.shared_norm else [])
+        modules = [heads.module] + ([model.get_submodule(site.own_norm)] if site.own_norm else [])
         count = sum(p.numel() for m in modules for p in m.parameters())
         total += count
         rows.append([site.attention, str(heads.heads), str(heads.head_dim), f"{count:,}"])

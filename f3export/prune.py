@@ -116,8 +116,8 @@ def make_plan(scores: Scores, section: PruningSection) -> PruningPlan:
 def remove_site(model: nn.Module, site: TemporalSite) -> None:
     """Replace a fully pruned attention by its constant remainder, and its own norm by the identity."""
     model.set_submodule(site.attention, site.heads_of(model).removed())
-    if site.norm is not None and not site.shared_norm:
-        model.set_submodule(site.norm, nn.Identity())
+    if site.own_norm is not None:
+        model.set_submodule(site.own_norm, nn.Identity())
 
 
 def apply_plan(model: nn.Module, sites: list[TemporalSite], plan: PruningPlan) -> None:

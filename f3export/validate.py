@@ -118,7 +118,7 @@ def pruning_fidelity(adapter: ModelAdapter, bundle: ModelBundle, pruned: nn.Modu
                      section: ValidationSection) -> PruningFidelity:
     """Original and pruned models on the same held-out runs, compared with the family's metrics."""
     runs = adapter.runs(section)
-    per_run = []
+    metrics = []
     with progress() as bar:
         task = bar.add_task("validate", total=2 * len(runs) * adapter.run_steps(section.steps))
         for run in runs:
@@ -127,13 +127,12 @@ def pruning_fidelity(adapter: ModelAdapter, bundle: ModelBundle, pruned: nn.Modu
                                    lambda _: bar.advance(task))
                 for model in (bundle.model, pruned)
             )
-            per_run.append({"prompt": run.prompt, "seed": run.seed, **adapter.fidelity(reference, candidate)})
+            metrics.append(adapter.fidelity(reference, candidate))
     summary = {}
-    for metric in per_run[0]:
-        if metric in ("prompt", "seed"):
-            continue
-        values = [v for run in per_run for v in np.atleast_1d(run[metric])]
-        summary[f"{metric}_min"], summary[f"{metric}_mean"] = float(np.min(values)), float(np.mean(values))
+    for name in metrics[0]:
+        values = [v for m in metrics for v in np.atleast_1d(m[name])]
+        summary[f"{name}_min"], summary[f"{name}_mean"] = float(np.min(values)), float(np.mean(values))
+    per_run = [{"prompt": run.prompt, "seed": run.seed, **m} for run, m in zip(runs, metrics)]
     return PruningFidelity(summary, per_run)
 
 

@@ -48,6 +48,11 @@ class TemporalSite:
     def heads_of(self, model: nn.Module) -> AttentionHeads:
         return self.access(model.get_submodule(self.attention))
 
+    @property
+    def own_norm(self) -> str | None:
+        """The norm that belongs to this attention alone (goes with it), if any."""
+        return None if self.shared_norm else self.norm
+
 
 @dataclass(frozen=True)
 class VideoShape:
