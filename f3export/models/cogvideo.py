@@ -184,10 +184,10 @@ class SpatialAttention(nn.Module):
 class TemporalMix(nn.Module):
     """What the layer's frame tokens take from the temporal channel, weighted by 1 - sigmoid(attn_distribution)."""
 
-    def __init__(self, hidden: int, text_len: int):
+    def __init__(self, attn_distribution: torch.Tensor, text_len: int):
         super().__init__()
         self.text_len = text_len
-        self.attn_distribution = nn.Parameter(torch.zeros(hidden))
+        self.attn_distribution = nn.Parameter(attn_distribution)
 
     def spatial_weight(self) -> torch.Tensor:
         return torch.sigmoid(self.attn_distribution)
@@ -197,7 +197,7 @@ class TemporalChannel(TemporalMix):
     """The ``attention_plus`` channel of one layer (stage 1: full causal attention over all frame tokens)."""
 
     def __init__(self, hidden: int, heads: int, text_len: int, frame_len: int):
-        super().__init__(hidden, text_len)
+        super().__init__(torch.zeros(hidden), text_len)
         self.heads, self.head_dim, self.frame_len = heads, hidden // heads, frame_len
         self.query_key_value = nn.Linear(hidden, 3 * hidden)
         self.dense = nn.Linear(hidden, hidden)
@@ -216,8 +216,7 @@ class RemovedTemporalChannel(TemporalMix):
     """A temporal channel with every head pruned: only ``(1 - sigmoid(a)) * dense.bias`` is left, exactly."""
 
     def __init__(self, bias: torch.Tensor, attn_distribution: torch.Tensor, text_len: int):
-        super().__init__(bias.shape[0], text_len)
-        self.attn_distribution = nn.Parameter(attn_distribution.detach().clone())
+        super().__init__(attn_distribution.detach().clone(), text_len)
         self.bias = nn.Parameter(bias.detach().clone())
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
