@@ -22,8 +22,9 @@ from f3export.recipe import PruningSection
 
 def forward_flops(model: torch.nn.Module, length: int) -> int:
     tokens = torch.zeros(1, length, dtype=torch.long, device="meta")
+    text_len = torch.full((1,), model.config.text_len, dtype=torch.long, device="meta")
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(tokens)
+        model(tokens, text_len)
     return counter.get_total_flops()
 
 

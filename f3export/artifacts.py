@@ -15,9 +15,19 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
+
+from .errors import CheckError, F3ExportError
+from .roots import confine
+
+if TYPE_CHECKING:
+    from .recipe import Recipe
 
 MANIFEST = "manifest.json"
+BUILD_STAGES = ("calibrate", "plan", "prune", "export", "engine", "validate")
+MODEL_VARIANTS = ("original", "pruned")
+VALIDATION_REPORT = "validation.json"
+MAX_MANIFEST_BYTES = 64 << 20  # far above any real manifest; a larger one is not parsed
 
 
 @contextlib.contextmanager
@@ -71,16 +81,19 @@ class Manifest:
         if self.path.is_file():
             try:
                 self.doc = json.loads(self.path.read_text())
-            except json.JSONDecodeError:
-                self.doc = {"stages": {}}  # a damaged manifest only costs a full rebuild
-        self.doc.setdefault("stages", {})
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                self.doc = {}
+        if not isinstance(self.doc, dict) or not isinstance(self.doc.get("stages"), dict):
+            self.doc = {"stages": {}}  # a damaged manifest only costs a full rebuild
 
     def record(self, stage: str) -> StageRecord | None:
-        raw = self.doc["stages"].get(stage)
-        return StageRecord(**raw) if raw else None
+        try:
+            return parse_stage(self.doc["stages"].get(stage), stage, self.root)
+        except CheckError:
+            return None  # a damaged entry only costs a rerun of the stage
 
     def reusable(self, stage: str, key: str) -> StageRecord | None:
-        """The stage's record if its key matches and all its files are intact."""
+        """The stage's record if its key matches and all its files are intact (and inside the folder)."""
         record = self.record(stage)
         if record is None or record.key != key:
             return None
@@ -101,11 +114,173 @@ class Manifest:
         self.save()
         return record
 
-    def invalidate_from(self, stages: list[str]) -> None:
-        for stage in stages:
-            self.doc["stages"].pop(stage, None)
-        self.save()
-
     def save(self) -> None:
         self.doc["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         write_json(self.path, self.doc)
+
+
+# -- reading a finished build: the folder is untrusted input (copied between machines and CI jobs) -------
+def inside(root: Path, rel: Any, where: str) -> Path:
+    """``root / rel`` for a path read from a manifest: relative, and inside ``root`` once resolved."""
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        raise CheckError(f"{where}: expected a relative path, got {rel!r}")
+    if os.path.isabs(rel):
+        raise CheckError(f"{where}: {rel!r} is an absolute path; artifact paths are relative to the folder")
+    path = root / rel
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise CheckError(f"{where}: {rel!r} leads outside {root} (symlinks resolved)")
+    return path
+
+
+def _expect(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(value, kind) or isinstance(value, bool) and kind in (int, float, (int, float)):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise CheckError(f"{where}: expected {names}, got {type(value).__name__} {str(value)[:60]!r}")
+    return value
+
+
+def parse_stage(raw: Any, stage: str, root: Path, where: str = MANIFEST) -> StageRecord | None:
+    """A stage entry of the manifest, every field checked; None when the stage is absent."""
+    if raw is None:
+        return None
+    where = f"{where}: stages.{stage}"
+    _expect(raw, dict, where)
+    for key in ("key", "files", "data"):
+        if key not in raw:
+            raise CheckError(f"{where}: missing {key!r}")
+    files = _expect(raw["files"], dict, f"{where}.files")
+    for rel, digest in files.items():
+        inside(root, rel, f"{where}.files")
+        if not isinstance(digest, str) or len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+            raise CheckError(f"{where}.files[{rel!r}]: expected a SHA-256 hex digest, got {str(digest)[:70]!r}")
+    return StageRecord(key=_expect(raw["key"], str, f"{where}.key"), files=files,
+                       data=_expect(raw["data"], dict, f"{where}.data"),
+                       seconds=_expect(raw.get("seconds", 0.0), (int, float), f"{where}.seconds"))
+
+
+@dataclass(frozen=True)
+class EngineEntry:
+    name: str  # "<variant>.<backend>"
+    variant: str
+    backend: str
+    path: Path
+    goldens: Path
+
+
+@dataclass
+class FinishedBuild:
+    """A build that finished and passed, read from its folder with every field and path checked.
+
+    Opening it proves the manifest is well-formed, says ``passed``, lists every
+    stage and exactly the engines its recipe asks for, and names only files
+    inside the folder that some stage recorded (and so hashed).
+    """
+
+    root: Path
+    doc: dict[str, Any]
+    recipe: "Recipe"
+    stages: dict[str, StageRecord]
+    engines: dict[str, EngineEntry]
+    digest: str  # SHA-256 of manifest.json as read
+
+    def path(self, rel: Any, where: str) -> Path:
+        return inside(self.root, rel, f"{self.root / MANIFEST}: {where}")
+
+    def verify_files(self, stages: tuple[str, ...] = BUILD_STAGES) -> int:
+        """Check the SHA-256 of every file the given stages recorded; returns how many were checked."""
+        checked = 0
+        for stage in stages:
+            for rel, digest in self.stages[stage].files.items():
+                path = self.path(rel, f"stages.{stage}.files")
+                if not path.is_file():
+                    raise CheckError(f"{path}: missing (recorded by stage '{stage}')")
+                if sha256_file(path) != digest:
+                    raise CheckError(f"{path}: content changed since the build (sha256 mismatch; rebuild it)")
+                checked += 1
+        return checked
+
+    def verified_engine(self, name: str) -> EngineEntry:
+        """An engine entry whose files (the engine and its external data) hash as the build recorded."""
+        entry = self.engines[name]
+        recorded = self.stages["engine"].files
+        own = [rel for rel in recorded
+               if self.root / rel in (entry.path, entry.path.with_name(entry.path.name + ".data"))]
+        for rel in own:
+            path = self.root / rel
+            if not path.is_file() or sha256_file(path) != recorded[rel]:
+                raise CheckError(f"{path}: content changed since the build (sha256 mismatch); not served")
+        return entry
+
+
+def open_build(root: str | Path, expect_sha256: str | None = None) -> FinishedBuild:
+    """The finished, passed build in ``root`` (for check, bench and the runtime), or one line saying why not."""
+    from .recipe import Recipe  # the recipe module needs the models package; artifacts stays importable alone
+
+    root = Path(root)
+    confine(root, "artifact folder")
+    manifest = root / MANIFEST
+    if not manifest.is_file():
+        raise CheckError(f"{root}: no {MANIFEST} (not an f3export artifact folder, or the build never finished)")
+    inside(root, MANIFEST, str(root))  # a manifest.json symlinked from elsewhere is not this folder's
+    if manifest.stat().st_size > MAX_MANIFEST_BYTES:
+        raise CheckError(f"{manifest}: {manifest.stat().st_size:,} bytes, not a manifest f3export wrote")
+    blob = manifest.read_bytes()
+    digest = hashlib.sha256(blob).hexdigest()
+    if expect_sha256 is not None and digest != expect_sha256.lower():
+        raise CheckError(f"{manifest}: sha256 {digest} is not the expected {expect_sha256}")
+    try:
+        doc = json.loads(blob)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckError(f"{manifest}: not valid JSON ({exc})") from None
+    _expect(doc, dict, str(manifest))
+    status = doc.get("status")
+    if status == "failed":
+        raise CheckError(f"{manifest}: this build FAILED its validation gates; its engines are not served "
+                         "(see validation.json, fix the recipe and rebuild)")
+    if status != "passed":
+        raise CheckError(f"{manifest}: the build did not finish (status {status!r}); run f3export build again")
+    for key in ("recipe", "stages", "engines", "versions"):
+        if key not in doc:
+            raise CheckError(f"{manifest}: missing {key!r}")
+    versions = _expect(doc["versions"], dict, f"{manifest}: versions")
+    try:
+        recipe = Recipe.from_dict(Path(_expect(doc.get("recipe_file", "recipe.toml"), str, f"{manifest}: recipe_file")),
+                                  _expect(doc["recipe"], dict, f"{manifest}: recipe"))
+    except F3ExportError as exc:
+        from . import __version__
+
+        if versions.get("f3export") != __version__:
+            raise F3ExportError(f"{manifest}: built by f3export {versions.get('f3export')!r}, whose recipe does "
+                                f"not match this f3export {__version__} ({exc}); rebuild with f3export build") from None
+        raise CheckError(f"{manifest}: malformed recipe ({exc})") from None
+    raw_stages = _expect(doc["stages"], dict, f"{manifest}: stages")
+    missing = [s for s in BUILD_STAGES if s not in raw_stages]
+    if missing:
+        raise CheckError(f"{manifest}: stages {', '.join(missing)} missing (a finished build has "
+                         f"{', '.join(BUILD_STAGES)})")
+    stages = {s: parse_stage(raw_stages[s], s, root, str(manifest)) for s in BUILD_STAGES}
+    engines = _parse_engines(_expect(doc["engines"], dict, f"{manifest}: engines"), recipe, stages, root, manifest)
+    return FinishedBuild(root, doc, recipe, stages, engines, digest)
+
+
+def _parse_engines(raw: dict[str, Any], recipe: "Recipe", stages: dict[str, StageRecord], root: Path,
+                   manifest: Path) -> dict[str, EngineEntry]:
+    """Exactly one good engine per model variant and backend the recipe selects, each recorded by its stage."""
+    wanted = [f"{v}.{b}" for b in recipe.engine.selected for v in MODEL_VARIANTS]
+    if sorted(raw) != sorted(wanted):
+        raise CheckError(f"{manifest}: engines {sorted(raw)} are not the ones the recipe asks for {sorted(wanted)}")
+    engines = {}
+    for name in wanted:
+        where = f"{manifest}: engines.{name}"
+        entry = _expect(raw[name], dict, where)
+        variant, backend = name.split(".", 1)
+        if entry.get("backend") != backend:
+            raise CheckError(f"{where}.backend = {entry.get('backend')!r}, expected {backend!r}")
+        if entry.get("good") is not True:
+            raise CheckError(f"{where}: not marked good; the engine is not served")
+        for key, stage in (("path", "engine"), ("goldens", "validate")):
+            inside(root, entry.get(key), f"{where}.{key}")
+            if entry[key] not in stages[stage].files:
+                raise CheckError(f"{where}.{key} = {entry[key]!r} is not a file the {stage} stage recorded")
+        engines[name] = EngineEntry(name, variant, backend, root / entry["path"], root / entry["goldens"])
+    return engines

@@ -27,11 +27,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .artifacts import write_json
-from .build import MODEL_VARIANTS, Build
+from .artifacts import MODEL_VARIANTS, open_build
+from .build import Build
 from .calibrate import Scores
 from .engines import make_backend
 from .engines.onnxruntime import OnnxRuntimeBackend
-from .check import open_build
 from .export import export_onnx
 from .models import get_adapter
 from .models.base import ModelAdapter, VideoShape
@@ -88,7 +88,7 @@ _PEAK_SCRIPT = """
 import json, sys
 import numpy as np
 from pathlib import Path
-from f3export.check import open_build
+from f3export.artifacts import open_build
 from f3export.engines import make_backend
 
 def high_water_mib():  # VmHWM belongs to this process's address space (ru_maxrss survives exec on Linux)
@@ -96,7 +96,7 @@ def high_water_mib():  # VmHWM belongs to this process's address space (ru_maxrs
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
 
-_, recipe = open_build(Path(sys.argv[1]))
+recipe = open_build(Path(sys.argv[1])).recipe
 feeds = dict(np.load(sys.argv[4]))
 base = high_water_mib()
 engine = make_backend(sys.argv[2], recipe, Path(sys.argv[1])).load(Path(sys.argv[3]))
@@ -120,8 +120,11 @@ def _bytes_with_data(path: Path) -> int:
 class Bench:
     def __init__(self, root: Path, runs: int, warmup: int):
         self.root = root
-        manifest, self.recipe = open_build(root)
-        self.manifest = manifest.doc
+        # Timing a build that failed its gates, or whose files changed, would publish numbers for a wrong engine.
+        self.build = open_build(root)
+        self.build.verify_files()
+        self.recipe = self.build.recipe
+        self.manifest = self.build.doc
         model = self.recipe.model
         self.adapter: ModelAdapter = get_adapter(model.family, model.adapter_options)
         self.shape = VideoShape(model.frames, model.latent_height, model.latent_width)
@@ -146,7 +149,7 @@ class Bench:
             flops[variant] = {"flops": total, "temporal_flops": inside, "parameters": parameter_count(model)}
         exported = self.manifest["stages"]["export"]["data"]
         for variant in MODEL_VARIANTS:
-            onnx_path = self.root / exported[variant]["path"]
+            onnx_path = self.build.path(exported[variant]["path"], f"stages.export.data.{variant}.path")
             data_path = onnx_path.with_name(onnx_path.name + ".data")
             flops[variant].update({"onnx_parameters": exported[variant]["parameters"],
                                    "onnx_bytes_on_disk": exported[variant]["bytes"],
@@ -164,21 +167,20 @@ class Bench:
             "ideal_speedup": ideal,
             "backends": {},
         }
-        engines_by_backend: dict[str, dict[str, dict]] = {}
-        for name, entry in self.manifest["engines"].items():
-            variant, backend = name.split(".", 1)
-            engines_by_backend.setdefault(backend, {})[variant] = entry
-        for backend_name, entries in engines_by_backend.items():
+        engines_by_backend: dict[str, dict[str, Path]] = {}
+        for entry in self.build.engines.values():
+            engines_by_backend.setdefault(entry.backend, {})[entry.variant] = entry.path
+        for backend_name, paths in engines_by_backend.items():
             backend = make_backend(backend_name, self.recipe, self.root)
-            engines = {v: backend.load(self.root / entries[v]["path"]) for v in MODEL_VARIANTS}
+            engines = {v: backend.load(paths[v]) for v in MODEL_VARIANTS}
             latency = interleaved_latency(engines, feeds, self.warmup, self.runs, backend_name)
             del engines  # full-size engines are GBs each: hold only what is being timed
             measured = latency["original"].median_ms / latency["pruned"].median_ms
             result["backends"][backend_name] = {
                 "latency_per_step": {v: vars(latency[v]) for v in MODEL_VARIANTS},
                 "trajectory_ms": {v: latency[v].median_ms * result["steps"] for v in MODEL_VARIANTS},
-                "engine_bytes": {v: _bytes_with_data(self.root / entries[v]["path"]) for v in MODEL_VARIANTS},
-                "peak_memory_mb": {v: peak_memory(self.root, backend_name, self.root / entries[v]["path"],
+                "engine_bytes": {v: _bytes_with_data(paths[v]) for v in MODEL_VARIANTS},
+                "peak_memory_mb": {v: peak_memory(self.root, backend_name, paths[v],
                                                   feeds_path) for v in MODEL_VARIANTS},
                 "measured_speedup": measured,
                 "measured_over_ideal": measured / ideal,
@@ -233,7 +235,7 @@ class Bench:
 
     def time_ratios(self, rows: list[dict[str, Any]], feeds) -> list[dict[str, Any]]:
         """Each ratio's engine against the original engine, two sessions loaded at a time."""
-        original_engine = self.root / self.manifest["engines"]["original.onnxruntime"]["path"]
+        original_engine = self.build.engines["original.onnxruntime"].path
         for row in rows:
             engines = {"original": self._ort.load(original_engine), "pruned": self._ort.load(self.root / row["engine"])}
             latency = interleaved_latency(engines, feeds, self.warmup, self.runs, f"ratio {row['ratio']:g}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import platform
 import resource
 import shutil
@@ -23,30 +24,30 @@ import diffusers
 import onnx
 import onnx_graphsurgeon
 import torch
+import transformers
 from filelock import FileLock, Timeout
 
 from . import __version__
-from .artifacts import Manifest, StageRecord, content_key, write_json
+from .artifacts import MODEL_VARIANTS, Manifest, StageRecord, content_key, sha256_file, write_json
 from .calibrate import Scores, calibrate
-from .engines import make_backend
-from .errors import F3ExportError, RecipeError
-from .export import export_onnx
+from .engines import make_backend, profile_ranges, validated_shapes
+from .errors import F3ExportError, RecipeError, activity
+from .export import ContractTerms, export_onnx
 from .models import get_adapter
-from .models.base import ModelBundle, VideoShape
+from .models.base import ModelBundle, VideoShape, unmatched_pattern
 from .prune import PruningPlan, apply_plan, load_pruned, make_plan, parameter_count, save_pruned
 from .recipe import Recipe
+from .roots import confine
 from .report import console, gates_table, table
 from .validate import (Gate, compare_engine, export_gates, gates_json, golden_samples, pruning_fidelity,
                        pruning_gates, save_goldens)
-
-MODEL_VARIANTS = ("original", "pruned")
 
 
 def library_versions() -> dict[str, str]:
     import onnxruntime
 
     return {"f3export": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "diffusers": diffusers.__version__, "onnx": onnx.__version__,
+            "diffusers": diffusers.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
             "onnx_graphsurgeon": onnx_graphsurgeon.__version__, "onnxruntime": onnxruntime.__version__}
 
 
@@ -80,10 +81,63 @@ class Build:
         # Every backend asked for is set up now, so one that cannot run here fails before any work.
         self.backends = [make_backend(name, recipe, self.root) for name in recipe.engine.selected]
         self.result = BuildResult(self.root)
+        if recipe.model.path is not None:  # before any file of the folder is read, hashed or loaded
+            folder = Path(recipe.model.path)
+            for file in self.adapter.weights_files(folder) + self.adapter.sampling_files(folder):
+                confine(file, f"{recipe.source.name}: [model].path's {file.relative_to(folder)}")
         fixed = sorted(set(recipe.export.dynamic_axes) & set(self.adapter.fixed_axes))
         if fixed:
             raise RecipeError(f"{recipe.source.name}: [export].dynamic_axes: {recipe.model.family} models cannot "
                               f"export {', '.join(map(repr, fixed))} as dynamic")
+        self.validated_shapes = validated_shapes(recipe)
+        self._check_shapes()
+        self._check_model_fits()
+
+    @cached_property
+    def skeleton(self) -> torch.nn.Module:
+        """The network on the meta device (its config, no weights), refused if its weights alone cannot fit."""
+        m = self.recipe.model
+        try:
+            return self.adapter.fitting_skeleton(m.preset, m.path)
+        except RecipeError as exc:
+            raise RecipeError(f"{self.recipe.source.name}: {exc}") from None
+
+    def _check_shapes(self) -> None:
+        """Refuse, before any stage, a shape the model cannot run: the export shape or either end of a
+        validated range (checked on the network's skeleton: its config, no weights)."""
+        recipe = self.recipe
+        export = recipe.export_shape
+        for shape in self.validated_shapes:
+            problem = self.adapter.shape_error(self.skeleton, VideoShape.of_axes(shape))
+            if problem:
+                keys = [f"profile_{axis} = {getattr(recipe.engine, f'profile_{axis}')}"
+                        for axis in shape if shape[axis] != export[axis]]
+                where = f"[engine].{', '.join(keys)}: at the range's end, " if keys else "[model]."
+                raise RecipeError(f"{recipe.source.name}: {where}{problem}")
+
+    def _check_model_fits(self) -> None:
+        """Refuse, before any stage, a pattern key that matches no module of the network, and a shape whose
+        forward cannot fit in memory (sized on the skeleton at the largest shape the build runs)."""
+        recipe, skeleton = self.recipe, self.skeleton
+        modules = [site.attention for site in self.adapter.temporal_sites(skeleton)]
+        problem = self.adapter.options_error(skeleton) or unmatched_pattern(
+            "[pruning].keep", recipe.pruning.keep, modules, "temporal module")
+        if problem:
+            raise RecipeError(f"{recipe.source.name}: {problem}")
+        export = recipe.export_shape
+        runs = {**export, "batch": self.adapter.run_batch}  # how calibration and validation call it
+        shape = max([*self.validated_shapes, runs], key=lambda s: math.prod(s.values()))
+        problem = self.adapter.memory_error(skeleton, VideoShape.of_axes(shape), shape["batch"])
+        if problem:
+            size = f"{shape['frames']}x{shape['height']}x{shape['width']}"
+            if shape == export:
+                where = f"[model].frames x latent_height x latent_width = {size} at [export].batch = {shape['batch']}"
+            elif shape == runs:
+                where = f"[model].frames x latent_height x latent_width = {size} at batch {shape['batch']} " \
+                        "(calibration and validation runs)"
+            else:
+                where = f"[engine].profile_* maximum frames x height x width = {size} at batch {shape['batch']}"
+            raise RecipeError(f"{recipe.source.name}: {where} {problem}")
 
     # -- inputs, loaded lazily ------------------------------------------------------------------------
     @cached_property
@@ -96,9 +150,6 @@ class Build:
                 raise RecipeError(f"{self.recipe.source.name}: {exc}") from None
         else:
             bundle = self.adapter.load_folder(Path(model.path))
-        problem = self.adapter.shape_error(bundle.model, self.shape)
-        if problem:
-            raise RecipeError(f"{self.recipe.source.name}: [model].{problem}")
         if bundle.random_weights:
             console.print(f"[bold yellow]note:[/] {self.recipe.model.family} {bundle.description}: "
                           "RANDOM weights, so scores and fidelity say nothing about a trained model. "
@@ -107,8 +158,25 @@ class Build:
 
     @cached_property
     def model_key(self) -> str:
+        """The network (config and weights): every stage that loads it keys on this."""
         m = self.recipe.model
         return self.adapter.weights_digest(m.preset, m.path, m.seed)
+
+    @cached_property
+    def sampling_key(self) -> str:
+        """The model folder's other files the sampling loop reads (scheduler, tokenizer, text encoder)."""
+        return self.adapter.sampling_digest(self.recipe.model.path)
+
+    def trajectory_inputs(self, section: str) -> list[Any]:
+        """What a stage running trajectories reads besides the network: its recipe section, the sampling
+        files and the content of its token file (the path alone would miss an overwritten file)."""
+        tokens = getattr(self.recipe, section).tokens
+        return [self.recipe.section(section), self.sampling_key, sha256_file(Path(tokens)) if tokens else None]
+
+    @property
+    def contract_ranges(self) -> dict[str, list[int]]:
+        """The [min, max] every engine is validated over, per axis (the contract records those of its dynamic axes)."""
+        return {axis: [r.min, r.max] for axis, r in profile_ranges(self.recipe).items()}
 
     @cached_property
     def pruned_model(self) -> torch.nn.Module:
@@ -125,7 +193,8 @@ class Build:
             self.bundle  # load (and check) the model before the stage announces itself
         start = time.perf_counter()
         console.print(f"[bold]{name}[/] ...", highlight=False)
-        files, data = run()
+        with activity(f"stage {name}", self.root):
+            files, data = run()
         seconds = time.perf_counter() - start
         record = self.manifest.complete(name, key, files, data, seconds)
         self.result.outcomes.append(StageOutcome(name, False, seconds, record))
@@ -160,15 +229,17 @@ class Build:
 
     def _export(self) -> tuple[list[Path], dict[str, Any]]:
         section = self.recipe.export
+        terms = ContractTerms(self.recipe.model.family, self.contract_ranges, self.adapter.conventions(self.bundle))
         files, data = [], {}
         for variant, model in self._models():
             spec = self.adapter.export_spec(model, self.shape, section.batch, section.dynamic_axes)
             info = export_onnx(model, spec, self.root / "onnx" / f"{variant}.onnx", section.opset,
-                               section.external_data)
+                               section.external_data, terms)
             files += info.files
             data[variant] = {"path": str(info.path.relative_to(self.root)), "parameters": info.parameters,
                              "bytes": info.bytes_on_disk, "external_data": info.external_data, "nodes": info.nodes}
         data["parameters_removed"] = data["original"]["parameters"] - data["pruned"]["parameters"]
+        data["contract"] = info.contract  # the same for both: pruning keeps every input and output
         return files, data
 
     def _engine(self, export: StageRecord) -> tuple[list[Path], dict[str, Any]]:
@@ -188,7 +259,7 @@ class Build:
         backends = {b.name: b for b in self.backends}
         files, metrics, gates = [], {}, []
         for variant, model in self._models():
-            samples = golden_samples(self.adapter, model, self.shape, self.recipe.export, section)
+            samples = golden_samples(self.adapter, model, self.validated_shapes, section)
             golden_path = self.root / "goldens" / f"{variant}.npz"
             save_goldens(golden_path, samples)
             files.append(golden_path)
@@ -203,24 +274,31 @@ class Build:
         metrics["pruning"] = fidelity.to_json()
         gates += pruning_gates(self.adapter, fidelity, section)
         report = self.root / "validation.json"
-        summary = {"metrics": metrics, "gates": gates_json(gates), "passed": all(g.passed for g in gates)}
+        summary = {"shapes": self.validated_shapes, "metrics": metrics, "gates": gates_json(gates),
+                   "passed": all(g.passed for g in gates)}
         write_json(report, summary)
         files.append(report)
         return files, summary
 
     # -- orchestration --------------------------------------------------------------------------------
     def run(self) -> BuildResult:
-        self.root.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(self.root / ".lock"))
+        with activity(f"preparing the artifact folder {self.root}"):
+            self.root.mkdir(parents=True, exist_ok=True)
+            lock_path = self.root / ".lock"
+            if lock_path.is_symlink() or lock_path.exists() and not lock_path.is_file():
+                raise F3ExportError(f"{lock_path}: not a plain file (a symlink or folder); refusing to lock "
+                                    "through it. Remove it and build again")
+            lock = FileLock(str(lock_path))
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                raise F3ExportError(f"{self.root}: another f3export build holds {lock_path}; "
+                                    "wait for it to finish") from None
         try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            raise F3ExportError(f"{self.root}: another f3export build holds {self.root / '.lock'}; "
-                                "wait for it to finish") from None
-        try:
-            self._remove_partial_files()
-            self.manifest = Manifest(self.root)
-            return self._run_locked()
+            with activity(f"building {self.root}"):
+                self._remove_partial_files()
+                self.manifest = Manifest(self.root)
+                return self._run_locked()
         finally:
             lock.release()
 
@@ -240,21 +318,23 @@ class Build:
         # Each key hashes the stage's own settings and the content of the files it reads, so a stage
         # reruns exactly when something it consumes changed.
         calibrate = self._run_stage("calibrate", content_key(
-            "calibrate", self.model_key, r.section("calibration"), shape, v["torch"], v["diffusers"],
-            v["f3export"]), self._calibrate)
+            "calibrate", self.model_key, *self.trajectory_inputs("calibration"), shape, v["torch"], v["diffusers"],
+            v["transformers"], v["f3export"]), self._calibrate)
         plan = self._run_stage("plan", content_key("plan", calibrate.files, r.section("pruning"), v["f3export"]),
                                self._plan, needs_model=False)
         prune = self._run_stage("prune", content_key("prune", plan.files, self.model_key, v["torch"],
                                                      v["f3export"]), self._prune)
         export = self._run_stage("export", content_key(
-            "export", prune.files, self.model_key, r.section("export"), shape, v["torch"], v["onnx"],
-            v["onnx_graphsurgeon"], v["f3export"]), self._export)
+            "export", prune.files, self.model_key, r.section("export"), shape, self.contract_ranges,
+            self.adapter.conventions_digest(r.model.path), v["torch"], v["onnx"], v["onnx_graphsurgeon"],
+            v["diffusers"], v["f3export"]), self._export)
         backend_versions = [b.versions() for b in self.backends]
         engine = self._run_stage("engine", content_key("engine", export.files, r.section("engine"), backend_versions),
                                  lambda: self._engine(export), needs_model=False)
         validate = self._run_stage("validate", content_key(
-            "validate", engine.files, prune.files, self.model_key, r.section("validation"), shape, v["torch"],
-            v["diffusers"], backend_versions, v["f3export"]), lambda: self._validate(engine))
+            "validate", engine.files, prune.files, self.model_key, *self.trajectory_inputs("validation"), shape,
+            self.validated_shapes, v["torch"], v["diffusers"], v["transformers"], backend_versions, v["f3export"]),
+            lambda: self._validate(engine))
 
         self.result.gates = [Gate(**{k: g[k] for k in ("metric", "value", "limit", "kind")})
                              for g in validate.data["gates"]]
@@ -270,6 +350,7 @@ class Build:
                 "onnx_removed_equals_torch_removed":
                     export.data["parameters_removed"] == prune.data["parameters_removed"],
             },
+            "contract": export.data["contract"],
             "engines": {name: {"backend": entry["backend"], "path": entry["path"],
                                "goldens": f"goldens/{entry['variant']}.npz", "good": self.result.passed}
                         for name, entry in engine.data.items()},

@@ -46,18 +46,21 @@ class Scores:
     modules: dict[str, ModuleScores]
     timesteps: list[int]
     samples: int
+    note: str | None = None  # the family's ``calibration_note``
 
     def to_json(self) -> dict[str, Any]:
         return {
             "criteria": list(CRITERIA),
             "samples": self.samples,
             "timesteps": self.timesteps,
+            **({"note": self.note} if self.note else {}),
             "modules": {name: vars(m) for name, m in self.modules.items()},
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Scores":
-        return cls({n: ModuleScores(**m) for n, m in data["modules"].items()}, data["timesteps"], data["samples"])
+        return cls({n: ModuleScores(**m) for n, m in data["modules"].items()}, data["timesteps"], data["samples"],
+                   data.get("note"))
 
 
 class TemporalStatsRecorder:
@@ -104,14 +107,15 @@ class TemporalStatsRecorder:
             residual_norm = self._residual_norm.pop(site.attention, None)
             if residual_norm is None:
                 residual_norm = hidden_states.detach().norm(dim=-1)
-            contribution, mixing, tokens = site.access(attn).statistics(hidden_states.detach(), residual_norm)
+            contribution, mixing, tokens = site.access(attn).statistics(hidden_states.detach(), residual_norm,
+                                                                        *args[1:])
             sums = self.sums[site.attention]
             sums["contribution"][self.step] += contribution
             sums["mixing"][self.step] += mixing
             sums["tokens"][self.step] += tokens
         return hook
 
-    def scores(self, timesteps: list[int], samples: int) -> Scores:
+    def scores(self, timesteps: list[int], samples: int, note: str | None = None) -> Scores:
         modules = {}
         for site in self.sites:
             heads = site.heads_of(self.model)
@@ -122,7 +126,7 @@ class TemporalStatsRecorder:
                        for c in ("contribution", "mixing")}
             overall["magnitude"] = heads.magnitude()
             modules[site.attention] = ModuleScores(heads.heads, heads.head_dim, overall, per_step)
-        return Scores(modules, timesteps, samples)
+        return Scores(modules, timesteps, samples, note)
 
 
 def calibrate(adapter: ModelAdapter, bundle: ModelBundle, shape: VideoShape, section: CalibrationSection) -> Scores:
@@ -143,4 +147,4 @@ def calibrate(adapter: ModelAdapter, bundle: ModelBundle, shape: VideoShape, sec
         for run in runs:
             timesteps = adapter.trajectory(bundle, model, run, shape, section.steps, section.guidance_scale,
                                            on_step).timesteps
-    return recorder.scores(timesteps, len(runs))
+    return recorder.scores(timesteps, len(runs), adapter.calibration_note)

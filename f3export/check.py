@@ -1,51 +1,79 @@
 """``f3export check``: re-verify a finished build, for CI and after deployment.
 
-Every file the manifest lists must hash as recorded, then every engine is run
-on its stored golden inputs and held to the build's export-fidelity gates
-against the stored PyTorch outputs.
+What it proves: the folder holds a build that finished and passed; every file
+any stage recorded hashes as recorded; the engines are exactly the ones the
+recipe asks for; every recorded validation gate still holds against its
+limit; and each engine, re-run on its stored golden inputs, still meets the
+export-fidelity gates against the stored PyTorch outputs.
+
+What it cannot prove on its own: the manifest vouches for itself, so a folder
+whose engine, goldens and hashes were all replaced consistently passes. An
+external digest of ``manifest.json`` (``--expect-sha256``), kept where the
+folder's writer cannot change it, closes that.
 """
 
 from __future__ import annotations
 
+import json
+import zipfile
 from pathlib import Path
 
-from .artifacts import MANIFEST, Manifest, sha256_file
+from .artifacts import VALIDATION_REPORT, FinishedBuild, open_build
 from .engines import make_backend
-from .errors import CheckError
-from .recipe import Recipe
-from .validate import Gate, compare_engine, export_gates, load_goldens
+from .errors import CheckError, EngineError
+from .validate import Gate, Golden, compare_engine, export_gates, load_goldens
+
+NUMERIC_KINDS = "biuf"  # bool, int, unsigned, float: what an engine's inputs and outputs hold
 
 
-def verify_files(manifest: Manifest) -> int:
-    """Check every recorded file's SHA-256; returns how many were checked."""
-    checked = 0
-    for stage, record in manifest.doc["stages"].items():
-        for rel, digest in record["files"].items():
-            path = manifest.root / rel
-            if not path.is_file():
-                raise CheckError(f"{path}: missing (recorded by stage '{stage}')")
-            if sha256_file(path) != digest:
-                raise CheckError(f"{path}: content changed since the build (sha256 mismatch; rebuild it)")
-            checked += 1
-    return checked
+def read_goldens(path: Path) -> list[Golden]:
+    """Goldens from an untrusted folder: a numeric, non-empty npz of ``<i>/input|expected/<name>``, no pickles."""
+    try:
+        samples = load_goldens(path)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckError(f"{path}: malformed goldens ({reason})") from None
+    if not samples:
+        raise CheckError(f"{path}: no golden samples")
+    for i, (inputs, expected) in enumerate(samples):
+        if not inputs or not expected:
+            raise CheckError(f"{path}: sample {i} lacks {'inputs' if not inputs else 'expected outputs'}")
+        for name, array in {**inputs, **expected}.items():
+            if array.dtype.kind not in NUMERIC_KINDS or array.size == 0:
+                raise CheckError(f"{path}: sample {i} array {name!r} is {array.dtype} {list(array.shape)}, "
+                                 "expected a non-empty numeric array")
+    return samples
 
 
-def open_build(root: Path) -> tuple[Manifest, Recipe]:
-    """The manifest of a finished build and the recipe it was built from (for check, bench and runtime)."""
-    if not (root / MANIFEST).is_file():
-        raise CheckError(f"{root}: no {MANIFEST} (not an f3export artifact folder, or the build never finished)")
-    manifest = Manifest(root)
-    if manifest.doc.get("status") not in ("passed", "failed") or "engines" not in manifest.doc:
-        raise CheckError(f"{root / MANIFEST}: the build did not finish; run f3export build again")
-    return manifest, Recipe.from_dict(Path(manifest.doc["recipe_file"]), manifest.doc["recipe"])
+def recorded_gates(build: FinishedBuild) -> list[Gate]:
+    """The gates validation recorded, re-evaluated from value and limit (a 'passed' flag is not trusted)."""
+    path = build.path(VALIDATION_REPORT, "validation report")
+    try:
+        raw = json.loads(path.read_text())["gates"]
+        gates = [Gate(str(g["metric"]), float(g["value"]), float(g["limit"]), g["kind"]) for g in raw]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckError(f"{path}: malformed validation report ({type(exc).__name__}: {exc})") from None
+    if not gates or any(g.kind not in ("max", "min") for g in gates):
+        raise CheckError(f"{path}: malformed validation report (no gates, or a gate kind not 'max'/'min')")
+    for name in build.engines:
+        if not any(g.metric.startswith(f"export.{name}.") for g in gates):
+            raise CheckError(f"{path}: no export gate for engine {name!r}")
+    return [Gate(f"recorded.{g.metric}", g.value, g.limit, g.kind) for g in gates]
 
 
-def check_artifacts(root: Path) -> tuple[int, list[Gate]]:
-    manifest, recipe = open_build(root)
-    checked = verify_files(manifest)
-    gates: list[Gate] = []
-    for name, entry in manifest.doc["engines"].items():
-        backend = make_backend(entry["backend"], recipe, root)
-        worst = compare_engine(backend.load(root / entry["path"]), load_goldens(root / entry["goldens"]))
-        gates += export_gates(worst, recipe.validation, backend.precision, f"check.{name}")
+def check_artifacts(root: Path, expect_sha256: str | None = None) -> tuple[int, list[Gate]]:
+    build = open_build(root, expect_sha256)
+    checked = build.verify_files()
+    gates = recorded_gates(build)
+    for name, entry in build.engines.items():
+        backend = make_backend(entry.backend, build.recipe, root)
+        samples = read_goldens(entry.goldens)
+        engine = backend.load(entry.path)
+        try:
+            worst = compare_engine(engine, samples)
+        except EngineError as exc:
+            raise CheckError(f"{entry.goldens}: the engine refused the golden inputs ({exc})") from None
+        gates += export_gates(worst, build.recipe.validation, backend.precision, f"check.{name}")
+    if not gates:
+        raise CheckError(f"{root}: nothing to check")
     return checked, gates

@@ -9,31 +9,72 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import F3ExportError
+from .errors import F3ExportError, activity_of
+
+EXIT_ENVIRONMENT = 2
+EXIT_INTERNAL = 3
 from .report import console, gates_table, table
 
 
+def _environment_error(exc: BaseException) -> str | None:
+    """One line for an error of the machine or its files (not of f3export), or None for a bug."""
+    doing = activity_of(exc)
+    while_doing = f" (while {doing})" if doing else ""
+    if isinstance(exc, OSError):
+        where = exc.filename if exc.filename is not None else "file system"
+        other = f" -> {exc.filename2}" if getattr(exc, "filename2", None) else ""
+        reason = exc.strerror or type(exc).__name__
+        return f"{where}{other}: {reason}{while_doing}"
+    if isinstance(exc, ValueError) and "null byte" in str(exc):
+        return f"a path contains a NUL byte{while_doing}"
+    if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "allocate memory" in str(exc)):
+        return f"out of memory{while_doing}: reduce the shape, batch or model size"
+    return None
+
+
 def user_errors(command):
-    """Turn expected errors into one line on stderr and the error's exit code, without a traceback."""
+    """Every error as one line on stderr and its exit code (see errors.py); ``--debug`` keeps the traceback."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except F3ExportError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted: finished stages are kept, the rest reruns next time", err=True)
             sys.exit(130)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            if _debug():
+                raise
+            if isinstance(exc, F3ExportError):
+                message, code = str(exc), exc.exit_code
+            elif (line := _environment_error(exc)) is not None:
+                message, code = line, EXIT_ENVIRONMENT
+            else:
+                first = " ".join(str(exc).split())[:300]
+                message = (f"internal error: {type(exc).__name__}: {first} (rerun with --debug for the traceback, "
+                           "and please report it)")
+                code = EXIT_INTERNAL
+            click.echo(f"error: {' '.join(message.splitlines())}", err=True)
+            sys.exit(code)
 
     return wrapper
 
 
+def _debug() -> bool:
+    context = click.get_current_context(silent=True)
+    return bool(context and context.find_root().params.get("debug"))
+
+
 @click.group()
 @click.version_option(__version__, prog_name="f3export")
-def main() -> None:
-    """F3-Pruning of temporal attention in text-to-video models, exported to validated engines."""
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error (for bug reports).")
+def main(debug: bool) -> None:
+    """F3-Pruning of temporal attention in text-to-video models, exported to validated engines.
+
+    Exit codes: 0 success, 1 a validation gate or check failed, 2 bad input or environment, 3 internal error.
+    """
 
 
 @main.command()
@@ -103,15 +144,19 @@ def bench(artifact_dir: Path, runs: int, warmup: int, ratios: str) -> None:
 
 @main.command()
 @click.argument("artifact_dir", type=click.Path(path_type=Path))
+@click.option("--expect-sha256", metavar="DIGEST", help="SHA-256 of manifest.json as recorded outside the folder "
+              "(closes what a self-describing manifest cannot prove: a consistent replacement of engines, "
+              "goldens and hashes).")
 @user_errors
-def check(artifact_dir: Path) -> None:
-    """Re-run the engines of a build on its goldens; fail on any change or drift."""
+def check(artifact_dir: Path, expect_sha256: str | None) -> None:
+    """Re-verify a finished build: hashes, engines on their goldens, recorded gates; exit 1 on any failure."""
     from .check import check_artifacts
 
-    checked, gates = check_artifacts(artifact_dir)
+    checked, gates = check_artifacts(artifact_dir, expect_sha256)
     console.print(gates_table(f"check {artifact_dir}", gates))
     failed = [g.metric for g in gates if not g.passed]
     if failed:
-        click.echo(f"error: {artifact_dir}: engine output drifted from the goldens ({', '.join(failed)})", err=True)
+        click.echo(f"error: {artifact_dir}: {len(failed)} of {len(gates)} gates failed ({', '.join(failed)})",
+                   err=True)
         sys.exit(1)
     console.print(f"{checked} files verified, {len(gates)} gates passed", highlight=False)

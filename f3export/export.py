@@ -5,7 +5,9 @@ writes the raw graph; onnx-graphsurgeon then cleans it up, folds constants
 and sorts it topologically, which also drops nodes that pruning left dead;
 ONNX shape inference and ``onnx.checker`` (by path, so external data is
 checked too) gate the result. Models whose weights exceed 2 GiB, the protobuf
-limit, are saved with external data automatically.
+limit, are saved with external data automatically. Every input and output
+carries real dims (sizes, or the recipe's axis names where dynamic) and the
+file carries the engine's contract (``contract``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -23,6 +26,7 @@ import onnxruntime
 import torch
 from torch import nn
 
+from .contract import engine_contract, name_axes, write_contract
 from .errors import RecipeError
 from .models.base import ExportSpec
 
@@ -38,6 +42,7 @@ class OnnxInfo:
     bytes_on_disk: int
     external_data: bool
     nodes: int
+    contract: dict[str, Any] | None  # as written into the file's metadata_props
 
 
 def onnx_parameter_count(model: onnx.ModelProto) -> int:
@@ -58,19 +63,50 @@ def _surgery(model: onnx.ModelProto) -> onnx.ModelProto:
     return gs.export_onnx(graph)
 
 
-def export_onnx(model: nn.Module, spec: ExportSpec, path: Path, opset: int, external_data: str) -> OnnxInfo:
-    """Export to ``path`` (and ``path.data`` when external); nothing appears there unless every step passed."""
+@dataclass(frozen=True)
+class ContractTerms:
+    """What the build adds to a graph's own inputs and outputs in its contract (see ``contract``)."""
+
+    family: str
+    ranges: dict[str, list[int]]  # validated [min, max] of each dynamic axis name
+    conventions: dict[str, Any]
+
+
+def _output_shapes(outputs: Any, names: list[str]) -> dict[str, tuple[int, ...]]:
+    tensors = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    return {name: tuple(int(d) for d in t.shape) for name, t in zip(names, tensors)}
+
+
+def export_onnx(model: nn.Module, spec: ExportSpec, path: Path, opset: int, external_data: str,
+                terms: ContractTerms | None = None) -> OnnxInfo:
+    """Export to ``path`` (and ``path.data`` when external); nothing appears there unless every step passed.
+
+    Every input and output gets real dims (static sizes, the spec's axis names where dynamic); with
+    ``terms``, the engine's contract is written into the file's metadata_props.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data_name = path.name + ".data"
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.tmp-") as tmp_dir:
         raw = Path(tmp_dir) / "raw.onnx"
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # tracer warnings about Python values in shapes are expected
-            torch.onnx.export(model, tuple(spec.inputs.values()), str(raw), input_names=list(spec.inputs),
-                              output_names=spec.output_names, dynamic_axes=spec.dynamic_axes,
-                              opset_version=opset, dynamo=False, do_constant_folding=True)
+        shapes = {name: tuple(t.shape) for name, t in spec.inputs.items()}
+        # The traced call's output sizes, for the output axes the exporter leaves unnamed.
+        hook = model.register_forward_hook(
+            lambda _module, _args, outputs: shapes.update(_output_shapes(outputs, spec.output_names)))
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")  # tracer warnings about Python values in shapes are expected
+                torch.onnx.export(model, tuple(spec.inputs.values()), str(raw), input_names=list(spec.inputs),
+                                  output_names=spec.output_names, dynamic_axes=spec.dynamic_axes,
+                                  opset_version=opset, dynamo=False, do_constant_folding=True)
+        finally:
+            hook.remove()
         graph = _surgery(onnx.load(str(raw), load_external_data=True))
+        name_axes(graph, shapes, spec.dynamic_axes)
+        contract = None
+        if terms is not None:
+            contract = engine_contract(graph, terms.family, terms.ranges, terms.conventions)
+            write_contract(graph, contract)
         weight_bytes = sum(t.ByteSize() for t in graph.graph.initializer)
         external = external_data == "always" or (external_data == "auto" and weight_bytes > PROTOBUF_LIMIT * 0.9)
         if external_data == "never" and weight_bytes > PROTOBUF_LIMIT * 0.9:
@@ -96,4 +132,4 @@ def export_onnx(model: nn.Module, spec: ExportSpec, path: Path, opset: int, exte
             stale.unlink()
         os.replace(staged, path)
     files = [path] + ([path.parent / data_name] if external else [])
-    return OnnxInfo(path, files, parameters, sum(f.stat().st_size for f in files), external, nodes)
+    return OnnxInfo(path, files, parameters, sum(f.stat().st_size for f in files), external, nodes, contract)

@@ -8,22 +8,31 @@ file and the key (``tav.toml: [pruning].ratio = 1.5 is out of range [0, 1]``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import sys
 import tomllib
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from .errors import RecipeError
+from .roots import confine
 
 DYNAMIC_AXES = ("batch", "frames", "height", "width")
 CUSTOM_MODEL_KEYS = ("class_name", "temporal_modules", "text_per_frame")  # [model] keys of family "diffusers"
 
 
 def spec(default: Any = dataclasses.MISSING, *, low: float | None = None, high: float | None = None,
-         choices: tuple | None = None, nonempty: bool = False, doc: str = "") -> Any:
-    """A recipe key: its default and the checks a value must pass."""
-    meta = {"low": low, "high": high, "choices": choices, "nonempty": nonempty, "doc": doc}
+         choices: tuple | None = None, nonempty: bool = False, path: bool = False,
+         read_by: tuple[str, ...] | None = None, doc: str = "") -> Any:
+    """A recipe key: its default and the checks a value must pass.
+
+    ``path``: a file system path; ``read_by``: the engine backends that read the key (None: all of them).
+    """
+    meta = {"low": low, "high": high, "choices": choices, "nonempty": nonempty, "path": path, "read_by": read_by,
+            "doc": doc}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -33,7 +42,7 @@ def spec(default: Any = dataclasses.MISSING, *, low: float | None = None, high: 
 class ModelSection:
     family: str = spec(doc="model family, e.g. 'tune-a-video'")
     preset: str | None = spec(None, doc="built-in config with seeded random weights")
-    path: str | None = spec(None, doc="local model folder (diffusers layout)")
+    path: str | None = spec(None, path=True, doc="local model folder (diffusers layout)")
     seed: int = spec(0, low=0, doc="seed of a preset's random weights")
     frames: int = spec(8, low=1, high=1024)
     latent_height: int = spec(32, low=8, high=512)
@@ -57,7 +66,7 @@ class CalibrationSection:
     seeds: list[int] = spec([0], nonempty=True)
     steps: int = spec(10, low=1, high=1000)
     guidance_scale: float = spec(7.5, low=0.0)
-    tokens: str | None = spec(None, doc=TOKENS_DOC + "; replaces prompts x seeds")
+    tokens: str | None = spec(None, path=True, doc=TOKENS_DOC + "; replaces prompts x seeds")
 
 
 @dataclass(frozen=True)
@@ -84,13 +93,14 @@ BACKENDS = ("onnxruntime", "tensorrt")
 class EngineSection:
     backend: str | None = spec(None, choices=BACKENDS, doc="one engine backend")
     backends: list[str] = spec([], choices=BACKENDS, doc="several engine backends")
-    # ONNX Runtime
-    device: str = spec("cpu", choices=("cpu", "cuda", "auto"))
-    optimization_level: str = spec("extended", choices=("disabled", "basic", "extended", "all"))
-    # TensorRT
-    precision: str = spec("fp16", choices=("fp32", "fp16", "bf16"))
-    builder_optimization_level: int = spec(3, low=0, high=5)
-    fp32_norms: bool = spec(True, doc="keep normalisation, softmax and reductions in fp32 (fp16/bf16 overflow)")
+    device: str = spec("cpu", choices=("cpu", "cuda", "auto"), read_by=("onnxruntime",))
+    optimization_level: str = spec("extended", choices=("disabled", "basic", "extended", "all"),
+                                   read_by=("onnxruntime",))
+    precision: str = spec("fp16", choices=("fp32", "fp16", "bf16"), read_by=("tensorrt",))
+    builder_optimization_level: int = spec(3, low=0, high=5, read_by=("tensorrt",))
+    fp32_norms: bool = spec(True, read_by=("tensorrt",),
+                            doc="keep normalisation, softmax and reductions in fp32 (fp16/bf16 overflow)")
+    # Every backend's validated range (TensorRT: also its optimization profile).
     profile_batch: list[int] = spec([], low=1, doc="[min, opt, max]; default: the export shape, static")
     profile_frames: list[int] = spec([], low=1)
     profile_height: list[int] = spec([], low=1, doc="latent height")
@@ -107,7 +117,7 @@ class ValidationSection:
     seeds: list[int] = spec([1000], nonempty=True)
     steps: int = spec(10, low=1, high=1000)
     guidance_scale: float = spec(7.5, low=0.0)
-    tokens: str | None = spec(None, doc=TOKENS_DOC + "; held out from calibration")
+    tokens: str | None = spec(None, path=True, doc=TOKENS_DOC + "; held out from calibration")
     export_samples: int = spec(2, low=1, high=64, doc="fresh random inputs for export fidelity")
     export_max_rel_l2: float = spec(1e-4, low=0.0, doc="fp32 engines")
     export_min_cosine: float = spec(0.9999, low=-1.0, high=1.0)
@@ -122,7 +132,7 @@ class ValidationSection:
 @dataclass(frozen=True)
 class OutputSection:
     name: str | None = spec(None, doc="artifact folder name; default: the recipe file's stem")
-    dir: str = spec("artifacts")
+    dir: str = spec("artifacts", path=True)
 
 
 SECTIONS: dict[str, type] = {
@@ -155,6 +165,12 @@ class Recipe:
     def artifact_dir(self) -> Path:
         return Path(self.output.dir) / self.name
 
+    @property
+    def export_shape(self) -> dict[str, int]:
+        """The size of every axis in DYNAMIC_AXES that the graph is traced (and first validated) at."""
+        m = self.model
+        return {"batch": self.export.batch, "frames": m.frames, "height": m.latent_height, "width": m.latent_width}
+
     def section(self, name: str) -> dict[str, Any]:
         return dataclasses.asdict(getattr(self, name))
 
@@ -163,12 +179,19 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, source: Path, data: dict[str, Any]) -> "Recipe":
-        """A recipe as stored in a manifest (already validated when it was built)."""
-        try:
-            return cls(source=source, **{name: SECTIONS[name](**data[name]) for name in SECTIONS})
-        except (KeyError, TypeError) as exc:
-            raise RecipeError(f"{source}: the manifest's recipe does not match this f3export version ({exc}); "
-                              "rebuild with f3export build") from None
+        """A recipe as stored in a manifest: read from an untrusted folder, so checked like a recipe file."""
+        where = f"{source.name} (as stored in the manifest)"
+        for name in data:
+            if name not in SECTIONS:
+                raise RecipeError(f"{where}: unknown section [{name}]")
+        sections = {}
+        for name, section in SECTIONS.items():
+            raw = data.get(name)
+            if not isinstance(raw, dict):
+                raise RecipeError(f"{where}: [{name}] missing or not a table")
+            stored = {k: v for k, v in raw.items() if v is not None}  # None is how an unset optional key is stored
+            sections[name] = _build_section(section, stored, f"{where}: [{name}]")
+        return cls(source=source, **sections)
 
 
 def _type_name(tp: Any) -> str:
@@ -177,9 +200,11 @@ def _type_name(tp: Any) -> str:
 
 def _check_scalar(value: Any, tp: type, where: str) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value) if abs(value) <= sys.float_info.max else math.inf
     if tp is int and isinstance(value, bool) or not isinstance(value, tp):
         raise RecipeError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if tp is float and not math.isfinite(value):  # TOML has nan and inf; no key means either
+        raise RecipeError(f"{where} = {value!r} is not a finite number")
     return value
 
 
@@ -207,6 +232,9 @@ def _check_value(value: Any, tp: Any, meta: dict[str, Any], where: str) -> Any:
             raise RecipeError(f"{where} = {item!r} is out of range {bounds}")
         if isinstance(item, str) and meta["nonempty"] and not item.strip():
             raise RecipeError(f"{where}: must not be an empty string")
+        problem = meta["path"] and path_problem(item)
+        if problem:
+            raise RecipeError(f"{where} = {_shown(item)} is not a usable path ({problem})")
     return value
 
 
@@ -270,28 +298,84 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if (model.preset is None) == (model.path is None):
         raise RecipeError(f"{path.name}: [model] needs exactly one of 'preset' or 'path'")
     recipe = Recipe(source=path, **sections)
-    name = recipe.name
-    if not name or name in (".", "..") or "/" in name or "\\" in name:
-        raise RecipeError(f"{path.name}: [output].name = {name!r} must be a plain folder name (no path separators)")
+    problem = file_name_problem(recipe.name)
+    if problem:
+        raise RecipeError(f"{path.name}: [output].name = {_shown(recipe.name)} is not a usable folder name "
+                          f"({problem})")
+    problem = path_problem(str(recipe.artifact_dir))
+    if problem:
+        raise RecipeError(f"{path.name}: [output].dir/name = {_shown(str(recipe.artifact_dir))} is not a usable "
+                          f"path ({problem})")
     _check_model_family(recipe)
     _check_engine(recipe)
+    _check_backend_keys(recipe, set(raw.get("engine", {})))
     _check_allowed_roots(recipe)
     return recipe
 
 
-ALLOWED_ROOTS_ENV = "F3EXPORT_ALLOWED_ROOTS"
+NAME_MAX_BYTES = 255  # the longest file name Linux, macOS and Windows file systems take
+PATH_MAX_BYTES = 4095  # the longest path Linux takes (PATH_MAX less the terminating NUL)
+
+
+def _shown(text: str, limit: int = 80) -> str:
+    """repr of a value for an error line, shortened: a 5000-byte path would bury the message."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def path_problem(path: str) -> str | None:
+    """Why ``path`` cannot name a file on this system, or None (whether it exists is checked later)."""
+    if "\0" in path:
+        return "it contains a NUL byte"
+    for part in Path(path).parts:
+        size = len(part.encode("utf-8", "surrogatepass"))
+        if size > NAME_MAX_BYTES:
+            return f"the component {_shown(part, 20)} is {size} bytes in UTF-8, more than {NAME_MAX_BYTES}"
+    size = len(os.fsencode(Path(path).absolute()))
+    if size > PATH_MAX_BYTES:
+        return f"{size} bytes once made absolute, more than {PATH_MAX_BYTES}"
+    return None
+
+
+def file_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be one folder's name on every common file system, or None."""
+    if name in ("", ".", ".."):
+        return "empty, '.' or '..'"
+    if "\0" in name:
+        return "it contains a NUL byte"
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        return "it contains a control character"
+    if "/" in name or "\\" in name:
+        return "it contains a path separator"
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > NAME_MAX_BYTES:
+        return f"{size} bytes in UTF-8, more than {NAME_MAX_BYTES}"
+    return None
 
 
 def _check_allowed_roots(recipe: Recipe) -> None:
-    """With F3EXPORT_ALLOWED_ROOTS set (folders, os.pathsep-separated), as on a shared build server,
-    a recipe may read a model and write artifacts only inside those folders (symlinks resolved)."""
-    roots = [Path(r).resolve() for r in os.environ.get(ALLOWED_ROOTS_ENV, "").split(os.pathsep) if r]
-    if not roots:
-        return
-    for key, value in (("[model].path", recipe.model.path), ("[output].dir", recipe.output.dir)):
-        if value is not None and not any(Path(value).resolve().is_relative_to(root) for root in roots):
-            raise RecipeError(f"{recipe.source.name}: {key} = {value!r} is outside the allowed roots "
-                              f"({ALLOWED_ROOTS_ENV})")
+    """Under F3EXPORT_ALLOWED_ROOTS (a shared build server), the model folder, the token files and the
+    final artifact folder (``dir/name``, symlinks resolved) must lie inside the allowed roots. Each file
+    read from the model folder is checked again when the build lists them (a symlink inside may point out)."""
+    where = recipe.source.name
+    if recipe.model.path is not None:
+        confine(recipe.model.path, f"{where}: [model].path")
+    for name in ("calibration", "validation"):
+        tokens = getattr(recipe, name).tokens
+        if tokens is not None:
+            confine(tokens, f"{where}: [{name}].tokens")
+    confine(recipe.artifact_dir, f"{where}: [output].dir/name")
+
+
+def _check_backend_keys(recipe: Recipe, given: set[str]) -> None:
+    """A key the recipe sets (in the file or by --set) that no selected backend reads would be dropped
+    silently (fp16 asked for, fp32 built): refuse it instead."""
+    selected = recipe.engine.selected
+    for f in dataclasses.fields(EngineSection):
+        read_by = f.metadata["read_by"]
+        if f.name in given and read_by is not None and not set(read_by) & set(selected):
+            raise RecipeError(f"{recipe.source.name}: [engine].{f.name} = {getattr(recipe.engine, f.name)!r} is read "
+                              f"only by {', '.join(map(repr, read_by))}, which the recipe does not select (it selects "
+                              f"{', '.join(map(repr, selected))})")
 
 
 def _check_engine(recipe: Recipe) -> None:
@@ -301,8 +385,17 @@ def _check_engine(recipe: Recipe) -> None:
         raise RecipeError(f"{where}: give 'backend' or 'backends', not both")
     for axis in DYNAMIC_AXES:
         values = getattr(engine, f"profile_{axis}")
-        if values and (len(values) != 3 or not values[0] <= values[1] <= values[2]):
+        if not values:
+            continue
+        if len(values) != 3 or not values[0] <= values[1] <= values[2]:
             raise RecipeError(f"{where}.profile_{axis} = {values}: expected [min, opt, max] with min <= opt <= max")
+        # Every backend is validated over these ranges (TensorRT also builds its profile from them).
+        if axis not in recipe.export.dynamic_axes:
+            raise RecipeError(f"{where}.profile_{axis} = {values}: {axis!r} is not in [export].dynamic_axes, "
+                              "so the engine has no range of it")
+        if not values[0] <= recipe.export_shape[axis] <= values[2]:
+            raise RecipeError(f"{where}.profile_{axis} = {values} does not contain the export shape's "
+                              f"{axis} = {recipe.export_shape[axis]}")
 
 
 def _check_model_family(recipe: Recipe) -> None:

@@ -4,7 +4,8 @@
     noise = unet(latents, t, text_embeddings)           # torch tensors or numpy arrays in, same out
 
 Production code can equally load the engine files directly (ONNX Runtime,
-TensorRT); this helper only reads the manifest to find them.
+TensorRT); this helper reads the manifest to find them, refuses a build that
+failed or did not finish, and serves an engine only if it hashes as built.
 """
 
 from __future__ import annotations
@@ -13,21 +14,24 @@ from pathlib import Path
 
 import numpy as np
 
-from .check import open_build
+from .artifacts import open_build
 from .engines import make_backend
 from .errors import CheckError
 
 
 class EngineUNet:
-    def __init__(self, artifact_dir: str | Path, variant: str = "pruned", backend: str | None = None):
-        root = Path(artifact_dir)
-        manifest, recipe = open_build(root)
-        entries = {k: v for k, v in manifest.doc["engines"].items()
-                   if k.startswith(f"{variant}.") and (backend is None or v["backend"] == backend)}
+    """Serves one engine of a finished build that passed, after checking its hash against the manifest."""
+
+    def __init__(self, artifact_dir: str | Path, variant: str = "pruned", backend: str | None = None,
+                 expect_sha256: str | None = None):
+        build = open_build(Path(artifact_dir), expect_sha256)
+        entries = [e for e in build.engines.values()
+                   if e.variant == variant and (backend is None or e.backend == backend)]
         if not entries:
-            raise CheckError(f"{root}: no {variant} engine{' for ' + backend if backend else ''} in the manifest")
-        entry = next(iter(entries.values()))
-        self.engine = make_backend(entry["backend"], recipe, root).load(root / entry["path"])
+            raise CheckError(f"{artifact_dir}: no {variant} engine{' for ' + backend if backend else ''} "
+                             "in the manifest")
+        entry = build.verified_engine(entries[0].name)
+        self.engine = make_backend(entry.backend, build.recipe, build.root).load(entry.path)
 
     def __call__(self, sample, timestep, encoder_hidden_states):
         as_torch = hasattr(sample, "detach")

@@ -1,7 +1,8 @@
 """Validation: two questions, answered in numbers and gated by the recipe.
 
 1. Export fidelity: does the engine compute what the pruned PyTorch model
-   computes? Fresh seeded inputs, max abs error, relative L2, cosine, NaN/Inf.
+   computes? Fresh seeded inputs at the export shape and at the min and max of
+   every dynamic range ([engine] profile_*); max abs error, relative L2, cosine, NaN/Inf.
 2. Pruning fidelity: how far does pruning move the model? Original and pruned
    PyTorch models on held-out runs, compared with the family's metrics: for
    diffusion, whole denoising trajectories (per-step cosine of the guided noise
@@ -26,7 +27,7 @@ from torch import nn
 from .artifacts import atomic_path
 from .engines import Engine
 from .models.base import ModelAdapter, ModelBundle, VideoShape
-from .recipe import ExportSection, ValidationSection
+from .recipe import ValidationSection
 from .report import progress
 
 @dataclass(frozen=True)
@@ -84,14 +85,18 @@ Golden = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]  # (inputs, PyTorch
 
 
 @torch.no_grad()
-def golden_samples(adapter: ModelAdapter, model: nn.Module, shape: VideoShape, export: ExportSection,
+def golden_samples(adapter: ModelAdapter, model: nn.Module, shapes: list[dict[str, int]],
                    section: ValidationSection, seed_base: int = 10_000) -> list[Golden]:
-    """Fresh seeded inputs (never the export's own example) and the PyTorch model's outputs."""
+    """``export_samples`` fresh seeded inputs (never the export's own example) at each of ``shapes``
+    (sizes by axis name, as ``engines.validated_shapes`` gives them), and the PyTorch model's outputs."""
     samples = []
-    for i in range(section.export_samples):
-        spec = adapter.export_spec(model, shape, export.batch, [], seed=seed_base + i)
-        outputs = model(**spec.inputs)
-        samples.append(({k: v.numpy() for k, v in spec.inputs.items()}, {spec.output_names[0]: outputs.numpy()}))
+    for shape in shapes:
+        for _ in range(section.export_samples):
+            spec = adapter.export_spec(model, VideoShape.of_axes(shape), shape["batch"], [],
+                                       seed=seed_base + len(samples))
+            outputs = model(**spec.inputs)
+            samples.append(({k: v.numpy() for k, v in spec.inputs.items()},
+                            {spec.output_names[0]: outputs.numpy()}))
     return samples
 
 

@@ -1,18 +1,21 @@
-"""Shared fixtures: the tiny Tune-A-Video model and helpers to write recipes."""
+"""Shared fixtures: the tiny Tune-A-Video model, helpers to write recipes and model folders, rebuild checks."""
 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import save_file
 
 from f3export.cli import main
 
 from f3export.models import get_adapter
 from f3export.models.base import VideoShape
+from f3export.models.tuneavideo import TINY
 
 TAV = get_adapter("tune-a-video")
 SMALL_SHAPE = VideoShape(frames=4, latent_height=8, latent_width=8)
@@ -91,3 +94,76 @@ def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+# -- model folders on disk -----------------------------------------------------------------------------
+def write_checkpoint(folder, model, weights_format: str, config: dict):
+    unet = folder / "unet"
+    unet.mkdir(parents=True)
+    (unet / "config.json").write_text(json.dumps(config))
+    state = model.state_dict()
+    if weights_format == "bin":
+        torch.save(state, unet / "diffusion_pytorch_model.bin")
+    else:
+        save_file({k: v.contiguous() for k, v in state.items()}, unet / "diffusion_pytorch_model.safetensors")
+
+
+# The config a Tune-A-Video training run writes (diffusers 0.11 field names and bookkeeping keys).
+ORIGINAL_STYLE_CONFIG = {
+    "_class_name": "UNet3DConditionModel", "_diffusers_version": "0.11.1", "act_fn": "silu",
+    "attention_head_dim": 8, "block_out_channels": TINY.block_out_channels, "center_input_sample": False,
+    "cross_attention_dim": TINY.cross_attention_dim, "down_block_types": TINY.down_block_types,
+    "downsample_padding": 1, "dual_cross_attention": False, "flip_sin_to_cos": True, "freq_shift": 0,
+    "in_channels": 4, "layers_per_block": 1, "mid_block_scale_factor": 1, "norm_eps": 1e-05,
+    "norm_num_groups": TINY.norm_num_groups, "num_class_embeds": None, "only_cross_attention": False,
+    "out_channels": 4, "sample_size": 16, "up_block_types": TINY.up_block_types, "upcast_attention": False,
+    "use_linear_projection": False,
+}
+
+
+def bytes_to_unicode() -> list[str]:
+    """GPT-2/CLIP byte-level alphabet, to write a character-level CLIP vocabulary."""
+    visible = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    extra = [b for b in range(256) if b not in visible]
+    return [chr(c) for c in visible] + [chr(256 + i) for i in range(len(extra))]
+
+
+def write_clip(folder, width: int) -> None:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    chars = bytes_to_unicode()
+    vocab = {token: i for i, token in enumerate(chars + [c + "</w>" for c in chars] +
+                                                ["<|startoftext|>", "<|endoftext|>"])}
+    (folder / "tokenizer").mkdir(parents=True)
+    (folder / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(folder / "tokenizer" / "vocab.json"), str(folder / "tokenizer" / "merges.txt"),
+                  model_max_length=77).save_pretrained(folder / "tokenizer")
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width,
+                            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77)
+    CLIPTextModel(config).save_pretrained(folder / "text_encoder")
+
+
+# -- rebuilds: which stages reran --------------------------------------------------------------------
+STAGES = ["calibrate", "plan", "prune", "export", "engine", "validate"]
+
+
+# What each stage reads: a stage whose own inputs are unchanged is reused even when an upstream stage
+# reran (content-addressed keys: a rerun that reproduces the same bytes stops the cascade).
+CONSUMES = {"plan": ["calibrate"], "prune": ["plan"], "export": ["prune"], "engine": ["export"],
+            "validate": ["engine", "prune"]}
+
+
+def rebuild(path, root, *args) -> tuple[dict, dict]:
+    before = json.loads((root / "manifest.json").read_text())["stages"]
+    result = run("build", path, *args)
+    assert result.exit_code == 0, result.output
+    return before, json.loads((root / "manifest.json").read_text())["stages"]
+
+
+def assert_reruns_exactly(before: dict, after: dict, changed: dict[str, bool]) -> None:
+    """``changed[s]``: whether stage s's own settings or libraries changed."""
+    for stage in STAGES:
+        inputs_changed = any(after[u]["files"] != before[u]["files"] for u in CONSUMES.get(stage, []))
+        reran = after[stage]["key"] != before[stage]["key"]
+        assert reran == (changed.get(stage, False) or inputs_changed), stage

@@ -148,8 +148,9 @@ def test_check_of_a_manifest_from_another_version_is_one_clear_line(built, tmp_p
     copy = tmp_path / "fast"
     shutil.copytree(root, copy)
     doc = manifest(copy)
+    doc["versions"]["f3export"] = "0.0.9"
     doc["recipe"]["engine"]["retired_option"] = 1
     (copy / "manifest.json").write_text(json.dumps(doc))
     result = run("check", copy)
     assert result.exit_code == 2
-    assert "does not match this f3export version" in result.output
+    assert "built by f3export '0.0.9', whose recipe does not match this f3export" in result.output

@@ -9,6 +9,7 @@ import pytest
 
 from f3export.errors import RecipeError
 from f3export.recipe import load_recipe
+from f3export.roots import RootsError
 
 from conftest import FAST_RECIPE
 
@@ -48,7 +49,10 @@ def test_the_shipped_recipe_loads():
      r"give 'backend' or 'backends', not both"),
     (("steps = 3\nexport_samples", "steps = 3\nexport_samples = 0\nx"), r"\[validation\]: unknown key 'x'"),
     (("export_samples = 1", "export_samples = 0"), r"\[validation\]\.export_samples = 0 is out of range"),
-    (('dir = "{out}"', 'dir = "{out}"\nname = "../escape"'), r"\[output\]\.name = '\.\./escape' must be a plain folder name"),
+    (('dir = "{out}"', 'dir = "{out}"\nname = "../escape"'),
+     r"\[output\]\.name = '\.\./escape' is not a usable folder name \(it contains a path separator\)"),
+    (("ratio = 0.5", "ratio = nan"), r"\[pruning\]\.ratio = nan is not a finite number"),
+    (("[output]", "[engine]\nprecision = \"fp16\"\n\n[output]"), r"\[engine\]\.precision = 'fp16' is read only by"),
     (('family = "tune-a-video"', 'family = "tune-a-video"\nclass_name = "UNet3DConditionModel"'),
      r"\[model\]\.class_name applies only to family 'diffusers'"),
     (('[model]\nfamily = "tune-a-video"', '[model]'), r"\[model\]: missing required key 'family'"),
@@ -81,11 +85,11 @@ def test_cli_reports_a_bad_recipe_in_one_line_with_exit_code_2(write_recipe):
 def test_paths_outside_the_allowed_roots_are_refused(write_recipe, tmp_path, monkeypatch):
     path = write_recipe()
     monkeypatch.setenv("F3EXPORT_ALLOWED_ROOTS", str(tmp_path / "models"))
-    with pytest.raises(RecipeError, match=r"\[output\]\.dir = '.*' is outside the allowed roots"):
+    with pytest.raises(RootsError, match=r"\[output\]\.dir/name: .*/artifacts/fast is outside the allowed roots"):
         load_recipe(path)
     monkeypatch.setenv("F3EXPORT_ALLOWED_ROOTS", str(tmp_path))
     assert load_recipe(path).output.dir.startswith(str(tmp_path))
     (tmp_path / "link").symlink_to("/usr")  # inside the root by name, outside once resolved
     linked = write_recipe(FAST_RECIPE.replace('preset = "tiny"', f'path = "{tmp_path / "link"}"'), name="linked")
-    with pytest.raises(RecipeError, match=r"\[model\]\.path = '.*link' is outside the allowed roots"):
+    with pytest.raises(RootsError, match=r"\[model\]\.path: .*link \(resolves to /usr\) is outside the allowed roots"):
         load_recipe(linked)

@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 import f3export.build as build_module
 from f3export.errors import CheckpointError
 
-from conftest import FAST_RECIPE, TAV, run
-from test_tuneavideo import ORIGINAL_STYLE_CONFIG, write_checkpoint
+from conftest import (FAST_RECIPE, ORIGINAL_STYLE_CONFIG, STAGES, TAV, assert_reruns_exactly, rebuild, run,
+                      write_checkpoint)
 
 
 # -- bad checkpoints: one clear line naming the file and the first bad key ---------------------------------
@@ -87,9 +87,6 @@ def test_second_build_into_the_same_folder_is_refused_while_the_first_holds_the_
 
 
 # -- stale caches: a change reruns exactly the stages downstream of it --------------------------------------
-STAGES = ["calibrate", "plan", "prune", "export", "engine", "validate"]
-
-
 @pytest.fixture
 def rebuildable(built, tmp_path):
     recipe, root, _ = built
@@ -97,27 +94,6 @@ def rebuildable(built, tmp_path):
     path = tmp_path / "fast.toml"
     path.write_text(recipe.read_text().replace(str(root.parent), str(tmp_path / "artifacts")))
     return path, tmp_path / "artifacts" / "fast"
-
-
-# What each stage reads: a stage whose own inputs are unchanged is reused even when an upstream stage
-# reran (content-addressed keys: a rerun that reproduces the same bytes stops the cascade).
-CONSUMES = {"plan": ["calibrate"], "prune": ["plan"], "export": ["prune"], "engine": ["export"],
-            "validate": ["engine", "prune"]}
-
-
-def rebuild(path, root, *args) -> tuple[dict, dict]:
-    before = json.loads((root / "manifest.json").read_text())["stages"]
-    result = run("build", path, *args)
-    assert result.exit_code == 0, result.output
-    return before, json.loads((root / "manifest.json").read_text())["stages"]
-
-
-def assert_reruns_exactly(before: dict, after: dict, changed: dict[str, bool]) -> None:
-    """``changed[s]``: whether stage s's own settings or libraries changed."""
-    for stage in STAGES:
-        inputs_changed = any(after[u]["files"] != before[u]["files"] for u in CONSUMES.get(stage, []))
-        reran = after[stage]["key"] != before[stage]["key"]
-        assert reran == (changed.get(stage, False) or inputs_changed), stage
 
 
 @pytest.mark.parametrize("override, stage", [

@@ -7,12 +7,11 @@ import json
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from safetensors.torch import save_file
 
 from f3export.errors import CheckpointError
 from f3export.models.tuneavideo import TINY, TuneAVideoConfig
 
-from conftest import TAV
+from conftest import ORIGINAL_STYLE_CONFIG, TAV, write_checkpoint, write_clip
 
 
 def diffusers_2d_twin(config: TuneAVideoConfig) -> UNet2DConditionModel:
@@ -73,30 +72,6 @@ def test_every_transformer_block_has_8_heads_and_sd14_has_16_temporal_modules():
     assert parameters == 859_520_964 + temporal  # the SD-1.4 UNet plus the temporal modules: 909.1 M
 
 
-def write_checkpoint(folder, model, weights_format: str, config: dict):
-    unet = folder / "unet"
-    unet.mkdir(parents=True)
-    (unet / "config.json").write_text(json.dumps(config))
-    state = model.state_dict()
-    if weights_format == "bin":
-        torch.save(state, unet / "diffusion_pytorch_model.bin")
-    else:
-        save_file({k: v.contiguous() for k, v in state.items()}, unet / "diffusion_pytorch_model.safetensors")
-
-
-# The config a Tune-A-Video training run writes (diffusers 0.11 field names and bookkeeping keys).
-ORIGINAL_STYLE_CONFIG = {
-    "_class_name": "UNet3DConditionModel", "_diffusers_version": "0.11.1", "act_fn": "silu",
-    "attention_head_dim": 8, "block_out_channels": TINY.block_out_channels, "center_input_sample": False,
-    "cross_attention_dim": TINY.cross_attention_dim, "down_block_types": TINY.down_block_types,
-    "downsample_padding": 1, "dual_cross_attention": False, "flip_sin_to_cos": True, "freq_shift": 0,
-    "in_channels": 4, "layers_per_block": 1, "mid_block_scale_factor": 1, "norm_eps": 1e-05,
-    "norm_num_groups": TINY.norm_num_groups, "num_class_embeds": None, "only_cross_attention": False,
-    "out_channels": 4, "sample_size": 16, "up_block_types": TINY.up_block_types, "upcast_attention": False,
-    "use_linear_projection": False,
-}
-
-
 @pytest.mark.parametrize("weights_format", ["bin", "safetensors"])
 def test_loads_tune_a_video_folder_with_original_key_names(tmp_path, tiny_model, small_inputs, weights_format):
     assert "down_blocks.0.attentions.0.transformer_blocks.0.attn_temp.to_q.weight" in tiny_model.state_dict()
@@ -133,29 +108,6 @@ def test_odd_latent_sizes_run_and_keep_their_shape(tiny_model):
     with torch.no_grad():
         out = tiny_model(sample, torch.tensor([10.0]), torch.randn(1, 77, TINY.cross_attention_dim))
     assert out.shape == sample.shape
-
-
-def bytes_to_unicode() -> list[str]:
-    """GPT-2/CLIP byte-level alphabet, to write a character-level CLIP vocabulary."""
-    visible = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    extra = [b for b in range(256) if b not in visible]
-    return [chr(c) for c in visible] + [chr(256 + i) for i in range(len(extra))]
-
-
-def write_clip(folder, width: int) -> None:
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    chars = bytes_to_unicode()
-    vocab = {token: i for i, token in enumerate(chars + [c + "</w>" for c in chars] +
-                                                ["<|startoftext|>", "<|endoftext|>"])}
-    (folder / "tokenizer").mkdir(parents=True)
-    (folder / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
-    CLIPTokenizer(str(folder / "tokenizer" / "vocab.json"), str(folder / "tokenizer" / "merges.txt"),
-                  model_max_length=77).save_pretrained(folder / "tokenizer")
-    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width,
-                            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77)
-    CLIPTextModel(config).save_pretrained(folder / "text_encoder")
 
 
 def test_a_clip_text_encoder_in_the_folder_conditions_calibration(tmp_path, tiny_model):

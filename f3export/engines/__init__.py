@@ -30,13 +30,23 @@ class Backend(Protocol):
 
 
 def profile_ranges(recipe: Recipe):
-    """min/opt/max of every axis: the recipe's profile lists, else static at the export shape."""
+    """min/opt/max of every axis: the recipe's profile lists, else static at the export shape.
+
+    These are the ranges every backend's engine is validated over (``validated_shapes``); TensorRT also
+    builds its optimization profile from them.
+    """
     from .tensorrt import AxisRange
 
-    engine, model = recipe.engine, recipe.model
-    opt = {"batch": recipe.export.batch, "frames": model.frames, "height": model.latent_height,
-           "width": model.latent_width}
-    return {axis: AxisRange(*(getattr(engine, f"profile_{axis}") or [opt[axis]] * 3)) for axis in opt}
+    export = recipe.export_shape
+    return {axis: AxisRange(*(getattr(recipe.engine, f"profile_{axis}") or [export[axis]] * 3)) for axis in export}
+
+
+def validated_shapes(recipe: Recipe) -> list[dict[str, int]]:
+    """The shapes every engine is validated at: the export shape, then every axis at its range's min,
+    then every axis at its max (duplicates dropped: without profile_* keys, the export shape alone)."""
+    ranges = profile_ranges(recipe)
+    shapes = [recipe.export_shape, {a: r.min for a, r in ranges.items()}, {a: r.max for a, r in ranges.items()}]
+    return [shape for i, shape in enumerate(shapes) if shape not in shapes[:i]]
 
 
 def make_backend(name: str, recipe: Recipe, root: Path) -> Backend:

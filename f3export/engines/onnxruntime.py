@@ -8,14 +8,16 @@ runs only on the kind of machine that built it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import BackendUnavailable
+from ..errors import BackendUnavailable, EngineError
 
 LEVELS = {
     "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -25,6 +27,19 @@ LEVELS = {
 }
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 ERROR_SEVERITY = 3  # keep ORT's optimizer notes off the console
+
+
+@contextlib.contextmanager
+def refusals(path: Path, operation: str) -> Iterator[None]:
+    """ONNX Runtime's own exceptions (a pybind class per status code) as one line naming the file."""
+    try:
+        yield
+    except Exception as exc:
+        # ORT's Python layer checks feeds with ValueError/TypeError; everything under the block is ORT's call.
+        if not (type(exc).__module__.startswith("onnxruntime") or isinstance(exc, (ValueError, TypeError))):
+            raise
+        reason = " ".join(str(exc).split())[:300]
+        raise EngineError(f"{path}: ONNX Runtime refused to {operation} ({reason})") from None
 
 
 def resolve_providers(device: str) -> list[str]:
@@ -42,11 +57,14 @@ class OnnxRuntimeSession:
         options.log_severity_level = ERROR_SEVERITY
         options.graph_optimization_level = LEVELS[level]
         options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.path = path
+        with refusals(path, "load the model"):
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self.output_names, self.session.run(None, inputs)))
+        with refusals(self.path, "run the model on these inputs"):
+            return dict(zip(self.output_names, self.session.run(None, inputs)))
 
 
 class OnnxRuntimeBackend:
@@ -77,7 +95,8 @@ class OnnxRuntimeBackend:
                                                  data_name)
                 options.add_session_config_entry(
                     "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-            ort.InferenceSession(str(onnx_path), options, providers=self.providers)
+            with refusals(onnx_path, "optimise the model"):
+                ort.InferenceSession(str(onnx_path), options, providers=self.providers)
             files = [engine_path]
             if external:
                 os.replace(Path(tmp) / data_name, engine_path.parent / data_name)

@@ -22,10 +22,3 @@ class AnimateDiffAdapter(DiffusersVideoAdapter):
             "motion_max_seq_length": 32,
         },
     }
-
-    def shape_error(self, model, shape):
-        limit = model.inner.config.motion_max_seq_length
-        if shape.frames > limit:
-            return f"frames = {shape.frames}, but the motion modules' positions cover at most " \
-                   f"motion_max_seq_length = {limit} frames"
-        return None

@@ -70,11 +70,13 @@ class AttentionHeads(ABC):
     def head_dim(self) -> int: ...
 
     @abstractmethod
-    def statistics(self, hidden_states: torch.Tensor, residual_norm: torch.Tensor) -> HeadStatistics:
+    def statistics(self, hidden_states: torch.Tensor, residual_norm: torch.Tensor, *inputs: torch.Tensor
+                   ) -> HeadStatistics:
         """Per-head contribution and mixing summed over the tokens of one call, and the token count.
 
         ``hidden_states`` is the module's input; ``residual_norm`` the norm of the residual stream
-        at the same tokens (its shape is the input's without the channel axis).
+        at the same tokens (its shape is the input's without the channel axis); ``inputs`` the module's
+        further positional inputs, for a module that takes some (CogVideo's key mask).
         """
 
     @abstractmethod

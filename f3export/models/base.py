@@ -8,6 +8,7 @@ trajectory runs. Families that share a call signature share the code below.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import inspect
 import math
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from .. import __version__
 from ..artifacts import content_key, sha256_file
@@ -59,6 +62,11 @@ class VideoShape:
     frames: int
     latent_height: int
     latent_width: int
+
+    @classmethod
+    def of_axes(cls, axes: dict[str, int]) -> "VideoShape":
+        """From sizes by the recipe's axis names (``frames``, ``height``, ``width``)."""
+        return cls(axes["frames"], axes["height"], axes["width"])
 
 
 @dataclass
@@ -130,6 +138,8 @@ class ModelAdapter(ABC):
     fixed_axes: ClassVar[tuple[str, ...]] = ()  # input axes the exported graph cannot leave dynamic
     run_keys: ClassVar[tuple[str, ...]] = ()  # [calibration]/[validation] keys its runs read besides prompts, seeds
     fidelity_gates: ClassVar[tuple[FidelityGate, ...]] = ()
+    calibration_note: ClassVar[str | None] = None  # what the statistics cover when not every token (scores.json)
+    run_batch: ClassVar[int] = 1  # batch of every network call in a calibration or validation run
 
     def runs(self, section: Any) -> list[Run]:
         """The inputs a [calibration] or [validation] section asks for: every prompt with every seed."""
@@ -144,8 +154,78 @@ class ModelAdapter(ABC):
         """Pruning-fidelity metrics of one run, pruned (candidate) against original (reference)."""
 
     def shape_error(self, model: nn.Module, shape: VideoShape) -> str | None:
-        """Why this model cannot run clips of ``shape``, or None."""
+        """Why this model cannot run clips of ``shape``, or None (``model`` may be a ``skeleton``)."""
         return None
+
+    @abstractmethod
+    def conventions(self, bundle: ModelBundle) -> dict[str, Any]:
+        """How a runtime must drive the exported graph beyond its names and shapes (JSON, for the contract)."""
+
+    def conventions_files(self, folder: Path) -> list[Path]:
+        """The files of a checkpoint folder ``conventions`` reads besides the network's (the export keys on them)."""
+        return []
+
+    @abstractmethod
+    def folder_config(self, folder: Path) -> dict[str, Any]:
+        """The network config of a checkpoint folder, read without its weights."""
+
+    def skeleton(self, preset: str | None, path: str | None) -> nn.Module:
+        """The network of a preset or a folder on the meta device: its sizes and limits, no weights allocated."""
+        config = self.presets[preset] if preset is not None else self.folder_config(Path(path))
+        with torch.device("meta"):
+            return self.build(config)
+
+    def fitting_skeleton(self, preset: str | None, path: str | None) -> nn.Module:
+        """``skeleton``, refused (one line, nothing allocated) when its weights alone exceed the memory available."""
+        skeleton = self.skeleton(preset, path)
+        needed, available = weight_bytes(skeleton), available_memory_bytes()
+        if available is not None and needed > available:
+            subject, error = (f"[model].preset = {preset!r}: its weights", RecipeError) if preset is not None else \
+                (f"{path}: the weights its config describes", CheckpointError)
+            raise error(f"{subject} alone need {_size(needed)}, more than the {_size(available)} of memory "
+                        "available on this machine")
+        return skeleton
+
+    def options_error(self, model: nn.Module) -> str | None:
+        """Why this adapter's options (recipe [model] keys describing the network) do not fit ``model``, or None."""
+        return None
+
+    def forward_memory(self, model: nn.Module, shape: VideoShape, batch: int) -> "ForwardMemory":
+        """What one forward of ``model`` (a skeleton) at this shape needs at least, sized on the meta device.
+
+        Where the forward cannot run on meta tensors (an op without a meta kernel, a value read back), the
+        part that ran and the input latents stand for the activations: a weaker bound rather than a crash.
+        """
+        tensors = [*model.parameters(), *model.buffers()]
+        sizes = _ActivationSizes({t.untyped_storage()._cdata for t in tensors})
+        floor = 4 * batch * shape.frames * shape.latent_height * shape.latent_width  # a float32 per latent position
+        try:
+            inputs = self._meta_inputs(model, shape, batch, floor)
+            with torch.no_grad(), sizes:
+                model.eval()(*inputs.values())
+            floor = 0
+        except Exception:  # sizing is advice: whatever a meta forward raises, the bounds fall back
+            pass
+        return ForwardMemory(weight_bytes(model), max(sizes.largest, floor), max(sizes.working_set, floor))
+
+    def _meta_inputs(self, model: nn.Module, shape: VideoShape, batch: int, size: int) -> dict[str, torch.Tensor]:
+        """The export inputs at this shape as meta tensors. Where making them reads a value back (a random
+        length, say), they are made on the CPU and moved, if they are small (``size``: a bound of their bytes)."""
+        try:
+            with torch.device("meta"):
+                return self.export_spec(model, shape, batch, dynamic=[]).inputs
+        except RuntimeError:
+            if size > 2**28:
+                raise
+            return {name: t.to("meta") for name, t in self.export_spec(model, shape, batch, dynamic=[]).inputs.items()}
+
+    def memory_error(self, model: nn.Module, shape: VideoShape, batch: int) -> str | None:
+        """Why one forward at this shape cannot fit in the memory available, or None."""
+        memory, available = self.forward_memory(model, shape, batch), available_memory_bytes()
+        if available is None or memory.needed <= available:
+            return None
+        return (f"needs at least {_size(memory.needed)} for one forward (largest activation "
+                f"{_size(memory.largest_activation)}), more than the {_size(available)} available")
 
     @abstractmethod
     def build(self, config: dict[str, Any]) -> nn.Module:
@@ -157,7 +237,14 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     def weights_files(self, folder: Path) -> list[Path]:
-        """The files whose content defines a folder's model (hashed for the build cache)."""
+        """The network's files in a checkpoint folder (config and weights): every stage that loads it reads them."""
+
+    def sampling_files(self, folder: Path) -> list[Path]:
+        """The other files of a checkpoint folder that ``trajectory`` reads (scheduler, tokenizer, text encoder).
+
+        They change calibration and validation but not the network, so only those stages key on them.
+        """
+        return []
 
     @abstractmethod
     def temporal_sites(self, model: nn.Module) -> list[TemporalSite]:
@@ -179,12 +266,7 @@ class ModelAdapter(ABC):
 
     def load_preset(self, name: str, seed: int) -> ModelBundle:
         config = self.presets[name]
-        with torch.device("meta"):  # shapes only: what the weights will take, before allocating them
-            needed = sum(p.numel() * p.element_size() for p in self.build(config).parameters())
-        available = available_memory_bytes()
-        if available is not None and needed > available:
-            raise RecipeError(f"[model].preset = {name!r}: its weights alone need {_size(needed)}, more than the "
-                              f"{_size(available)} of memory available on this machine")
+        self.fitting_skeleton(name, None)  # what the weights will take, before allocating them
         torch.manual_seed(seed)
         model = self.build(config).eval()
         with torch.no_grad():
@@ -205,12 +287,76 @@ class ModelAdapter(ABC):
                        if cls.__module__.startswith("f3export.")]
             return content_key(self.family, preset, self.presets[preset], seed, __version__, torch.__version__,
                                sources)
-        files = self.weights_files(Path(path))
+        return self._files_digest(self.weights_files(Path(path)))
+
+    def sampling_digest(self, path: str | None) -> str:
+        """Identity of the sampling files, for the build cache (a preset has none: its sampling is code)."""
+        return self._files_digest(self.sampling_files(Path(path)) if path is not None else [])
+
+    def conventions_digest(self, path: str | None) -> str:
+        """Identity of the files ``conventions`` reads, for the build cache (a preset's conventions are code)."""
+        return self._files_digest(self.conventions_files(Path(path)) if path is not None else [])
+
+    def _files_digest(self, files: list[Path]) -> str:
         return content_key(self.family, [(f.name, sha256_file(f)) for f in files])
 
 
 def _size(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+    for unit, power in (("EiB", 60), ("PiB", 50), ("TiB", 40), ("GiB", 30)):
+        if n >= 2**power:
+            return f"{n / 2**power:.1f} {unit}"
+    return f"{n / 2**20:.0f} MiB"
+
+
+def weight_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+@dataclass(frozen=True)
+class ForwardMemory:
+    """A lower bound of one forward's memory: the weights, plus the activations its most demanding op
+    holds at once (its inputs and outputs); ``largest_activation`` is the largest single tensor made."""
+
+    weights: int
+    largest_activation: int
+    working_set: int
+
+    @property
+    def needed(self) -> int:
+        return self.weights + self.working_set
+
+
+def _storages(tree: Any) -> dict[int, int]:
+    """Storage identity -> bytes of every tensor in a pytree (a view shares its base's storage)."""
+    return {t.untyped_storage()._cdata: t.untyped_storage().nbytes()
+            for t in tree_leaves(tree) if isinstance(t, torch.Tensor)}
+
+
+class _ActivationSizes(TorchDispatchMode):
+    """Op by op (on meta tensors: shapes only), the largest new tensor and the largest set of activations one
+    op holds at once. Weights are left out (counted once, apart); views and in-place results are not new."""
+
+    def __init__(self, weights: set[int]):
+        super().__init__()
+        self.weights = weights
+        self.largest = self.working_set = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs, outputs = _storages((args, kwargs)), _storages(out)
+        held = {k: n for k, n in {**inputs, **outputs}.items() if k not in self.weights}
+        self.working_set = max(self.working_set, sum(held.values()))
+        self.largest = max([self.largest] + [n for k, n in held.items() if k not in inputs])
+        return out
+
+
+def unmatched_pattern(key: str, patterns: list[str], names: list[str], what: str) -> str | None:
+    """The first glob of a recipe's pattern key that matches none of ``names``, as an error showing a real name."""
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            example = f"e.g. {names[0]!r}" if names else f"the model has no {what}"
+            return f"{key}: pattern {pattern!r} matches no {what} ({example})"
+    return None
 
 
 def available_memory_bytes() -> int | None:
@@ -237,6 +383,7 @@ class LatentVideoDiffusionAdapter(ModelAdapter):
     latent_channels: ClassVar[int] = 4
     text_tokens: ClassVar[int] = 77
     run_keys = ("steps", "guidance_scale")
+    run_batch = 2  # classifier-free guidance: the unconditional and the conditional row together
     fidelity_gates = (FidelityGate("step_cosine", "pruning_min_step_cosine"),
                       FidelityGate("latent_psnr", "pruning_min_latent_psnr"))
     default_scheduler: ClassVar[dict[str, Any]] = {
@@ -271,9 +418,42 @@ class LatentVideoDiffusionAdapter(ModelAdapter):
         width = self.text_width(bundle.model)
         return torch.cat([seeded_text_embedding(p, self.text_tokens, width) for p in prompts])
 
+    def scheduler(self, bundle: ModelBundle) -> DDIMScheduler:
+        """The sampler of calibration and validation: DDIM with the folder's schedule (else SD 1.x's)."""
+        return DDIMScheduler.from_config(bundle.scheduler_config or self.default_scheduler)
+
+    def conventions(self, bundle):
+        scheduler = self.scheduler(bundle)
+        config = {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
+        channels = bundle.config.get("out_channels") or self.latent_channels
+        return {
+            "kind": "latent video diffusion: noise_pred = model(sample, timestep, encoder_hidden_states)",
+            "sample": f"latents [batch, {self.latent_channels}, frames, height, width], scaled by the scheduler's "
+                      "scale_model_input; the first step's latents are N(0, 1) x init_noise_sigma",
+            "timestep": {"dtype": "float32", "shape": ["batch"], "range": [0, config["num_train_timesteps"] - 1],
+                         "meaning": "the scheduler's integer timestep of this step, as float32, the same value "
+                                    "for every batch row (both halves of the guidance batch)"},
+            "encoder_hidden_states": f"text embeddings [batch, {self.text_tokens}, {self.text_width(bundle.model)}] "
+                                     "of the prompt (the model folder's text encoder); the empty prompt's for the "
+                                     "unconditional rows",
+            "scheduler": {"class": type(scheduler).__name__, "config": config,
+                          "note": "the scheduler the model was calibrated and validated with"},
+            "guidance": {"batch_layout": ["unconditional", "conditional"],
+                         "combine": "uncond, cond = noise[:B/2], noise[B/2:]; "
+                                    "guided = uncond + guidance_scale * (cond - uncond)"},
+            "output": {"name": "noise_pred", "channels": channels, "noise_channels": [0, self.latent_channels],
+                       "meaning": f"noise_pred[:, :{self.latent_channels}] is the model output the scheduler "
+                                  f"steps with (prediction_type = {config['prediction_type']!r})"
+                                  + (f"; channels {self.latent_channels}..{channels - 1} are a learned variance "
+                                     "the DDIM sampler does not use" if channels > self.latent_channels else "")},
+        }
+
+    def conventions_files(self, folder):
+        return scheduler_files(folder)
+
     @torch.no_grad()
     def trajectory(self, bundle, model, run, shape, steps, guidance_scale, on_step=None):
-        scheduler = DDIMScheduler.from_config(bundle.scheduler_config or self.default_scheduler)
+        scheduler = self.scheduler(bundle)
         scheduler.set_timesteps(steps)
         context = self.encode_prompts(bundle, ["", run.prompt])
         latents = torch.randn((1, self.latent_channels, shape.frames, shape.latent_height, shape.latent_width),
@@ -294,6 +474,32 @@ class LatentVideoDiffusionAdapter(ModelAdapter):
     def fidelity(self, reference, candidate):
         return {"step_cosine": [cosine(c, r) for c, r in zip(candidate.outputs, reference.outputs)],
                 "latent_psnr": psnr(candidate.final, reference.final)}
+
+    def sampling_files(self, folder):
+        return scheduler_files(folder) + clip_text_encoder_files(folder)
+
+
+MODEL_SUFFIXES = (".json", ".safetensors", ".bin")  # configs and weights of a from_pretrained folder
+TOKENIZER_SUFFIXES = (".json", ".txt")  # tokenizer configs and vocabularies (vocab.json, merges.txt, ...)
+
+
+def component_files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """The files of a pipeline component folder with these suffixes, sorted; none if there is no folder.
+
+    Which of them a loader opens varies with the library version (tokenizer.json or vocab.json, safetensors
+    or bin), so all count; READMEs and the like do not.
+    """
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in suffixes)
+
+
+def clip_text_encoder_files(folder: Path) -> list[Path]:
+    """What ``load_clip_text_encoder`` reads: nothing without ``text_encoder/``, else the tokenizer and the encoder."""
+    if not (folder / "text_encoder").is_dir():
+        return []
+    return component_files(folder / "tokenizer", TOKENIZER_SUFFIXES) + \
+        component_files(folder / "text_encoder", MODEL_SUFFIXES)
 
 
 def load_clip_text_encoder(folder: Path, tokens: int = 77) -> Callable[[list[str]], torch.Tensor] | None:
@@ -317,6 +523,14 @@ def load_clip_text_encoder(folder: Path, tokens: int = 77) -> Callable[[list[str
     return encode
 
 
+SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
+
+
+def scheduler_files(folder: Path) -> list[Path]:
+    """What ``read_scheduler_config`` reads."""
+    path = folder / SCHEDULER_CONFIG
+    return [path] if path.is_file() else []
+
+
 def read_scheduler_config(folder: Path) -> dict[str, Any]:
-    path = folder / "scheduler" / "scheduler_config.json"
-    return read_json(path) if path.is_file() else {}
+    return read_json(folder / SCHEDULER_CONFIG) if scheduler_files(folder) else {}

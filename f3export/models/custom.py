@@ -7,6 +7,9 @@ temporal ``Attention`` modules) prunes a model f3export has no adapter for yet.
 
 from __future__ import annotations
 
+from diffusers.models.attention_processor import Attention
+
+from .base import unmatched_pattern
 from .diffusers_video import DiffusersVideoAdapter
 
 
@@ -18,6 +21,10 @@ class CustomDiffusersAdapter(DiffusersVideoAdapter):
         self.class_name = class_name
         self.temporal_patterns = tuple(temporal_modules)
         self.text_per_frame = text_per_frame
+
+    def options_error(self, model):
+        names = [name for name, module in model.inner.named_modules() if isinstance(module, Attention)]
+        return unmatched_pattern("[model].temporal_modules", list(self.temporal_patterns), names, "Attention module")
 
     def options(self):
         return {"class_name": self.class_name, "temporal_modules": list(self.temporal_patterns),

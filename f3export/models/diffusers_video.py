@@ -19,7 +19,10 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from ..errors import CheckpointError
-from .base import LatentVideoDiffusionAdapter, ModelBundle, TemporalSite, load_clip_text_encoder, read_scheduler_config
+from ..weights import read_json
+from .base import (MODEL_SUFFIXES, LatentVideoDiffusionAdapter, ModelBundle, TemporalSite, component_files,
+                   load_clip_text_encoder, read_scheduler_config)
+from .configs import CONFIG_ERRORS, build_diffusers_model
 
 
 class DiffusersVideoNet(nn.Module):
@@ -60,9 +63,10 @@ class DiffusersVideoAdapter(LatentVideoDiffusionAdapter):
     def wrap(self, model: nn.Module) -> DiffusersVideoNet:
         return DiffusersVideoNet(self.component, model, self.text_per_frame).eval()
 
-    def build(self, config):
+    def build(self, config, source: str = "config"):
         cls = diffusers_class(self.class_name)
-        return self.wrap(cls.from_config({k: v for k, v in config.items() if not k.startswith("_")}))
+        return self.wrap(build_diffusers_model(cls, {k: v for k, v in config.items() if not k.startswith("_")},
+                                               source))
 
     def config_dict(self, model: DiffusersVideoNet) -> dict[str, Any]:
         return {k: v for k, v in dict(model.inner.config).items() if not k.startswith("_")}
@@ -80,16 +84,23 @@ class DiffusersVideoAdapter(LatentVideoDiffusionAdapter):
         raise CheckpointError(f"{folder}: no {self.component}/config.json or config.json")
 
     def weights_files(self, folder):
-        component = self._component_dir(folder)
-        return sorted(p for p in component.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".bin"))
+        return component_files(self._component_dir(folder), MODEL_SUFFIXES)
+
+    def folder_config(self, folder):
+        path = self._component_dir(folder) / "config.json"
+        config = read_json(path)
+        with torch.device("meta"):  # what the constructor refuses, refused now, naming the file
+            self.build(config, str(path))
+        return config
 
     def load_folder(self, folder):
         component = self._component_dir(folder)
         cls = diffusers_class(self.class_name)
         try:
             model = cls.from_pretrained(component, local_files_only=True, low_cpu_mem_usage=False)
-        except (OSError, ValueError, RuntimeError, EnvironmentError) as exc:
-            raise CheckpointError(f"{component}: cannot load {self.class_name} ({str(exc).splitlines()[0]})") from None
+        except (OSError, *CONFIG_ERRORS) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CheckpointError(f"{component}: cannot load {self.class_name} ({reason})") from None
         net = self.wrap(model)
         return ModelBundle(self.family, net, self.config_dict(net), f"checkpoint {folder}", random_weights=False,
                            encode_text=load_clip_text_encoder(folder),
@@ -108,3 +119,12 @@ class DiffusersVideoAdapter(LatentVideoDiffusionAdapter):
 
     def text_width(self, model):
         return model.inner.config.cross_attention_dim
+
+    def shape_error(self, model, shape):
+        # Motion modules (AnimateDiff's UNetMotionModel, or a recipe-described class with them) add
+        # sinusoidal frame positions from a table of motion_max_seq_length rows.
+        limit = model.inner.config.get("motion_max_seq_length")
+        if limit is not None and shape.frames > limit:
+            return f"frames = {shape.frames}, but the motion modules' positions cover at most " \
+                   f"motion_max_seq_length = {limit} frames"
+        return None

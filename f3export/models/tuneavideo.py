@@ -35,6 +35,7 @@ from ..errors import CheckpointError
 from ..weights import find_weights, load_into, load_state_dict, read_json
 from .attention import RemovedAttention
 from .base import LatentVideoDiffusionAdapter, ModelBundle, TemporalSite, load_clip_text_encoder, read_scheduler_config
+from .configs import check_dataclass_config
 
 CROSS_ATTN_DOWN = ("CrossAttnDownBlock3D", "CrossAttnDownBlock2D")
 PLAIN_DOWN = ("DownBlock3D", "DownBlock2D")
@@ -59,8 +60,8 @@ class TuneAVideoConfig:
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     flip_sin_to_cos: bool = True
-    freq_shift: int = 0
-    downsample_padding: int = 1
+    freq_shift: int = field(default=0, metadata={"low": 0})
+    downsample_padding: int = field(default=1, metadata={"low": 0})
     mid_block_scale_factor: float = 1.0
     sample_size: int = 64
 
@@ -91,7 +92,10 @@ class TuneAVideoConfig:
             if len(set(head_dim)) != 1:
                 raise CheckpointError(f"{source}: per-block attention_head_dim {head_dim} is not supported")
             values["attention_head_dim"] = head_dim[0]
+        check_dataclass_config(cls, values, source)
         config = cls(**values)
+        if not config.block_out_channels:
+            raise CheckpointError(f"{source}: block_out_channels must not be empty")
         for name in config.down_block_types:
             if name not in CROSS_ATTN_DOWN + PLAIN_DOWN:
                 raise CheckpointError(f"{source}: unknown down block type {name!r}")
@@ -102,6 +106,11 @@ class TuneAVideoConfig:
             config.block_out_channels
         ):
             raise CheckpointError(f"{source}: block_out_channels and the block type lists differ in length")
+        for i, channels in enumerate(config.block_out_channels):
+            for key in ("norm_num_groups", "attention_head_dim"):  # groups of the GroupNorms, heads of attention
+                if channels % getattr(config, key):
+                    raise CheckpointError(f"{source}: block_out_channels[{i}] = {channels} is not a multiple of "
+                                          f"{key} = {getattr(config, key)}")
         return config
 
     def to_dict(self) -> dict[str, Any]:
@@ -393,14 +402,15 @@ class TuneAVideoAdapter(LatentVideoDiffusionAdapter):
 
     def weights_files(self, folder):
         unet = folder / "unet"
-        files = [unet / "config.json", find_weights(unet)]
-        text = folder / "text_encoder"
-        return files + (sorted(p for p in text.iterdir() if p.is_file()) if text.is_dir() else [])
+        return [unet / "config.json", find_weights(unet)]
+
+    def folder_config(self, folder):
+        config_path = folder / "unet" / "config.json"
+        return TuneAVideoConfig.from_dict(read_json(config_path), str(config_path)).to_dict()
 
     def load_folder(self, folder):
         unet_dir = folder / "unet"
-        config_path = unet_dir / "config.json"
-        config = TuneAVideoConfig.from_dict(read_json(config_path), str(config_path)).to_dict()
+        config = self.folder_config(folder)
         model = self.build(config).eval()
         weights = find_weights(unet_dir)
         load_into(model, load_state_dict(weights), weights)
