@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,17 +45,34 @@ def atomic_path(path: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+@contextlib.contextmanager
+def staged_model(path: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path`` to write ``path.name`` in, and its external data
+    ``path.name + ".data"`` if it has any. Only if the block succeeds do they replace the final files, the
+    data first (``path`` never names missing data) and an earlier version's data removed if there is none now.
+    One helper for every model file written (export, ONNX Runtime, TensorRT): a crash leaves no partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.tmp-") as tmp:
+        yield Path(tmp)
+        for staged in Path(tmp).iterdir():
+            staged.chmod(0o644)  # a temporary folder's files are private to their writer
+        data = path.with_name(path.name + ".data")
+        if (Path(tmp) / data.name).exists():
+            os.replace(Path(tmp) / data.name, data)
+        elif data.exists():
+            data.unlink()
+        os.replace(Path(tmp) / path.name, path)
+
+
 def write_json(path: Path, data: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def content_key(*parts: Any) -> str:

@@ -13,8 +13,10 @@ process that loads the engine and runs it once.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -26,18 +28,18 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .artifacts import write_json
-from .artifacts import MODEL_VARIANTS, open_build
+from .artifacts import MODEL_VARIANTS, StageRecord, open_build, write_json
 from .build import Build
-from .calibrate import Scores
 from .engines import make_backend
 from .engines.onnxruntime import OnnxRuntimeBackend
-from .export import export_onnx
 from .models import get_adapter
 from .models.base import ModelAdapter, VideoShape
-from .prune import apply_plan, load_pruned, make_plan, parameter_count
-from .recipe import PruningSection
+from .prune import load_pruned, parameter_count
 from .report import console, progress, table
+from .stages import STAGES, SourceModel, StageContext
+
+# What a ratio sweep runs per ratio: the build's own stages from the plan to the engine.
+RATIO_STAGES = [stage for stage in STAGES if stage.name in ("plan", "prune", "export", "engine")]
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,8 @@ class Bench:
         self._ort = OnnxRuntimeBackend(self.recipe.engine.device, self.recipe.engine.optimization_level)
 
     def run(self, ratios: list[float] | None) -> dict[str, Any]:
-        original = Build(self.recipe).bundle.model  # the same loading and checks as the build
+        source = Build(self.recipe).model  # the same loading and checks as the build
+        original = source.bundle.model
         _, _, pruned = load_pruned(self.root / "pruned")
         temporal = [s.attention for s in self.adapter.temporal_sites(original)]
         # The recipe's dynamic axes, so engines built for the sweep match the built ones graph for graph.
@@ -160,7 +163,7 @@ class Bench:
             "shape": {"batch": self.recipe.export.batch, **vars(self.shape)},
             "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                         "cuda": torch.cuda.is_available()},
-            "steps": self.adapter.run_steps(self.recipe.validation.steps),
+            "steps": self.adapter.protocol.calls(self.recipe.validation),
             "ratio": self.recipe.pruning.ratio,
             "models": flops,
             "temporal_flops_share": flops["original"]["temporal_flops"] / flops["original"]["flops"],
@@ -190,8 +193,8 @@ class Bench:
             result["backends"]["torch-cuda"] = self._torch_cuda(original, pruned, spec.inputs, ideal)
         if ratios:
             del pruned
-            rows = self.export_ratios(original, spec, ratios)
-            del original  # timing needs only the engines; a full-size model in memory would crowd them
+            rows = self.export_ratios(source, spec, ratios)
+            del original, source  # timing needs only the engines; a full-size model in memory would crowd them
             result["ratios"] = self.time_ratios(rows, feeds)
         write_json(self.root / "bench.json", result)
         return result
@@ -213,24 +216,25 @@ class Bench:
         return {"latency_per_step": {v: vars(latency[v]) for v in MODEL_VARIANTS},
                 "measured_speedup": measured, "measured_over_ideal": measured / ideal}
 
-    def export_ratios(self, original, spec, ratios: list[float]) -> list[dict[str, Any]]:
-        """Prune at each ratio (same scores), count FLOPs, export and build an ONNX Runtime engine."""
-        scores = Scores.from_json(json.loads((self.root / "scores.json").read_text()))
-        folder = self.root / "bench" / "ratios"
-        base_total, _ = count_flops(original, spec.inputs, [])
+    def export_ratios(self, source: SourceModel, spec, ratios: list[float]) -> list[dict[str, Any]]:
+        """Prune at each ratio (same scores), count FLOPs, export and build an ONNX Runtime engine: the build's
+        stages from plan to engine, for the pruned model alone, in one folder per ratio."""
+        base_total, _ = count_flops(source.bundle.model, spec.inputs, [])
         rows = []
         for ratio in ratios:
-            plan = make_plan(scores, PruningSection(**{**self.recipe.section("pruning"), "ratio": ratio}))
-            model = copy.deepcopy(original)
-            apply_plan(model, self.adapter.temporal_sites(model), plan)
-            total, _ = count_flops(model, spec.inputs, [])
-            onnx_path = folder / f"pruned-{ratio:g}.onnx"
-            export_onnx(model, spec, onnx_path, self.recipe.export.opset, self.recipe.export.external_data)
-            del model
-            engine_path = folder / self._ort.engine_name(onnx_path)
-            self._ort.build(onnx_path, engine_path)
-            rows.append({"ratio": ratio, "removed_heads": plan.removed_heads, "flops": total,
-                         "ideal_speedup": base_total / total, "engine": str(engine_path.relative_to(self.root))})
+            folder = self.root / "bench" / "ratios" / f"{ratio:g}"
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.root / "scores.json", folder / "scores.json")
+            recipe = dataclasses.replace(self.recipe, pruning=dataclasses.replace(self.recipe.pruning, ratio=ratio))
+            context = StageContext(recipe, self.adapter, folder, source, [self._ort], variants=("pruned",))
+            for stage in RATIO_STAGES:
+                _, data = stage.run(context)
+                context.records[stage.name] = StageRecord(key="", files={}, data=data)  # a sweep is not cached
+            total, _ = count_flops(context.pruned, spec.inputs, [])
+            engine = folder / context.records["engine"].data["pruned.onnxruntime"]["path"]
+            rows.append({"ratio": ratio, "removed_heads": context.records["plan"].data["removed_heads"],
+                         "flops": total, "ideal_speedup": base_total / total,
+                         "engine": str(engine.relative_to(self.root))})
         return rows
 
     def time_ratios(self, rows: list[dict[str, Any]], feeds) -> list[dict[str, Any]]:

@@ -4,14 +4,17 @@ A run is a whole denoising trajectory for diffusion families, one full-sequence
 forward for token models (CogVideo); the family's ``AttentionHeads`` computes
 the statistics below for its own attention layout.
 
-For temporal attention module m with heads h, x the residual stream entering
-the module and A_h the frame-by-frame attention probabilities of head h:
+Every criterion registered in ``criteria.CRITERIA`` is scored. For temporal
+attention module m with heads h, x the residual stream entering the module and
+A_h the frame-by-frame attention probabilities of head h:
 
 * ``contribution``: mean over samples, steps, positions and frames of
   ||W_o[:, h] (A_h V_h)|| / ||x||, how much the head writes into the residual;
 * ``mixing``: mean off-diagonal attention mass 1 - A_h[f, f], how much the head
   moves information across frames;
 * ``magnitude``: the norm of the head's weights (q, k, v rows and W_o columns), data-free.
+
+Token criteria are averaged per step (``per_step``) and overall; weight criteria have no steps.
 
 Statistics are gathered by hooks that recompute the attention explicitly; the
 model's own forward pass is left untouched.
@@ -26,11 +29,10 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from .criteria import CRITERIA, token_scorers
 from .models.base import ModelAdapter, ModelBundle, TemporalSite, VideoShape
 from .recipe import CalibrationSection
 from .report import progress
-
-CRITERIA = ("contribution", "mixing", "magnitude")
 
 
 @dataclass
@@ -72,14 +74,10 @@ class TemporalStatsRecorder:
         self.step = 0
         self.steps = steps
         self._residual_norm: dict[str, torch.Tensor] = {}
-        self.sums = {
-            s.attention: {
-                "contribution": torch.zeros(steps, s.heads_of(model).heads, dtype=torch.float64),
-                "mixing": torch.zeros(steps, s.heads_of(model).heads, dtype=torch.float64),
-                "tokens": torch.zeros(steps, dtype=torch.float64),
-            }
-            for s in sites
-        }
+        self.criteria = list(token_scorers())
+        self.sums = {s.attention: {c: torch.zeros(steps, s.heads_of(model).heads, dtype=torch.float64)
+                                   for c in self.criteria} for s in sites}
+        self.tokens = {s.attention: torch.zeros(steps, dtype=torch.float64) for s in sites}
 
     @contextlib.contextmanager
     def attached(self) -> Iterator["TemporalStatsRecorder"]:
@@ -107,12 +105,11 @@ class TemporalStatsRecorder:
             residual_norm = self._residual_norm.pop(site.attention, None)
             if residual_norm is None:
                 residual_norm = hidden_states.detach().norm(dim=-1)
-            contribution, mixing, tokens = site.access(attn).statistics(hidden_states.detach(), residual_norm,
-                                                                        *args[1:])
+            per_criterion, tokens = site.access(attn).statistics(hidden_states.detach(), residual_norm, *args[1:])
             sums = self.sums[site.attention]
-            sums["contribution"][self.step] += contribution
-            sums["mixing"][self.step] += mixing
-            sums["tokens"][self.step] += tokens
+            for criterion in self.criteria:
+                sums[criterion][self.step] += per_criterion[criterion]
+            self.tokens[site.attention][self.step] += tokens
         return hook
 
     def scores(self, timesteps: list[int], samples: int, note: str | None = None) -> Scores:
@@ -120,11 +117,10 @@ class TemporalStatsRecorder:
         for site in self.sites:
             heads = site.heads_of(self.model)
             sums = self.sums[site.attention]
-            tokens = sums["tokens"].clamp_min(1.0)[:, None]
-            per_step = {c: (sums[c] / tokens).tolist() for c in ("contribution", "mixing")}
-            overall = {c: (sums[c].sum(0) / sums["tokens"].sum().clamp_min(1.0)).tolist()
-                       for c in ("contribution", "mixing")}
-            overall["magnitude"] = heads.magnitude()
+            tokens = self.tokens[site.attention]
+            per_step = {c: (sums[c] / tokens.clamp_min(1.0)[:, None]).tolist() for c in self.criteria}
+            overall = {c: (sums[c].sum(0) / tokens.sum().clamp_min(1.0)).tolist() if c in self.criteria
+                       else scorer.score(heads.projections()).tolist() for c, scorer in CRITERIA.items()}
             modules[site.attention] = ModuleScores(heads.heads, heads.head_dim, overall, per_step)
         return Scores(modules, timesteps, samples, note)
 
@@ -133,9 +129,9 @@ def calibrate(adapter: ModelAdapter, bundle: ModelBundle, shape: VideoShape, sec
     """Run the model over the section's inputs (prompts x seeds, or token sequences) and score every temporal head."""
     model = bundle.model
     sites = adapter.temporal_sites(model)
-    steps = adapter.run_steps(section.steps)
+    steps = adapter.protocol.calls(section)
     recorder = TemporalStatsRecorder(model, sites, steps)
-    runs = adapter.runs(section)
+    runs = adapter.protocol.runs(section)
     timesteps: list[int] = []
     with recorder.attached(), progress() as bar:
         task = bar.add_task("calibrate", total=len(runs) * steps)
@@ -145,6 +141,5 @@ def calibrate(adapter: ModelAdapter, bundle: ModelBundle, shape: VideoShape, sec
             bar.advance(task)
 
         for run in runs:
-            timesteps = adapter.trajectory(bundle, model, run, shape, section.steps, section.guidance_scale,
-                                           on_step).timesteps
+            timesteps = adapter.trajectory(bundle, model, run, shape, on_step).timesteps
     return recorder.scores(timesteps, len(runs), adapter.calibration_note)

@@ -104,7 +104,7 @@ def inspect(recipe: Path, overrides: tuple[str, ...]) -> None:
     from .recipe import load_recipe
 
     build = Build(load_recipe(recipe, list(overrides)))
-    model = build.bundle.model
+    model = build.model.bundle.model
     rows, total = [], 0
     for site in build.adapter.temporal_sites(model):
         heads = site.heads_of(model)

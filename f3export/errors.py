@@ -53,12 +53,6 @@ class CheckpointError(F3ExportError):
     """A model folder or weights file cannot be used; the message names the file."""
 
 
-class GateError(F3ExportError):
-    """A validation gate failed: the build ran, but its result must not be used."""
-
-    exit_code = 1
-
-
 class CheckError(F3ExportError):
     """`f3export check` found drift, a missing file or a hash mismatch."""
 

@@ -12,8 +12,6 @@ file carries the engine's contract (``contract``).
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ import onnxruntime
 import torch
 from torch import nn
 
+from .artifacts import staged_model
 from .contract import engine_contract, name_axes, write_contract
 from .errors import RecipeError
 from .models.base import ExportSpec
@@ -85,10 +84,9 @@ def export_onnx(model: nn.Module, spec: ExportSpec, path: Path, opset: int, exte
     ``terms``, the engine's contract is written into the file's metadata_props.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data_name = path.name + ".data"
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.tmp-") as tmp_dir:
-        raw = Path(tmp_dir) / "raw.onnx"
+    with staged_model(path) as tmp_dir:
+        raw = tmp_dir / "raw.onnx"  # the exporter's graph, before surgery (left behind: not a final file)
         shapes = {name: tuple(t.shape) for name, t in spec.inputs.items()}
         # The traced call's output sizes, for the output axes the exporter leaves unnamed.
         hook = model.register_forward_hook(
@@ -112,7 +110,7 @@ def export_onnx(model: nn.Module, spec: ExportSpec, path: Path, opset: int, exte
         if external_data == "never" and weight_bytes > PROTOBUF_LIMIT * 0.9:
             raise RecipeError(f"[export].external_data = 'never', but {path.name} holds "
                               f"{weight_bytes / 2**30:.2f} GiB of weights, over the 2 GiB protobuf limit")
-        staged = Path(tmp_dir) / path.name
+        staged = tmp_dir / path.name
         if external:
             onnx.save_model(graph, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_name, size_threshold=1024)
@@ -123,13 +121,5 @@ def export_onnx(model: nn.Module, spec: ExportSpec, path: Path, opset: int, exte
         onnx.checker.check_model(str(staged), full_check=True)
         parameters = onnx_parameter_count(graph)
         nodes = len(graph.graph.node)
-        stale = path.parent / data_name
-        for staged_file in Path(tmp_dir).iterdir():
-            staged_file.chmod(0o644)
-        if external:
-            os.replace(Path(tmp_dir) / data_name, stale)
-        elif stale.exists():
-            stale.unlink()
-        os.replace(staged, path)
     files = [path] + ([path.parent / data_name] if external else [])
     return OnnxInfo(path, files, parameters, sum(f.stat().st_size for f in files), external, nodes, contract)

@@ -7,6 +7,11 @@ projection, then sets the module's head count (each family's
 head is replaced by its constant remainder (the output bias) and its own norm
 by the identity.
 
+A plan is structure plus provenance: which heads each module keeps
+(``KeptHeads``, all that pruning, masking and reloading read) and the recipe
+choices that produced it (recorded in plan.json). The saved pruned model
+records the kept heads in its config, so a reload rebuilds exactly those.
+
 Exactness: the pruned model equals the original with the removed heads'
 output-projection columns zeroed (``mask_heads``), to float tolerance.
 """
@@ -33,9 +38,13 @@ from .weights import load_into, load_state_dict, read_json, save_state_dict
 PRUNED_CONFIG = "config.json"
 PRUNED_WEIGHTS = "model.safetensors"
 
+KeptHeads = dict[str, list[int]]  # temporal module -> ascending indices of its original heads that stay
+
 
 @dataclass
 class PruningPlan:
+    """Which heads go (``heads``, ``removed``; applied as ``kept_heads``) and why (the rest: provenance)."""
+
     criterion: str
     scope: str
     ratio: float
@@ -52,12 +61,13 @@ class PruningPlan:
     def removed_heads(self) -> int:
         return sum(len(v) for v in self.removed.values())
 
-    def kept(self, module: str) -> list[int]:
-        gone = set(self.removed.get(module, []))
-        return [h for h in range(self.heads[module]) if h not in gone]
+    @property
+    def kept_heads(self) -> KeptHeads:
+        """The plan's structure: every module's kept heads."""
+        return {m: [h for h in range(n) if h not in self.removed.get(m, [])] for m, n in self.heads.items()}
 
     def head_counts(self) -> dict[str, int]:
-        return {m: len(self.kept(m)) for m in self.heads}
+        return {m: len(kept) for m, kept in self.kept_heads.items()}
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -120,60 +130,67 @@ def remove_site(model: nn.Module, site: TemporalSite) -> None:
         model.set_submodule(site.own_norm, nn.Identity())
 
 
-def apply_plan(model: nn.Module, sites: list[TemporalSite], plan: PruningPlan) -> None:
-    """Physically remove the plan's heads from the model, in place."""
+def apply_plan(model: nn.Module, sites: list[TemporalSite], kept: KeptHeads) -> None:
+    """Physically keep only the listed heads of each module (a module not listed keeps all), in place."""
     for site in sites:
-        keep = plan.kept(site.attention)
-        if len(keep) == plan.heads[site.attention]:
+        heads = site.heads_of(model)
+        keep = kept.get(site.attention)
+        if keep is None or len(keep) == heads.heads:
             continue
         if keep:
-            site.heads_of(model).keep(keep)
+            heads.keep(keep)
         else:
             remove_site(model, site)
 
 
 @torch.no_grad()
-def mask_heads(model: nn.Module, sites: list[TemporalSite], plan: PruningPlan) -> None:
-    """Zero the output-projection columns of the plan's removed heads (the reference for exactness)."""
+def mask_heads(model: nn.Module, sites: list[TemporalSite], kept: KeptHeads) -> None:
+    """Zero the output-projection columns of every head not kept (the reference for exactness)."""
     for site in sites:
-        if plan.removed.get(site.attention):
-            site.heads_of(model).mask(plan.removed[site.attention])
+        heads = site.heads_of(model)
+        gone = [h for h in range(heads.heads) if h not in kept.get(site.attention, range(heads.heads))]
+        if gone:
+            heads.mask(gone)
 
 
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def save_pruned(adapter: ModelAdapter, config: dict[str, Any], model: nn.Module, plan: PruningPlan,
+def save_pruned(adapter: ModelAdapter, config: dict[str, Any], model: nn.Module, kept: KeptHeads,
                 folder: Path) -> list[Path]:
-    """A self-contained pruned model: weights + the family config + per-module head counts."""
+    """A self-contained pruned model: weights + the family config + the heads each temporal module kept."""
     folder.mkdir(parents=True, exist_ok=True)
     weights, config_path = folder / PRUNED_WEIGHTS, folder / PRUNED_CONFIG
     save_state_dict(model, weights)
     write_json(config_path, {"family": adapter.family, "adapter_options": adapter.options(), "config": config,
-                             "temporal_heads": plan.head_counts()})
+                             "kept_heads": kept})
     return [weights, config_path]
 
 
 def load_pruned(folder: Path) -> tuple[ModelAdapter, dict[str, Any], nn.Module]:
-    """Rebuild a model saved by ``save_pruned``: base network, head counts applied, strict weight load."""
-    meta = read_json(folder / PRUNED_CONFIG)
+    """Rebuild a model saved by ``save_pruned``: base network, its recorded kept heads, strict weight load."""
+    path = folder / PRUNED_CONFIG
+    meta = read_json(path)
     try:
         if meta["family"] not in FAMILIES:
             raise KeyError(f"family {meta['family']!r}")
         adapter = get_adapter(meta["family"], meta.get("adapter_options"))
-        config, head_counts = meta["config"], meta["temporal_heads"]
+        config, kept = meta["config"], meta["kept_heads"]
     except KeyError as exc:
-        raise CheckpointError(f"{folder / PRUNED_CONFIG}: missing or unknown {exc}") from None
+        raise CheckpointError(f"{path}: missing or unknown {exc}") from None
     model = adapter.build(config).eval()
     sites = adapter.temporal_sites(model)
     heads = {s.attention: s.heads_of(model).heads for s in sites}
-    unknown = sorted(set(head_counts) - set(heads))
+    unknown = sorted(set(kept) - set(heads))
     if unknown:
-        raise CheckpointError(f"{folder / PRUNED_CONFIG}: unknown temporal module {unknown[0]!r}")
-    shape_only = PruningPlan("", "", 0.0, 0, [], heads,
-                             {m: list(range(n, heads[m])) for m, n in head_counts.items() if n < heads[m]})
-    apply_plan(model, sites, shape_only)
+        raise CheckpointError(f"{path}: unknown temporal module {unknown[0]!r}")
+    for module, indices in kept.items():
+        if not (isinstance(indices, list) and all(type(h) is int for h in indices)
+                and indices == sorted(set(indices)) and set(indices) <= set(range(heads[module]))):
+            raise CheckpointError(f"{path}: kept_heads[{module!r}] = {indices!r} is not an ascending list of "
+                                  f"distinct head indices in [0, {heads[module] - 1}]")
+    apply_plan(model, sites, kept)
     weights = folder / PRUNED_WEIGHTS
     load_into(model, load_state_dict(weights), weights)
     return adapter, config, model

@@ -8,6 +8,7 @@ file and the key (``tav.toml: [pruning].ratio = 1.5 is out of range [0, 1]``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -17,71 +18,83 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from .criteria import CRITERIA
 from .errors import RecipeError
 from .roots import confine
 
 DYNAMIC_AXES = ("batch", "frames", "height", "width")
-CUSTOM_MODEL_KEYS = ("class_name", "temporal_modules", "text_per_frame")  # [model] keys of family "diffusers"
 
 
 def spec(default: Any = dataclasses.MISSING, *, low: float | None = None, high: float | None = None,
          choices: tuple | None = None, nonempty: bool = False, path: bool = False,
-         read_by: tuple[str, ...] | None = None, doc: str = "") -> Any:
+         input_file: bool = False, read_by: tuple[str, ...] | None = None) -> Any:
     """A recipe key: its default and the checks a value must pass.
 
-    ``path``: a file system path; ``read_by``: the engine backends that read the key (None: all of them).
+    ``path``: a file system path; ``input_file``: a file the build reads (it must exist and lie inside the
+    allowed roots); ``read_by``: the engine backends that read the key (None: all of them).
     """
-    meta = {"low": low, "high": high, "choices": choices, "nonempty": nonempty, "path": path, "read_by": read_by,
-            "doc": doc}
+    meta = {"low": low, "high": high, "choices": choices, "nonempty": nonempty, "path": path or input_file,
+            "input_file": input_file, "read_by": read_by}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
+class RecipeKey:
+    """A key that one family declares (an option of its network, a setting of its runs, the limit of one of its
+    gates) in a section every family has: only recipes of that family may set it."""
+
+    section: str
+    name: str
+    type: Any
+    default: Any
+    checks: dict[str, Any] = field(default_factory=dict)  # spec()'s keyword arguments
+
+    def as_field(self) -> tuple[str, Any, Any]:
+        return self.name, self.type, spec(self.default, **self.checks)
+
+
+def family_key(section: str, name: str, type: Any, default: Any, **checks: Any) -> RecipeKey:
+    return RecipeKey(section, name, type, default, checks)
+
+
+@dataclass(frozen=True)
 class ModelSection:
-    family: str = spec(doc="model family, e.g. 'tune-a-video'")
-    preset: str | None = spec(None, doc="built-in config with seeded random weights")
-    path: str | None = spec(None, path=True, doc="local model folder (diffusers layout)")
-    seed: int = spec(0, low=0, doc="seed of a preset's random weights")
+    family: str = spec()  # a model family: a key of f3export.models.FAMILIES
+    preset: str | None = spec(None)  # built-in config with seeded random weights
+    path: str | None = spec(None, path=True)  # local model folder (diffusers layout)
+    seed: int = spec(0, low=0)  # seed of a preset's random weights
     frames: int = spec(8, low=1, high=1024)
     latent_height: int = spec(32, low=8, high=512)
     latent_width: int = spec(32, low=8, high=512)
-    # family = "diffusers" only: a model f3export has no adapter for, described here.
-    class_name: str | None = spec(None, doc="diffusers model class, e.g. 'UNet3DConditionModel'")
-    temporal_modules: list[str] = spec([], doc="glob patterns naming its temporal Attention modules")
-    text_per_frame: bool = spec(False, doc="the model takes one text embedding per frame")
 
     @property
     def adapter_options(self) -> dict:
-        return {key: getattr(self, key) for key in CUSTOM_MODEL_KEYS} if self.family == "diffusers" else {}
-
-
-TOKENS_DOC = ".npy file of int token sequences [runs, sequence] in the model's layout (token models)"
+        """The keys its family declares here: they configure the family's adapter."""
+        common = {f.name for f in dataclasses.fields(ModelSection)}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in common}
 
 
 @dataclass(frozen=True)
 class CalibrationSection:
     prompts: list[str] = spec(["a man is surfing"], nonempty=True)
     seeds: list[int] = spec([0], nonempty=True)
-    steps: int = spec(10, low=1, high=1000)
-    guidance_scale: float = spec(7.5, low=0.0)
-    tokens: str | None = spec(None, path=True, doc=TOKENS_DOC + "; replaces prompts x seeds")
 
 
 @dataclass(frozen=True)
 class PruningSection:
-    criterion: str = spec("contribution", choices=("contribution", "mixing", "magnitude"))
+    criterion: str = spec("contribution", choices=CRITERIA)  # the registry itself: a criterion added is a choice
     scope: str = spec("global", choices=("global", "module"))
-    ratio: float = spec(0.5, low=0.0, high=1.0, doc="fraction of temporal heads removed")
+    ratio: float = spec(0.5, low=0.0, high=1.0)  # fraction of temporal heads removed
     min_heads_per_module: int = spec(0, low=0)
-    keep: list[str] = spec([], doc="module names (glob patterns) never pruned")
+    keep: list[str] = spec([])  # module names (glob patterns) never pruned
 
 
 @dataclass(frozen=True)
 class ExportSection:
     opset: int = spec(17, low=17, high=23)
-    batch: int = spec(2, low=1, doc="batch the graph is traced at (2 = classifier-free guidance)")
+    batch: int = spec(2, low=1)  # batch the graph is traced at (2 = classifier-free guidance)
     dynamic_axes: list[str] = spec(list(DYNAMIC_AXES), choices=DYNAMIC_AXES)
     external_data: str = spec("auto", choices=("auto", "always", "never"))
 
@@ -91,20 +104,20 @@ BACKENDS = ("onnxruntime", "tensorrt")
 
 @dataclass(frozen=True)
 class EngineSection:
-    backend: str | None = spec(None, choices=BACKENDS, doc="one engine backend")
-    backends: list[str] = spec([], choices=BACKENDS, doc="several engine backends")
+    backend: str | None = spec(None, choices=BACKENDS)  # one engine backend
+    backends: list[str] = spec([], choices=BACKENDS)  # several engine backends
     device: str = spec("cpu", choices=("cpu", "cuda", "auto"), read_by=("onnxruntime",))
     optimization_level: str = spec("extended", choices=("disabled", "basic", "extended", "all"),
                                    read_by=("onnxruntime",))
     precision: str = spec("fp16", choices=("fp32", "fp16", "bf16"), read_by=("tensorrt",))
     builder_optimization_level: int = spec(3, low=0, high=5, read_by=("tensorrt",))
-    fp32_norms: bool = spec(True, read_by=("tensorrt",),
-                            doc="keep normalisation, softmax and reductions in fp32 (fp16/bf16 overflow)")
+    # keep normalisation, softmax and reductions in fp32 (fp16/bf16 overflow)
+    fp32_norms: bool = spec(True, read_by=("tensorrt",))
     # Every backend's validated range (TensorRT: also its optimization profile).
-    profile_batch: list[int] = spec([], low=1, doc="[min, opt, max]; default: the export shape, static")
+    profile_batch: list[int] = spec([], low=1)  # [min, opt, max]; default: the export shape, static
     profile_frames: list[int] = spec([], low=1)
-    profile_height: list[int] = spec([], low=1, doc="latent height")
-    profile_width: list[int] = spec([], low=1, doc="latent width")
+    profile_height: list[int] = spec([], low=1)  # latent height
+    profile_width: list[int] = spec([], low=1)  # latent width
 
     @property
     def selected(self) -> list[str]:
@@ -115,23 +128,16 @@ class EngineSection:
 class ValidationSection:
     prompts: list[str] = spec(["a dog running on the beach"], nonempty=True)
     seeds: list[int] = spec([1000], nonempty=True)
-    steps: int = spec(10, low=1, high=1000)
-    guidance_scale: float = spec(7.5, low=0.0)
-    tokens: str | None = spec(None, path=True, doc=TOKENS_DOC + "; held out from calibration")
-    export_samples: int = spec(2, low=1, high=64, doc="fresh random inputs for export fidelity")
-    export_max_rel_l2: float = spec(1e-4, low=0.0, doc="fp32 engines")
+    export_samples: int = spec(2, low=1, high=64)  # fresh random inputs for export fidelity
+    export_max_rel_l2: float = spec(1e-4, low=0.0)  # fp32 engines
     export_min_cosine: float = spec(0.9999, low=-1.0, high=1.0)
-    export_fp16_max_rel_l2: float = spec(2e-2, low=0.0, doc="fp16 / bf16 engines")
+    export_fp16_max_rel_l2: float = spec(2e-2, low=0.0)  # fp16 / bf16 engines
     export_fp16_min_cosine: float = spec(0.999, low=-1.0, high=1.0)
-    pruning_min_step_cosine: float = spec(0.9, low=-1.0, high=1.0)
-    pruning_min_latent_psnr: float = spec(20.0)
-    pruning_min_logit_cosine: float = spec(0.9, low=-1.0, high=1.0, doc="token models: per frame")
-    pruning_min_top1_agreement: float = spec(0.5, low=0.0, high=1.0, doc="token models: same argmax token")
 
 
 @dataclass(frozen=True)
 class OutputSection:
-    name: str | None = spec(None, doc="artifact folder name; default: the recipe file's stem")
+    name: str | None = spec(None)  # artifact folder name; default: the recipe file's stem
     dir: str = spec("artifacts", path=True)
 
 
@@ -177,6 +183,12 @@ class Recipe:
     def as_dict(self) -> dict[str, Any]:
         return {name: self.section(name) for name in SECTIONS}
 
+    def input_files(self, name: str) -> dict[str, str]:
+        """The files section ``name`` sets that the build reads (keys declared ``input_file``), by key."""
+        section = getattr(self, name)
+        return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)
+                if f.metadata["input_file"] and getattr(section, f.name) is not None}
+
     @classmethod
     def from_dict(cls, source: Path, data: dict[str, Any]) -> "Recipe":
         """A recipe as stored in a manifest: read from an untrusted folder, so checked like a recipe file."""
@@ -184,14 +196,58 @@ class Recipe:
         for name in data:
             if name not in SECTIONS:
                 raise RecipeError(f"{where}: unknown section [{name}]")
+        family = _family(data.get("model"), where)
         sections = {}
-        for name, section in SECTIONS.items():
+        for name, section in family_sections(family).items():
             raw = data.get(name)
             if not isinstance(raw, dict):
                 raise RecipeError(f"{where}: [{name}] missing or not a table")
             stored = {k: v for k, v in raw.items() if v is not None}  # None is how an unset optional key is stored
-            sections[name] = _build_section(section, stored, f"{where}: [{name}]")
+            sections[name] = _build_section(name, section, stored, f"{where}: [{name}]", family)
         return cls(source=source, **sections)
+
+
+def _declared_keys(family: str | None) -> tuple[RecipeKey, ...]:
+    from .models import FAMILIES
+
+    return FAMILIES[family].recipe_keys() if family in FAMILIES else ()
+
+
+@functools.cache
+def family_sections(family: str | None) -> dict[str, type]:
+    """The section classes of a family's recipes: each of SECTIONS, extended by the keys the family declares."""
+    keys = _declared_keys(family)
+    return {name: dataclasses.make_dataclass(cls.__name__, [k.as_field() for k in keys if k.section == name],
+                                              bases=(cls,), frozen=True)
+            if any(k.section == name for k in keys) else cls
+            for name, cls in SECTIONS.items()}
+
+
+def _family(model: Any, where: str) -> str | None:
+    """The recipe's [model].family if it names one; None where the [model] table will say what is wrong."""
+    from .models import FAMILIES
+
+    family = model.get("family") if isinstance(model, dict) else None
+    if isinstance(family, str) and family not in FAMILIES:
+        raise RecipeError(f"{where}: [model].family = {family!r} is not one of {', '.join(map(repr, FAMILIES))}")
+    return family if isinstance(family, str) else None
+
+
+def _foreign_key_problem(section: str, key: str, value: Any, family: str | None) -> str | None:
+    """Why ``key`` of section ``section``, unknown to ``family``, cannot be set: None where no other family
+    declares it either (an unknown key); "" where it holds their default, which is dropped (what a manifest
+    of an earlier version holds, written when every family's keys were in every recipe)."""
+    from .models import FAMILIES
+
+    owners = {name: k for name, cls in FAMILIES.items() for k in cls.recipe_keys()
+              if k.section == section and k.name == key and name != family}
+    if not owners:
+        return None
+    if all(value == k.default for k in owners.values()):
+        return ""
+    if section == "model":  # an option describing another family's network
+        return f"applies only to family {', '.join(map(repr, owners))}"
+    return f"does not apply to {family} models"
 
 
 def _type_name(tp: Any) -> str:
@@ -238,20 +294,26 @@ def _check_value(value: Any, tp: Any, meta: dict[str, Any], where: str) -> Any:
     return value
 
 
-def _build_section(cls: type, raw: Any, where: str) -> Any:
+def _build_section(name: str, cls: type, raw: Any, where: str, family: str | None) -> Any:
     if not isinstance(raw, dict):
-        raise RecipeError(f"{where}: expected a table [{where.split('[')[-1]}")
+        raise RecipeError(f"{where}: expected a table [{name}]")
     hints = get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
-        if key not in known:
+        if key in known:
+            continue
+        problem = _foreign_key_problem(name, key, raw[key], family)
+        if problem is None:
             raise RecipeError(f"{where}: unknown key {key!r} (known: {', '.join(known)})")
+        if problem:
+            raise RecipeError(f"{where}.{key} {problem}")
+    raw = {k: v for k, v in raw.items() if k in known}
     values = {}
-    for name, f in known.items():
-        if name in raw:
-            values[name] = _check_value(raw[name], hints[name], dict(f.metadata), f"{where}.{name}")
+    for key, f in known.items():
+        if key in raw:
+            values[key] = _check_value(raw[key], hints[key], dict(f.metadata), f"{where}.{key}")
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise RecipeError(f"{where}: missing required key {name!r}")
+            raise RecipeError(f"{where}: missing required key {key!r}")
     return cls(**values)
 
 
@@ -291,9 +353,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
             raise RecipeError(f"{path.name}: unknown section [{section}] (known: {', '.join(SECTIONS)})")
     if "model" not in raw:
         raise RecipeError(f"{path.name}: missing section [model]")
-    sections = {
-        name: _build_section(cls, raw.get(name, {}), f"{path.name}: [{name}]") for name, cls in SECTIONS.items()
-    }
+    family = _family(raw["model"], path.name)
+    sections = {name: _build_section(name, cls, raw.get(name, {}), f"{path.name}: [{name}]", family)
+                for name, cls in family_sections(family).items()}
     model = sections["model"]
     if (model.preset is None) == (model.path is None):
         raise RecipeError(f"{path.name}: [model] needs exactly one of 'preset' or 'path'")
@@ -353,16 +415,15 @@ def file_name_problem(name: str) -> str | None:
 
 
 def _check_allowed_roots(recipe: Recipe) -> None:
-    """Under F3EXPORT_ALLOWED_ROOTS (a shared build server), the model folder, the token files and the
+    """Under F3EXPORT_ALLOWED_ROOTS (a shared build server), the model folder, the input files and the
     final artifact folder (``dir/name``, symlinks resolved) must lie inside the allowed roots. Each file
     read from the model folder is checked again when the build lists them (a symlink inside may point out)."""
     where = recipe.source.name
     if recipe.model.path is not None:
         confine(recipe.model.path, f"{where}: [model].path")
-    for name in ("calibration", "validation"):
-        tokens = getattr(recipe, name).tokens
-        if tokens is not None:
-            confine(tokens, f"{where}: [{name}].tokens")
+    for name in SECTIONS:
+        for key, value in recipe.input_files(name).items():
+            confine(value, f"{where}: [{name}].{key}")
     confine(recipe.artifact_dir, f"{where}: [output].dir/name")
 
 
@@ -400,48 +461,18 @@ def _check_engine(recipe: Recipe) -> None:
 
 def _check_model_family(recipe: Recipe) -> None:
     from .models import FAMILIES
-    from .models.diffusers_video import diffusers_class
-    from .errors import CheckpointError
 
     where = f"{recipe.source.name}: [model]"
     model = recipe.model
-    if model.family not in FAMILIES:
-        raise RecipeError(f"{where}.family = {model.family!r} is not one of {', '.join(map(repr, FAMILIES))}")
     presets = FAMILIES[model.family].presets
     if model.preset is not None and model.preset not in presets:
         known = ", ".join(map(repr, presets)) or "none (give 'path')"
         raise RecipeError(f"{where}.preset = {model.preset!r} is not one of {known}")
     if model.path is not None and not Path(model.path).is_dir():
         raise RecipeError(f"{where}.path = {model.path!r}: folder not found")
-    _check_family_keys(recipe, FAMILIES)
-    if model.family == "diffusers":
-        if model.class_name is None or not model.temporal_modules:
-            raise RecipeError(f"{where}: family 'diffusers' needs 'class_name' and 'temporal_modules'")
-        try:
-            diffusers_class(model.class_name)
-        except CheckpointError:
-            raise RecipeError(f"{where}.class_name = {model.class_name!r} is not a diffusers model class") from None
-    else:
-        for key in CUSTOM_MODEL_KEYS:
-            if getattr(model, key) not in (None, [], False):
-                raise RecipeError(f"{where}.{key} applies only to family 'diffusers'")
+    FAMILIES[model.family].check_options(model.adapter_options, where)
+    for name in SECTIONS:
+        for key, value in recipe.input_files(name).items():
+            if not Path(value).is_file():
+                raise RecipeError(f"{recipe.source.name}: [{name}].{key} = {value!r}: file not found")
 
-
-def _family_keys(adapter: type) -> set[str]:
-    return set(adapter.run_keys) | {gate.recipe_key for gate in adapter.fidelity_gates}
-
-
-def _check_family_keys(recipe: Recipe, families: dict[str, type]) -> None:
-    """[calibration]/[validation] keys that only some families read must not be set for the others."""
-    own = _family_keys(families[recipe.model.family])
-    others = set().union(*map(_family_keys, families.values())) - own
-    for name in ("calibration", "validation"):
-        section = getattr(recipe, name)
-        for f in dataclasses.fields(section):
-            default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-            if f.name in others and getattr(section, f.name) != default:
-                raise RecipeError(f"{recipe.source.name}: [{name}].{f.name} does not apply to "
-                                  f"{recipe.model.family} models")
-        tokens = getattr(section, "tokens", None)
-        if tokens is not None and not Path(tokens).is_file():
-            raise RecipeError(f"{recipe.source.name}: [{name}].tokens = {tokens!r}: file not found")

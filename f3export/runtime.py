@@ -1,25 +1,50 @@
-"""Use a built engine in your own denoising loop, with no other f3export machinery.
+"""Use a built engine in your own loop, with no other f3export machinery.
 
     unet = EngineUNet("artifacts/tav")                  # the pruned engine, first backend built
     noise = unet(latents, t, text_embeddings)           # torch tensors or numpy arrays in, same out
 
-Production code can equally load the engine files directly (ONNX Runtime,
-TensorRT); this helper reads the manifest to find them, refuses a build that
-failed or did not finish, and serves an engine only if it hashes as built.
+    model = EngineRunner("artifacts/cogvideo")          # any family: inputs by the engine contract's names
+    logits = model(tokens=tokens, text_len=text_len)    # or positionally, in the contract's order
+
+Inputs are taken by the names and order of the build's engine contract, cast to its dtypes; a 1-D input
+given as one value (a timestep, a text length) is repeated over the batch. One output is returned as is,
+several as a dict by name. Production code can equally load the engine files directly (ONNX Runtime,
+TensorRT); this helper reads the manifest to find them, refuses a build that failed or did not finish,
+and serves an engine only if it hashes as built.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from .artifacts import open_build
+from .artifacts import FinishedBuild, open_build
 from .engines import make_backend
 from .errors import CheckError
 
 
-class EngineUNet:
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of the engine contract."""
+
+    name: str
+    dtype: np.dtype
+    rank: int
+
+
+def contract_tensors(build: FinishedBuild, kind: str) -> list[TensorSpec]:
+    """The contract's ``inputs`` or ``outputs``, checked (the manifest is untrusted input)."""
+    where = f"{build.root / 'manifest.json'}: contract.{kind}"
+    try:
+        return [TensorSpec(t["name"], np.dtype(t["dtype"]), len(t["shape"])) for t in build.doc["contract"][kind]]
+    except (KeyError, TypeError, ValueError):
+        raise CheckError(f"{where}: missing or malformed (a list of {{name, dtype, shape}})") from None
+
+
+class EngineRunner:
     """Serves one engine of a finished build that passed, after checking its hash against the manifest."""
 
     def __init__(self, artifact_dir: str | Path, variant: str = "pruned", backend: str | None = None,
@@ -30,26 +55,36 @@ class EngineUNet:
         if not entries:
             raise CheckError(f"{artifact_dir}: no {variant} engine{' for ' + backend if backend else ''} "
                              "in the manifest")
+        self.inputs, self.outputs = contract_tensors(build, "inputs"), contract_tensors(build, "outputs")
         entry = build.verified_engine(entries[0].name)
         self.engine = make_backend(entry.backend, build.recipe, build.root).load(entry.path)
 
-    def __call__(self, sample, timestep, encoder_hidden_states):
-        as_torch = hasattr(sample, "detach")
-        batch = sample.shape[0]
-        feeds = {
-            "sample": _numpy(sample),
-            "timestep": np.broadcast_to(_numpy(timestep).astype(np.float32).reshape(-1), (batch,)).copy(),
-            "encoder_hidden_states": _numpy(encoder_hidden_states),
-        }
-        out = self.engine.run(feeds)["noise_pred"]
-        if as_torch:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        names = [t.name for t in self.inputs]
+        if len(args) > len(names) or set(kwargs) - set(names[len(args):]):
+            raise TypeError(f"the engine takes {', '.join(names)}")
+        given = {**dict(zip(names, args)), **kwargs}
+        missing = [n for n in names if n not in given]
+        if missing:
+            raise TypeError(f"missing engine input(s) {', '.join(missing)}")
+        device = next((v.device for v in given.values() if hasattr(v, "detach")), None)
+        feeds = {t.name: _numpy(given[t.name], t.dtype) for t in self.inputs}
+        batch = feeds[names[0]].shape[0]
+        for t in self.inputs:
+            if t.rank == 1 and feeds[t.name].size == 1:  # one value for every row of the batch
+                feeds[t.name] = np.broadcast_to(feeds[t.name].reshape(-1), (batch,)).copy()
+        out = self.engine.run(feeds)
+        if device is not None:
             import torch
 
-            return torch.from_numpy(out).to(sample.device)
-        return out
+            out = {name: torch.from_numpy(value).to(device) for name, value in out.items()}
+        return out[self.outputs[0].name] if len(self.outputs) == 1 else {t.name: out[t.name] for t in self.outputs}
 
 
-def _numpy(value) -> np.ndarray:
+EngineUNet = EngineRunner  # the name of the diffusion families' denoising loop: noise = unet(sample, t, context)
+
+
+def _numpy(value: Any, dtype: np.dtype) -> np.ndarray:
     if hasattr(value, "detach"):
         value = value.detach().cpu().numpy()
-    return np.ascontiguousarray(np.asarray(value, dtype=np.float32))
+    return np.ascontiguousarray(np.asarray(value, dtype=dtype))

@@ -122,14 +122,13 @@ class PruningFidelity:
 def pruning_fidelity(adapter: ModelAdapter, bundle: ModelBundle, pruned: nn.Module, shape: VideoShape,
                      section: ValidationSection) -> PruningFidelity:
     """Original and pruned models on the same held-out runs, compared with the family's metrics."""
-    runs = adapter.runs(section)
+    runs = adapter.protocol.runs(section)
     metrics = []
     with progress() as bar:
-        task = bar.add_task("validate", total=2 * len(runs) * adapter.run_steps(section.steps))
+        task = bar.add_task("validate", total=2 * len(runs) * adapter.protocol.calls(section))
         for run in runs:
             reference, candidate = (
-                adapter.trajectory(bundle, model, run, shape, section.steps, section.guidance_scale,
-                                   lambda _: bar.advance(task))
+                adapter.trajectory(bundle, model, run, shape, lambda _: bar.advance(task))
                 for model in (bundle.model, pruned)
             )
             metrics.append(adapter.fidelity(reference, candidate))
@@ -137,7 +136,7 @@ def pruning_fidelity(adapter: ModelAdapter, bundle: ModelBundle, pruned: nn.Modu
     for name in metrics[0]:
         values = [v for m in metrics for v in np.atleast_1d(m[name])]
         summary[f"{name}_min"], summary[f"{name}_mean"] = float(np.min(values)), float(np.mean(values))
-    per_run = [{"prompt": run.prompt, "seed": run.seed, **m} for run, m in zip(runs, metrics)]
+    per_run = [{**run.label(), **m} for run, m in zip(runs, metrics)]
     return PruningFidelity(summary, per_run)
 
 

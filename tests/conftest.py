@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,12 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
+from f3export.calibrate import ModuleScores, Scores
 from f3export.cli import main
 
 from f3export.models import get_adapter
 from f3export.models.base import VideoShape
+from f3export.stages import STAGE_NAMES, STAGES as STAGE_DECLARATIONS
 from f3export.models.tuneavideo import TINY
 
 TAV = get_adapter("tune-a-video")
@@ -65,6 +68,32 @@ dir = "{out}"
 """
 
 
+# Tiny CogVideo over token files ``{base}/calibration.npy`` and ``{base}/validation.npy``.
+COGVIDEO_TOKENS_RECIPE = """
+[model]
+family = "cogvideo"
+preset = "tiny"
+frames = 5
+latent_height = 8
+latent_width = 8
+
+[calibration]
+tokens = "{base}/calibration.npy"
+
+[export]
+dynamic_axes = ["batch"]
+
+[validation]
+tokens = "{base}/validation.npy"
+export_samples = 1
+pruning_min_logit_cosine = 0.5
+pruning_min_top1_agreement = 0.2
+
+[output]
+dir = "{base}/artifacts"
+"""
+
+
 @pytest.fixture
 def write_recipe(tmp_path):
     """write_recipe(text, name) -> path; ``{out}`` in the text becomes an artifacts folder under tmp_path."""
@@ -86,6 +115,27 @@ def built(tmp_path_factory):
     result = run("build", recipe)
     assert result.exit_code == 0, result.output
     return recipe, folder / "artifacts" / "fast", result.output
+
+
+@pytest.fixture
+def rebuildable(built, tmp_path):
+    """A private copy of the shared build and its recipe, free to rebuild with changes."""
+    recipe, root, _ = built
+    shutil.copytree(root, tmp_path / "artifacts" / "fast")
+    path = tmp_path / "fast.toml"
+    path.write_text(recipe.read_text().replace(str(root.parent), str(tmp_path / "artifacts")))
+    return path, tmp_path / "artifacts" / "fast"
+
+
+def scores_for(model, criterion="contribution", seed=0, adapter=TAV) -> Scores:
+    """Distinct pseudo-random scores for every temporal head (a plan without running calibration)."""
+    generator = torch.Generator().manual_seed(seed)
+    modules = {}
+    for site in adapter.temporal_sites(model):
+        heads = site.heads_of(model)
+        values = torch.rand(heads.heads, generator=generator).tolist()
+        modules[site.attention] = ModuleScores(heads.heads, heads.head_dim, {criterion: values})
+    return Scores(modules, timesteps=[], samples=0)
 
 
 def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -145,13 +195,12 @@ def write_clip(folder, width: int) -> None:
 
 
 # -- rebuilds: which stages reran --------------------------------------------------------------------
-STAGES = ["calibrate", "plan", "prune", "export", "engine", "validate"]
+STAGES = STAGE_NAMES  # the build's own declarations (f3export/stages.py), not a restatement of them
 
 
 # What each stage reads: a stage whose own inputs are unchanged is reused even when an upstream stage
 # reran (content-addressed keys: a rerun that reproduces the same bytes stops the cascade).
-CONSUMES = {"plan": ["calibrate"], "prune": ["plan"], "export": ["prune"], "engine": ["export"],
-            "validate": ["engine", "prune"]}
+CONSUMES = {stage.name: list(stage.upstream) for stage in STAGE_DECLARATIONS}
 
 
 def rebuild(path, root, *args) -> tuple[dict, dict]:

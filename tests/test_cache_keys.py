@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from f3export.models.tuneavideo import TINY
 
-from conftest import (FAST_RECIPE, ORIGINAL_STYLE_CONFIG, STAGES, TAV, assert_reruns_exactly, rebuild, run,
-                      write_checkpoint, write_clip)
+from conftest import (COGVIDEO_TOKENS_RECIPE, FAST_RECIPE, ORIGINAL_STYLE_CONFIG, STAGES, TAV, assert_reruns_exactly,
+                      rebuild, run, write_checkpoint, write_clip)
 
 NETWORK_READERS = ["calibrate", "prune", "export", "validate"]
 TRAJECTORY_RUNNERS = ["calibrate", "validate"]
@@ -143,29 +143,6 @@ def test_files_the_build_does_not_read_rerun_nothing(tav_folder_build, tmp_path)
     assert {stage: after[stage]["key"] for stage in STAGES} == {stage: before[stage]["key"] for stage in STAGES}
 
 
-COGVIDEO_RECIPE = """
-[model]
-family = "cogvideo"
-preset = "tiny"
-frames = 5
-latent_height = 8
-latent_width = 8
-
-[calibration]
-tokens = "{base}/calibration.npy"
-
-[export]
-dynamic_axes = ["batch"]
-
-[validation]
-tokens = "{base}/validation.npy"
-export_samples = 1
-pruning_min_logit_cosine = 0.5
-pruning_min_top1_agreement = 0.2
-
-[output]
-dir = "{base}/artifacts"
-"""
 
 
 def write_tokens(path: Path, seed: int) -> None:
@@ -179,7 +156,7 @@ def test_a_token_file_overwritten_in_place_reruns_the_stage_that_reads_it(tmp_pa
     write_tokens(tmp_path / "calibration.npy", seed=0)
     write_tokens(tmp_path / "validation.npy", seed=1)
     recipe = tmp_path / "cogvideo.toml"
-    recipe.write_text(COGVIDEO_RECIPE.replace("{base}", str(tmp_path)))
+    recipe.write_text(COGVIDEO_TOKENS_RECIPE.replace("{base}", str(tmp_path)))
     assert run("build", recipe).exit_code == 0
     root = tmp_path / "artifacts" / "cogvideo"
 

@@ -8,10 +8,14 @@ import pytest
 import torch
 
 from f3export.calibrate import calibrate
+from f3export.criteria import CRITERIA, TokenScorer, WeightScorer, contribution, magnitude
 from f3export.models.attention import DiffusersAttentionHeads
-from f3export.recipe import CalibrationSection
+from f3export.prune import make_plan
+from f3export.recipe import PruningSection, family_sections, load_recipe
 
-from conftest import SMALL_SHAPE, TAV
+from conftest import FAST_RECIPE, SMALL_SHAPE, TAV
+
+CalibrationSection = family_sections(TAV.family)["calibration"]  # with the family's steps and guidance_scale
 
 
 @pytest.fixture
@@ -22,7 +26,8 @@ def temporal_attention(tiny_model):
 def test_contribution_is_each_heads_own_output_norm_over_the_residual_norm(temporal_attention):
     x = torch.randn(5, 6, temporal_attention.to_q.in_features, generator=torch.Generator().manual_seed(0))
     residual_norm = torch.rand(5, 6) + 0.5
-    contribution, _, tokens = DiffusersAttentionHeads(temporal_attention).statistics(x, residual_norm)
+    sums, tokens = DiffusersAttentionHeads(temporal_attention).statistics(x, residual_norm)
+    contribution = sums["contribution"]
     bias = temporal_attention.to_out[0].bias
     for head in range(temporal_attention.heads):
         only_this_head = copy.deepcopy(temporal_attention)
@@ -38,8 +43,8 @@ def test_mixing_of_uniform_attention_is_one_minus_one_over_frames(temporal_atten
     with torch.no_grad():
         temporal_attention.to_q.weight.zero_()  # equal logits: every frame attends to all F equally
     x = torch.randn(3, 4, temporal_attention.to_q.in_features)
-    _, mixing, tokens = DiffusersAttentionHeads(temporal_attention).statistics(x, torch.ones(3, 4))
-    assert torch.allclose(mixing / tokens, torch.full((8,), 1 - 1 / 4, dtype=torch.float64))
+    sums, tokens = DiffusersAttentionHeads(temporal_attention).statistics(x, torch.ones(3, 4))
+    assert torch.allclose(sums["mixing"] / tokens, torch.full((8,), 1 - 1 / 4, dtype=torch.float64))
 
 
 def test_magnitude_is_the_norm_of_each_heads_weights(temporal_attention):
@@ -49,7 +54,8 @@ def test_magnitude_is_the_norm_of_each_heads_weights(temporal_attention):
     expected = sum(p.weight[rows].pow(2).sum() for p in (temporal_attention.to_q, temporal_attention.to_k,
                                                            temporal_attention.to_v))
     expected = (expected + temporal_attention.to_out[0].weight[:, rows].pow(2).sum()).sqrt()
-    assert DiffusersAttentionHeads(temporal_attention).magnitude()[head] == pytest.approx(expected.item(), rel=1e-6)
+    magnitude = CRITERIA["magnitude"].score(DiffusersAttentionHeads(temporal_attention).projections())
+    assert magnitude[head].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_calibration_scores_every_head_overall_and_per_step(tiny_bundle):
@@ -64,3 +70,19 @@ def test_calibration_scores_every_head_overall_and_per_step(tiny_bundle):
         assert torch.allclose(per_step_mean, torch.tensor(module.scores["contribution"]), rtol=1e-5)
         assert all(0.0 < m < 1.0 for m in module.scores["mixing"])
         assert all(c > 0.0 for c in module.scores["contribution"])
+
+
+def test_a_registered_scorer_is_a_recipe_criterion_and_a_scores_column(monkeypatch, tiny_bundle, write_recipe):
+    monkeypatch.setitem(CRITERIA, "contribution_again", TokenScorer(contribution))
+    monkeypatch.setitem(CRITERIA, "magnitude_squared", WeightScorer(lambda projections: magnitude(projections) ** 2))
+    recipe = load_recipe(write_recipe(FAST_RECIPE.replace("ratio = 0.5", 'ratio = 0.5\ncriterion = "contribution_again"')))
+    assert recipe.pruning.criterion == "contribution_again"
+    scores = calibrate(TAV, tiny_bundle, SMALL_SHAPE, recipe.calibration)
+    assert scores.to_json()["criteria"] == ["contribution", "mixing", "magnitude", "contribution_again",
+                                            "magnitude_squared"]
+    for module in scores.modules.values():
+        assert module.scores["contribution_again"] == module.scores["contribution"]
+        assert module.per_step["contribution_again"] == module.per_step["contribution"]
+        assert module.scores["magnitude_squared"] == pytest.approx([m * m for m in module.scores["magnitude"]])
+        assert "magnitude_squared" not in module.per_step  # data-free: no steps
+    assert make_plan(scores, recipe.pruning).removed == make_plan(scores, PruningSection()).removed

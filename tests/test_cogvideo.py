@@ -15,17 +15,17 @@ import torch
 import torch.nn.functional as F
 
 from f3export.errors import CheckpointError
-from f3export.export import export_onnx
 from f3export.models import get_adapter
-from f3export.models.base import Run, Trajectory, VideoShape
-from f3export.models.cogvideo import (SAT_WEIGHTS, TemporalChannelHeads, key_mask, ours_to_sat, position_ids,
-                                      save_sat, spatial_mask, temporal_mask)
-from f3export.prune import apply_plan, make_plan, mask_heads, parameter_count
+from f3export.models.base import VideoShape
+from f3export.models.cogvideo.checkpoint import SAT_WEIGHTS, ours_to_sat, save_sat
+from f3export.models.cogvideo.network import TemporalChannelHeads, key_mask, position_ids, spatial_mask, temporal_mask
+from f3export.models.protocols import FramesForward, PromptRun
+from f3export.prune import apply_plan, load_pruned, make_plan, parameter_count
 from f3export.recipe import PruningSection
+from f3export.runtime import EngineRunner
 from f3export.weights import load_state_dict
 
-from conftest import run
-from test_prune import scores_for
+from conftest import relative_l2, run, scores_for
 
 COGVIDEO = get_adapter("cogvideo")
 SHAPE = VideoShape(frames=5, latent_height=8, latent_width=8)
@@ -99,7 +99,8 @@ def test_contribution_is_each_heads_weighted_output_over_the_residual_norm_from_
     hidden = torch.randn(2, 328, 64, generator=torch.Generator().manual_seed(1))
     residual_norm = torch.rand(2, 328) + 0.5
     keys = key_mask(8, torch.tensor([8, 3]), 328)
-    contribution, mixing, tokens = TemporalChannelHeads(channel).statistics(hidden, residual_norm, keys)
+    sums, tokens = TemporalChannelHeads(channel).statistics(hidden, residual_norm, keys)
+    contribution, mixing = sums["contribution"], sums["mixing"]
     assert tokens == 2 * 4 * 64
     with torch.no_grad():
         constant = channel.dense.bias * (1 - channel.spatial_weight())
@@ -119,29 +120,6 @@ def test_contribution_is_each_heads_weighted_output_over_the_residual_norm_from_
                                                      != frame_of(torch.arange(72, 328))[:, None])
         expected_mixing = (probs * other).sum(dim=-1).sum(dim=(0, 2))
     assert mixing.tolist() == pytest.approx(expected_mixing.tolist(), rel=1e-4)
-
-
-@pytest.mark.parametrize("ratio", [0.0, 0.5, 1.0])
-def test_pruned_equals_masked_and_onnx_shrinks_by_the_removed_parameters(model, inputs, tmp_path, ratio):
-    plan = make_plan(scores_for(model, adapter=COGVIDEO), PruningSection(ratio=ratio))
-    assert plan.removed_heads == round(12 * ratio)
-    pruned, masked = copy.deepcopy(model), copy.deepcopy(model)
-    apply_plan(pruned, COGVIDEO.temporal_sites(pruned), plan)
-    mask_heads(masked, COGVIDEO.temporal_sites(masked), plan)
-    with torch.no_grad():
-        assert torch.allclose(pruned(**inputs), masked(**inputs), atol=1e-5, rtol=1e-5)
-        assert torch.equal(pruned(**inputs), model(**inputs)) == (ratio == 0)
-    # Per removed head: its q, k, v rows (weights and biases) and its dense columns.
-    removed_heads = sum(len(h) for h in plan.removed.values())
-    assert parameter_count(model) - parameter_count(pruned) == removed_heads * (4 * 64 * 16 + 3 * 16)
-    spec = COGVIDEO.export_spec(model, SHAPE, batch=2, dynamic=["batch"], seed=3)
-    before = export_onnx(model, spec, tmp_path / "original.onnx", 17, "auto")
-    after = export_onnx(pruned, spec, tmp_path / "pruned.onnx", 17, "auto")
-    # ONNX folds sigmoid(a) and 1 - sigmoid(a) into two constants; a removed channel folds its
-    # (1 - sigmoid(a)) * bias into one, so each removed channel drops one more hidden-wide vector than in torch.
-    channels_removed = sum(1 for n in plan.head_counts().values() if n == 0)
-    assert before.parameters - after.parameters == (parameter_count(model) - parameter_count(pruned)
-                                                      + 64 * channels_removed)
 
 
 def test_sat_checkpoint_round_trip(model, inputs, tmp_path):
@@ -184,7 +162,7 @@ def test_full_preset_loses_the_temporal_channels_share_at_ratio_one():
     plan = make_plan(scores_for(full, adapter=COGVIDEO), PruningSection(ratio=1.0))
     assert plan.removed_heads == 48 * 48
     before = parameter_count(full)
-    apply_plan(full, sites, plan)
+    apply_plan(full, sites, plan.kept_heads)
     c, vocab = 3072, 150010
     spatial = (3 * c * c + 3 * c) + (c * c + c)
     temporal = (3 * c * c + 3 * c) + (c * c + c) + c  # query_key_value, dense, attn_distribution
@@ -255,9 +233,16 @@ pruning_min_top1_agreement = 0.2
     assert scores["note"] == ("temporal statistics over the tokens of frames 1 on: CogVideo's stage 1 masks frame 0 "
                               "out of its loss and generates it with the temporal channel off")
     pruning = json.loads((root / "validation.json").read_text())["metrics"]["pruning"]
-    assert [r["prompt"] for r in pruning["per_run"]] == ["validation.npy[0]"]
+    assert [r["tokens"] for r in pruning["per_run"]] == ["validation.npy[0]"]
     assert len(pruning["per_run"][0]["logit_cosine"]) == 4  # one per frame from frame 1
     assert run("check", root).exit_code == 0
+    # The runtime serves a token model from its engine contract (inputs by name, a text length for the batch).
+    row = torch.from_numpy(layout[1:])
+    logits = EngineRunner(root)(tokens=row, text_len=8)
+    with torch.no_grad():
+        expected = load_pruned(root / "pruned")[2](row, torch.tensor([8]))
+    assert isinstance(logits, torch.Tensor) and logits.shape == (1, 320, 256)
+    assert relative_l2(logits, expected) < 1e-4
     result = run("bench", root, "--runs", "2", "--warmup", "1", "--ratios", "0,1")
     assert result.exit_code == 0, result.output
     bench = json.loads((root / "bench.json").read_text())
@@ -304,8 +289,8 @@ def test_token_models_do_not_take_diffusion_keys_and_diffusion_models_no_tokens(
 
 
 def test_calibration_runs_are_one_forward_each(model):
-    trajectory = COGVIDEO.trajectory(None, model, Run("a cat", 0), SHAPE, steps=1, guidance_scale=0.0)
-    assert len(trajectory.outputs) == 5 and trajectory.final.shape == (1, 320, 256)
+    trajectory = COGVIDEO.trajectory(None, model, PromptRun("a cat", 0), SHAPE)
+    assert trajectory.timesteps == [0] and [f.shape for f in trajectory.frame_logits] == [(1, 64, 256)] * 5
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -321,7 +306,7 @@ def _merged(context: torch.Tensor) -> torch.Tensor:
 def sat_spatial_reference(attention, hidden, text_len, frame_len, frames, totxt):
     """CogVideo's attention_localframe_and_text, block by block as SAT computes it (``totxt``: [B, text] 0/1, SAT's
     attention_mask_totxt)."""
-    heads, (b, s, c) = attention.heads, hidden.shape
+    heads, b = attention.heads, hidden.shape[0]
     q0, k0, v0 = (_heads(x, heads) for x in attention.query_key_value(hidden).chunk(3, dim=-1))
     d = q0.shape[-1]
     to_text = totxt[:, None, None, :]
@@ -432,7 +417,7 @@ def test_pruning_fidelity_reads_frames_1_on():
     frame_0_changed, frame_2_changed = reference.clone(), reference.clone()
     frame_0_changed[:, :64] = torch.randn(1, 64, 256)
     frame_2_changed[:, 128:192] = -frame_2_changed[:, 128:192]
-    trajectory = lambda logits: Trajectory(list(logits.split(64, dim=1)), logits, [0])
+    trajectory = lambda logits: FramesForward([0], list(logits.split(64, dim=1)))
     unchanged = COGVIDEO.fidelity(trajectory(reference), trajectory(frame_0_changed))
     assert unchanged["logit_cosine"] == pytest.approx([1.0] * 4, abs=1e-12) and unchanged["top1_agreement"] == 1.0
     metrics = COGVIDEO.fidelity(trajectory(reference), trajectory(frame_2_changed))

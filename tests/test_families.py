@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -10,13 +9,8 @@ import torch
 from click.testing import CliRunner
 
 from f3export.cli import main
-from f3export.export import export_onnx
 from f3export.models import get_adapter
 from f3export.models.base import VideoShape
-from f3export.prune import apply_plan, make_plan, mask_heads, parameter_count
-from f3export.recipe import PruningSection
-
-from test_prune import scores_for
 
 FAMILIES = ("modelscope", "animatediff", "latte")
 SHAPE = VideoShape(frames=8, latent_height=8, latent_width=8)  # Latte's tiny preset is trained for 8 frames
@@ -28,12 +22,6 @@ def family(request):
     bundle = adapter.load_preset("tiny", seed=0)
     spec = adapter.export_spec(bundle.model, SHAPE, batch=2, dynamic=["batch"], seed=3)
     return adapter, bundle.model, spec
-
-
-@pytest.fixture(scope="module")
-def original_onnx(family, tmp_path_factory):
-    adapter, model, spec = family
-    return export_onnx(model, spec, tmp_path_factory.mktemp("onnx") / "original.onnx", 17, "auto")
 
 
 def test_temporal_sites_are_the_familys_temporal_attention(family):
@@ -48,27 +36,6 @@ def test_temporal_sites_are_the_familys_temporal_attention(family):
     assert names[:2] == expected
     assert len(names) == {"modelscope": 10, "animatediff": 14, "latte": 2}[adapter.family]
     assert all(s.norm is not None and model.get_submodule(s.norm) is not None for s in adapter.temporal_sites(model))
-
-
-@pytest.mark.parametrize("ratio", [0.0, 0.5, 1.0])
-def test_pruned_equals_masked_and_onnx_shrinks_by_the_removed_parameters(family, original_onnx, tmp_path, ratio):
-    adapter, model, spec = family
-    plan = make_plan(scores_for(model, adapter=adapter), PruningSection(ratio=ratio))
-    pruned, masked = copy.deepcopy(model), copy.deepcopy(model)
-    apply_plan(pruned, adapter.temporal_sites(pruned), plan)
-    mask_heads(masked, adapter.temporal_sites(masked), plan)
-    with torch.no_grad():
-        assert torch.allclose(pruned(**spec.inputs), masked(**spec.inputs), atol=1e-5, rtol=1e-5)
-    removed = parameter_count(model) - parameter_count(pruned)
-    assert (removed > 0) == (ratio > 0)
-    info = export_onnx(pruned, spec, tmp_path / "pruned.onnx", 17, "auto")
-    expected = removed
-    if adapter.family == "latte":
-        # A fully removed Latte attention also leaves the shift and scale rows of its adaLN table dead
-        # (the gate row stays): graph cleanup drops them, 2 x width per removed module.
-        gone = [m for m, n in plan.head_counts().items() if n == 0]
-        expected += sum(2 * model.get_submodule(m).to_out[0].out_features for m in gone)
-    assert original_onnx.parameters - info.parameters == expected
 
 
 def test_loads_a_local_diffusers_folder(family, tmp_path):

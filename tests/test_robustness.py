@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -87,15 +86,6 @@ def test_second_build_into_the_same_folder_is_refused_while_the_first_holds_the_
 
 
 # -- stale caches: a change reruns exactly the stages downstream of it --------------------------------------
-@pytest.fixture
-def rebuildable(built, tmp_path):
-    recipe, root, _ = built
-    shutil.copytree(root, tmp_path / "artifacts" / "fast")
-    path = tmp_path / "fast.toml"
-    path.write_text(recipe.read_text().replace(str(root.parent), str(tmp_path / "artifacts")))
-    return path, tmp_path / "artifacts" / "fast"
-
-
 @pytest.mark.parametrize("override, stage", [
     ("calibration.guidance_scale=5.0", "calibrate"),
     ("model.seed=1", "calibrate"),  # other weights: every stage reading the model

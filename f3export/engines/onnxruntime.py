@@ -9,14 +9,13 @@ runs only on the kind of machine that built it.
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import onnxruntime as ort
 
+from ..artifacts import staged_model
 from ..errors import BackendUnavailable, EngineError
 
 LEVELS = {
@@ -81,15 +80,13 @@ class OnnxRuntimeBackend:
         return f"{onnx_path.stem}.ort-{device}-{self.level}.onnx"
 
     def build(self, onnx_path: Path, engine_path: Path) -> list[Path]:
-        engine_path.parent.mkdir(parents=True, exist_ok=True)
         external = (onnx_path.parent / (onnx_path.name + ".data")).exists()
         data_name = engine_path.name + ".data"
-        with tempfile.TemporaryDirectory(dir=engine_path.parent, prefix=f".{engine_path.name}.tmp-") as tmp:
-            staged = Path(tmp) / engine_path.name
+        with staged_model(engine_path) as tmp:
             options = ort.SessionOptions()
             options.log_severity_level = ERROR_SEVERITY
             options.graph_optimization_level = LEVELS[self.level]
-            options.optimized_model_filepath = str(staged)
+            options.optimized_model_filepath = str(tmp / engine_path.name)
             if external:
                 options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                                  data_name)
@@ -97,12 +94,7 @@ class OnnxRuntimeBackend:
                     "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
             with refusals(onnx_path, "optimise the model"):
                 ort.InferenceSession(str(onnx_path), options, providers=self.providers)
-            files = [engine_path]
-            if external:
-                os.replace(Path(tmp) / data_name, engine_path.parent / data_name)
-                files.append(engine_path.parent / data_name)
-            os.replace(staged, engine_path)
-        return files
+        return [engine_path] + ([engine_path.parent / data_name] if external else [])
 
     def load(self, engine_path: Path) -> OnnxRuntimeSession:
         return OnnxRuntimeSession(engine_path, self.providers, self.level)

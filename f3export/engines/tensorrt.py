@@ -11,16 +11,14 @@ layers, softmax and the reductions around them) can be pinned to fp32.
 from __future__ import annotations
 
 import ctypes
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from ..artifacts import content_key, sha256_file
-from ..errors import BackendUnavailable
+from ..artifacts import content_key, sha256_file, staged_model
+from ..errors import BackendUnavailable, CheckpointError
 
 CUDA_ATTR_CC_MAJOR, CUDA_ATTR_CC_MINOR = 75, 76  # cudaDevAttrComputeCapabilityMajor / Minor
 
@@ -41,8 +39,9 @@ def input_profile(onnx_path: Path, ranges: dict[str, AxisRange]) -> dict[str, tu
         for dim in graph_input.type.tensor_type.shape.dim:
             if dim.dim_param:
                 if dim.dim_param not in ranges:
-                    raise ValueError(f"{onnx_path.name}: input {graph_input.name!r} has dynamic axis "
-                                     f"{dim.dim_param!r} with no profile range")
+                    raise CheckpointError(f"{onnx_path}: input {graph_input.name!r} has dynamic axis "
+                                          f"{dim.dim_param!r}, which has no profile range (ranges: "
+                                          f"{', '.join(ranges) or 'none'})")
                 r = ranges[dim.dim_param]
                 values = (r.min, r.opt, r.max)
             else:
@@ -148,11 +147,9 @@ class TensorRTBackend:
                               precision_constraints="obey" if self.fp32_norms else None,
                               builder_optimization_level=self.level,
                               load_timing_cache=cache if cache and Path(cache).exists() else None)
-        engine_path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=engine_path.parent, prefix=f".{engine_path.name}.tmp-") as tmp:
-            staged = Path(tmp) / engine_path.name
-            SaveEngine(EngineFromNetwork(network, config=config, save_timing_cache=cache), str(staged))()
-            os.replace(staged, engine_path)
+        with staged_model(engine_path) as tmp:
+            engine = EngineFromNetwork(network, config=config, save_timing_cache=cache)
+            SaveEngine(engine, str(tmp / engine_path.name))()
         return [engine_path]
 
     def load(self, engine_path: Path) -> TensorRTRunner:

@@ -1,21 +1,27 @@
 """The heads of a temporal attention module, as calibration and pruning see them.
 
 The core never touches a family's attention code directly: it asks the
-module's ``AttentionHeads`` for per-head statistics and weight norms, and to
-keep, mask or remove heads. ``DiffusersAttentionHeads`` serves every family
-built on diffusers' ``Attention``; a family with its own attention layout
-(CogVideo's fused query_key_value) brings its own subclass.
+module's ``AttentionHeads`` to observe a call head by head (what the criteria
+score), where each head's weights are (``HeadProjections``: separate or fused
+q/k/v, written once), and to keep, mask or remove heads.
+``DiffusersAttentionHeads`` serves every family built on diffusers'
+``Attention``; a family with its own attention layout (CogVideo's fused
+query_key_value) brings its own subclass.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-HeadStatistics = tuple[torch.Tensor, torch.Tensor, int]  # summed contribution [H], summed mixing [H], tokens
+from ..criteria import HeadObservation, token_scorers
+
+HeadStatistics = tuple[dict[str, torch.Tensor], int]  # per token criterion: summed per head [H]; tokens
 
 _CHUNK_ELEMENTS = 1 << 24  # bound on the [tokens, heads, frames, channels] tensor of one statistics chunk
 
@@ -45,14 +51,44 @@ def keep_columns(linear: nn.Linear, index: torch.Tensor) -> nn.Linear:
     return out
 
 
-def head_weight_norms(heads: int, input_projections: list[torch.Tensor], output_weight: torch.Tensor) -> list[float]:
-    """Per-head norm of the q, k, v rows ([heads * d, C] each) and output columns ([C, heads * d])."""
-    total = torch.zeros(heads, dtype=torch.float64)
-    for weight in input_projections:
-        total += weight.detach().reshape(heads, -1).double().pow(2).sum(dim=1)
-    out = output_weight.detach()
-    total += out.reshape(out.shape[0], heads, -1).double().pow(2).sum(dim=(0, 2))
-    return total.sqrt().tolist()
+@dataclass(frozen=True)
+class HeadProjections:
+    """Where the heads of an attention live in its weights, for separate and fused projections alike.
+
+    Each input projection holds ``blocks`` consecutive [heads * head_dim]-row blocks (q, k and v as
+    separate Linears: one block each; fused into one Linear: three); head h owns rows [h*d:(h+1)*d] of
+    every block, and reads columns [h*d:(h+1)*d] of the output projection.
+    """
+
+    heads: int
+    head_dim: int
+    inputs: tuple[tuple[nn.Linear, int], ...]  # (projection, blocks)
+    output: nn.Linear
+
+    def rows(self, heads: list[int], blocks: int) -> torch.Tensor:
+        width = self.heads * self.head_dim
+        return torch.cat([head_index(self.head_dim, heads, block * width) for block in range(blocks)])
+
+    def columns(self, heads: list[int]) -> torch.Tensor:
+        return head_index(self.head_dim, heads)
+
+    def input_blocks(self) -> list[torch.Tensor]:
+        """The q, k and v weights, one [heads * head_dim, C] block each."""
+        return [block for linear, blocks in self.inputs for block in linear.weight.chunk(blocks, dim=0)]
+
+    def output_per_head(self) -> torch.Tensor:
+        """The output projection's weight as [heads, head_dim, C_out]: head h's columns."""
+        weight = self.output.weight
+        return weight.reshape(weight.shape[0], self.heads, -1).permute(1, 2, 0)
+
+    def kept(self, heads: list[int]) -> tuple[list[nn.Linear], nn.Linear]:
+        """New input projections and output projection holding only the listed heads."""
+        return ([keep_rows(linear, self.rows(heads, blocks)) for linear, blocks in self.inputs],
+                keep_columns(self.output, self.columns(heads)))
+
+    @torch.no_grad()
+    def mask(self, heads: list[int]) -> None:
+        self.output.weight[:, self.columns(heads)] = 0.0
 
 
 class AttentionHeads(ABC):
@@ -70,9 +106,13 @@ class AttentionHeads(ABC):
     def head_dim(self) -> int: ...
 
     @abstractmethod
-    def statistics(self, hidden_states: torch.Tensor, residual_norm: torch.Tensor, *inputs: torch.Tensor
-                   ) -> HeadStatistics:
-        """Per-head contribution and mixing summed over the tokens of one call, and the token count.
+    def projections(self) -> HeadProjections:
+        """Where each head's q, k, v rows and output-projection columns are."""
+
+    @abstractmethod
+    def observe(self, hidden_states: torch.Tensor, residual_norm: torch.Tensor, *inputs: torch.Tensor
+                ) -> Iterator[HeadObservation]:
+        """One call of the module seen head by head, over the query tokens the statistics count (in chunks).
 
         ``hidden_states`` is the module's input; ``residual_norm`` the norm of the residual stream
         at the same tokens (its shape is the input's without the channel axis); ``inputs`` the module's
@@ -80,20 +120,33 @@ class AttentionHeads(ABC):
         """
 
     @abstractmethod
-    def magnitude(self) -> list[float]:
-        """Per-head norm of the head's weights (q, k, v rows and output-projection columns)."""
-
-    @abstractmethod
     def keep(self, heads: list[int]) -> None:
         """Physically keep only the listed heads (at least one), in place."""
 
     @abstractmethod
-    def mask(self, heads: list[int]) -> None:
-        """Zero the output-projection columns of the listed heads (the reference for exactness)."""
-
-    @abstractmethod
     def removed(self) -> nn.Module:
         """What replaces the module once every head is gone: its constant remainder, exactly."""
+
+    def unsupported(self) -> str | None:
+        """Why head pruning cannot serve this module, if it cannot."""
+        return None
+
+    @torch.no_grad()
+    def statistics(self, hidden_states: torch.Tensor, residual_norm: torch.Tensor, *inputs: torch.Tensor
+                   ) -> HeadStatistics:
+        """Every token criterion summed per head over the tokens of one call, and the token count."""
+        scorers = token_scorers()
+        sums = {name: torch.zeros(self.heads, dtype=torch.float64) for name in scorers}
+        tokens = 0
+        for observed in self.observe(hidden_states, residual_norm, *inputs):
+            for name, scorer in scorers.items():
+                sums[name] += scorer.score(observed).double()
+            tokens += observed.tokens
+        return sums, tokens
+
+    def mask(self, heads: list[int]) -> None:
+        """Zero the output-projection columns of the listed heads (the reference for exactness)."""
+        self.projections().mask(heads)
 
 
 class RemovedAttention(nn.Module):
@@ -137,16 +190,17 @@ class DiffusersAttentionHeads(AttentionHeads):
         n, f, _ = x.shape
         return x.reshape(n, f, self.heads, -1).transpose(1, 2)  # [n, heads, frames, head_dim]
 
-    @torch.no_grad()
-    def statistics(self, hidden_states, residual_norm):
+    def projections(self):
+        attn = self.module
+        return HeadProjections(self.heads, self.head_dim, ((attn.to_q, 1), (attn.to_k, 1), (attn.to_v, 1)),
+                               attn.to_out[0])
+
+    def observe(self, hidden_states, residual_norm):
         attn = self.module
         heads = attn.heads
-        weight_out = attn.to_out[0].weight  # [C_out, heads * head_dim]
-        per_head_out = weight_out.reshape(weight_out.shape[0], heads, -1).permute(1, 2, 0)  # [heads, d, C_out]
+        per_head_out = self.projections().output_per_head()  # [heads, d, C_out]
         n, frames, _ = hidden_states.shape
-        chunk = max(1, _CHUNK_ELEMENTS // (heads * frames * weight_out.shape[0]))
-        contribution = torch.zeros(heads, dtype=torch.float64)
-        mixing = torch.zeros(heads, dtype=torch.float64)
+        chunk = max(1, _CHUNK_ELEMENTS // (heads * frames * per_head_out.shape[2]))
         for start in range(0, n, chunk):
             x = hidden_states[start:start + chunk]
             q, k, v = (self._split(proj(x)) for proj in (attn.to_q, attn.to_k, attn.to_v))
@@ -157,30 +211,24 @@ class DiffusersAttentionHeads(AttentionHeads):
             probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.scale, dim=-1)
             head_out = torch.einsum("nhfd,hdc->nhfc", probs @ v.float(), per_head_out.float())
             head_out = head_out / attn.rescale_output_factor
-            ratio = head_out.norm(dim=-1) / residual_norm[start:start + chunk, None, :].float().clamp_min(1e-12)
-            contribution += ratio.sum(dim=(0, 2)).double()
-            mixing += (1.0 - probs.diagonal(dim1=-2, dim2=-1)).sum(dim=(0, 2)).double()
-        return contribution, mixing, n * frames
+            yield HeadObservation(output_norm=head_out.norm(dim=-1),  # [n, heads, frames]
+                                  residual_norm=residual_norm[start:start + chunk, None, :].float(),
+                                  cross_frame_mass=1.0 - probs.diagonal(dim1=-2, dim2=-1))
 
-    def magnitude(self):
+    def unsupported(self):
         attn = self.module
-        return head_weight_norms(self.heads, [attn.to_q.weight, attn.to_k.weight, attn.to_v.weight],
-                                 attn.to_out[0].weight)
+        if attn.added_kv_proj_dim is not None:
+            return "attention with added key/value projections is not supported by head pruning"
+        if attn.inner_kv_dim != attn.inner_dim:
+            return (f"grouped-query attention ({attn.inner_kv_dim // self.head_dim} key/value heads for "
+                    f"{self.heads} query heads) is not supported by head pruning")
+        return None
 
     def keep(self, heads):
-        attn = self.module
-        if attn.inner_kv_dim != attn.inner_dim or attn.added_kv_proj_dim is not None:
-            raise ValueError("grouped-query or added-KV attention is not supported by head pruning")
-        head_dim = self.head_dim
-        index = head_index(head_dim, heads)
-        attn.to_q, attn.to_k, attn.to_v = (keep_rows(p, index) for p in (attn.to_q, attn.to_k, attn.to_v))
-        attn.to_out[0] = keep_columns(attn.to_out[0], index)
+        attn, head_dim = self.module, self.head_dim
+        (attn.to_q, attn.to_k, attn.to_v), attn.to_out[0] = self.projections().kept(heads)
         attn.heads = attn.sliceable_head_dim = len(heads)
         attn.inner_dim = attn.inner_kv_dim = len(heads) * head_dim
-
-    @torch.no_grad()
-    def mask(self, heads):
-        self.module.to_out[0].weight[:, head_index(self.head_dim, heads)] = 0.0
 
     def removed(self):
         out = self.module.to_out[0]

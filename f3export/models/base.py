@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-import numpy as np
 import torch
 from diffusers import DDIMScheduler
 from torch import nn
@@ -28,8 +27,10 @@ from torch.utils._pytree import tree_leaves
 from .. import __version__
 from ..artifacts import content_key, sha256_file
 from ..errors import CheckpointError, RecipeError
+from ..recipe import RecipeKey, family_key
 from ..weights import read_json
 from .attention import AttentionHeads, DiffusersAttentionHeads
+from .protocols import DiffusionProtocol, EvaluationProtocol, Run, Trajectory
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,11 @@ class TemporalSite:
     access: type[AttentionHeads] = DiffusersAttentionHeads
 
     def heads_of(self, model: nn.Module) -> AttentionHeads:
-        return self.access(model.get_submodule(self.attention))
+        heads = self.access(model.get_submodule(self.attention))
+        problem = heads.unsupported()
+        if problem is not None:
+            raise CheckpointError(f"{self.attention}: {problem}")
+        return heads
 
     @property
     def own_norm(self) -> str | None:
@@ -91,34 +96,35 @@ class ExportSpec:
     dynamic_axes: dict[str, dict[int, str]]
 
 
-@dataclass
-class Run:
-    """One calibration or validation input: a prompt and a seed, or one row of a token file."""
+@dataclass(frozen=True)
+class ExportIO:
+    """A family's graph signature, declared: every input and output by name (in order) with the recipe's axis
+    name of each dimension that may vary (``{"sample": {0: "batch", 2: "frames", ...}}``)."""
 
-    prompt: str
-    seed: int
-    tokens: np.ndarray | None = None
+    inputs: dict[str, dict[int, str]]
+    outputs: dict[str, dict[int, str]]
 
-
-@dataclass
-class Trajectory:
-    """What one run produced: the network's output at every step and the run's result.
-
-    For diffusion: the guided noise predictions and the final latents; for a
-    token model: the logits of one full-sequence forward, and those logits again.
-    """
-
-    outputs: list[torch.Tensor]
-    final: torch.Tensor
-    timesteps: list[int]
+    def spec(self, inputs: dict[str, torch.Tensor], dynamic: list[str]) -> ExportSpec:
+        """The export of these example inputs with the axes of ``dynamic`` left dynamic."""
+        axes = {name: {i: axis for i, axis in named.items() if axis in dynamic}
+                for name, named in {**self.inputs, **self.outputs}.items()}
+        return ExportSpec(inputs, list(self.outputs), {name: named for name, named in axes.items() if named})
 
 
 @dataclass(frozen=True)
 class FidelityGate:
-    """A pruning-fidelity metric of the family, gated as ``min over runs >= [validation].<recipe_key>``."""
+    """A pruning-fidelity metric of the family, gated as ``min over runs >= [validation].<limit>``."""
 
     metric: str
-    recipe_key: str
+    limit: RecipeKey
+
+    @property
+    def recipe_key(self) -> str:
+        return self.limit.name
+
+
+def fidelity_gate(metric: str, recipe_key: str, default: float, **checks: Any) -> FidelityGate:
+    return FidelityGate(metric, family_key("validation", recipe_key, float, default, **checks))
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -133,21 +139,28 @@ def psnr(actual: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 class ModelAdapter(ABC):
+    """A family, composed of: loading (presets, ``load_folder``, ``weights_files``), structure
+    (``temporal_sites``), export I/O (``io`` and ``example_inputs``) and its evaluation ``protocol``, plus the
+    recipe keys only it reads (``option_keys``, the protocol's, its gates' limits)."""
+
     family: ClassVar[str]
     presets: ClassVar[dict[str, dict[str, Any]]]
+    io: ClassVar[ExportIO]
+    protocol: ClassVar[EvaluationProtocol]
     fixed_axes: ClassVar[tuple[str, ...]] = ()  # input axes the exported graph cannot leave dynamic
-    run_keys: ClassVar[tuple[str, ...]] = ()  # [calibration]/[validation] keys its runs read besides prompts, seeds
+    option_keys: ClassVar[tuple[RecipeKey, ...]] = ()  # [model] keys: the constructor's arguments
     fidelity_gates: ClassVar[tuple[FidelityGate, ...]] = ()
     calibration_note: ClassVar[str | None] = None  # what the statistics cover when not every token (scores.json)
-    run_batch: ClassVar[int] = 1  # batch of every network call in a calibration or validation run
 
-    def runs(self, section: Any) -> list[Run]:
-        """The inputs a [calibration] or [validation] section asks for: every prompt with every seed."""
-        return [Run(prompt, seed) for prompt in section.prompts for seed in section.seeds]
+    @classmethod
+    def recipe_keys(cls) -> tuple[RecipeKey, ...]:
+        """Every recipe key this family declares, besides those of every family."""
+        return (*cls.option_keys, *cls.protocol.recipe_keys, *(gate.limit for gate in cls.fidelity_gates))
 
-    def run_steps(self, steps: int) -> int:
-        """Network calls (on_step callbacks) in one run given the recipe's ``steps``."""
-        return steps
+    @classmethod
+    def check_options(cls, options: dict[str, Any], where: str) -> None:
+        """Refuse (RecipeError naming the key; ``where`` is the recipe's "<file>: [model]") options that cannot
+        describe a model, before anything is loaded."""
 
     @abstractmethod
     def fidelity(self, reference: Trajectory, candidate: Trajectory) -> dict[str, float | list[float]]:
@@ -213,11 +226,11 @@ class ModelAdapter(ABC):
         length, say), they are made on the CPU and moved, if they are small (``size``: a bound of their bytes)."""
         try:
             with torch.device("meta"):
-                return self.export_spec(model, shape, batch, dynamic=[]).inputs
+                return self.example_inputs(model, shape, batch, seed=0)
         except RuntimeError:
             if size > 2**28:
                 raise
-            return {name: t.to("meta") for name, t in self.export_spec(model, shape, batch, dynamic=[]).inputs.items()}
+            return {name: t.to("meta") for name, t in self.example_inputs(model, shape, batch, seed=0).items()}
 
     def memory_error(self, model: nn.Module, shape: VideoShape, batch: int) -> str | None:
         """Why one forward at this shape cannot fit in the memory available, or None."""
@@ -251,14 +264,18 @@ class ModelAdapter(ABC):
         """The temporal attention modules, in a stable order."""
 
     @abstractmethod
+    def example_inputs(self, model: nn.Module, shape: VideoShape, batch: int, seed: int) -> dict[str, torch.Tensor]:
+        """Inputs of one forward pass, seeded, by the names of ``io``."""
+
     def export_spec(self, model: nn.Module, shape: VideoShape, batch: int, dynamic: list[str],
                     seed: int = 0) -> ExportSpec:
         """Inputs of one forward pass (seeded), their names and the recipe's dynamic axes."""
+        return self.io.spec(self.example_inputs(model, shape, batch, seed), dynamic)
 
     @abstractmethod
     def trajectory(self, bundle: ModelBundle, model: nn.Module, run: Run, shape: VideoShape,
-                   steps: int, guidance_scale: float, on_step: Callable[[int], None] | None = None) -> Trajectory:
-        """Run the family's sampling loop (or forward pass) for one input."""
+                   on_step: Callable[[int], None] | None = None) -> Trajectory:
+        """One run of the family's ``protocol`` (its sampling loop, or a forward pass)."""
 
     def options(self) -> dict[str, Any]:
         """Constructor arguments of this adapter, saved with a pruned model to rebuild it."""
@@ -283,10 +300,8 @@ class ModelAdapter(ABC):
         """Identity of the weights, for the build cache, without building the model."""
         if preset is not None:
             # A preset's weights are made by code: the family's modules are part of their identity.
-            sources = [inspect.getsource(sys.modules[cls.__module__]) for cls in type(self).__mro__
-                       if cls.__module__.startswith("f3export.")]
             return content_key(self.family, preset, self.presets[preset], seed, __version__, torch.__version__,
-                               sources)
+                               family_sources(type(self)))
         return self._files_digest(self.weights_files(Path(path)))
 
     def sampling_digest(self, path: str | None) -> str:
@@ -299,6 +314,20 @@ class ModelAdapter(ABC):
 
     def _files_digest(self, files: list[Path]) -> str:
         return content_key(self.family, [(f.name, sha256_file(f)) for f in files])
+
+
+def family_sources(adapter: type[ModelAdapter]) -> list[str]:
+    """The code of a family: the f3export modules its adapter class derives from and, for a family that is a
+    package (network, checkpoint, adapter), every module of that package, so that a network change counts."""
+    files: dict[Path, None] = {}
+    for cls in adapter.__mro__:
+        module = sys.modules[cls.__module__]
+        if not cls.__module__.startswith("f3export."):
+            continue
+        path = Path(inspect.getfile(module))
+        in_package = module.__package__ not in (None, "", __package__)
+        files.update(dict.fromkeys(sorted(path.parent.glob("*.py")) if in_package else [path]))
+    return [path.read_text() for path in files]
 
 
 def _size(n: int) -> str:
@@ -376,16 +405,20 @@ def seeded_text_embedding(prompt: str, tokens: int, width: int) -> torch.Tensor:
     return torch.randn((1, tokens, width), generator=torch.Generator().manual_seed(seed))
 
 
+LATENT_AXES = {0: "batch", 2: "frames", 3: "height", 4: "width"}  # of latents [B, C, F, H, W]
+
+
 class LatentVideoDiffusionAdapter(ModelAdapter):
     """Families whose network is ``noise_pred = unet(sample, timestep, encoder_hidden_states)``
     over latents ``[B, C, F, H, W]``, sampled with DDIM and classifier-free guidance."""
 
     latent_channels: ClassVar[int] = 4
     text_tokens: ClassVar[int] = 77
-    run_keys = ("steps", "guidance_scale")
-    run_batch = 2  # classifier-free guidance: the unconditional and the conditional row together
-    fidelity_gates = (FidelityGate("step_cosine", "pruning_min_step_cosine"),
-                      FidelityGate("latent_psnr", "pruning_min_latent_psnr"))
+    protocol = DiffusionProtocol()
+    io = ExportIO(inputs={"sample": LATENT_AXES, "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch"}},
+                  outputs={"noise_pred": LATENT_AXES})
+    fidelity_gates = (fidelity_gate("step_cosine", "pruning_min_step_cosine", 0.9, low=-1.0, high=1.0),
+                      fidelity_gate("latent_psnr", "pruning_min_latent_psnr", 20.0))
     default_scheduler: ClassVar[dict[str, Any]] = {
         # Stable Diffusion 1.x training schedule, as in Tune-A-Video's scheduler/ folder.
         "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -396,21 +429,13 @@ class LatentVideoDiffusionAdapter(ModelAdapter):
     def text_width(self, model: nn.Module) -> int:
         """Width of the text conditioning the network cross-attends to."""
 
-    def export_spec(self, model, shape, batch, dynamic, seed=0):
+    def example_inputs(self, model, shape, batch, seed):
         generator = torch.Generator().manual_seed(seed)
         sample = torch.randn((batch, self.latent_channels, shape.frames, shape.latent_height, shape.latent_width),
                              generator=generator)
         timestep = torch.randint(1, 1000, (1,), generator=generator).float().expand(batch).contiguous()
         context = torch.randn((batch, self.text_tokens, self.text_width(model)), generator=generator)
-        sample_axes = {0: "batch", 2: "frames", 3: "height", 4: "width"}
-        axes = {
-            "sample": {i: n for i, n in sample_axes.items() if n in dynamic},
-            "timestep": {0: "batch"} if "batch" in dynamic else {},
-            "encoder_hidden_states": {0: "batch"} if "batch" in dynamic else {},
-            "noise_pred": {i: n for i, n in sample_axes.items() if n in dynamic},
-        }
-        return ExportSpec({"sample": sample, "timestep": timestep, "encoder_hidden_states": context},
-                          ["noise_pred"], {k: v for k, v in axes.items() if v})
+        return {"sample": sample, "timestep": timestep, "encoder_hidden_states": context}
 
     def encode_prompts(self, bundle: ModelBundle, prompts: list[str]) -> torch.Tensor:
         if bundle.encode_text is not None:
@@ -452,28 +477,15 @@ class LatentVideoDiffusionAdapter(ModelAdapter):
         return scheduler_files(folder)
 
     @torch.no_grad()
-    def trajectory(self, bundle, model, run, shape, steps, guidance_scale, on_step=None):
-        scheduler = self.scheduler(bundle)
-        scheduler.set_timesteps(steps)
+    def trajectory(self, bundle, model, run, shape, on_step=None):
+        latent_shape = (1, self.latent_channels, shape.frames, shape.latent_height, shape.latent_width)
         context = self.encode_prompts(bundle, ["", run.prompt])
-        latents = torch.randn((1, self.latent_channels, shape.frames, shape.latent_height, shape.latent_width),
-                              generator=torch.Generator().manual_seed(run.seed)) * scheduler.init_noise_sigma
-        noise_preds = []
-        for i, t in enumerate(scheduler.timesteps):
-            if on_step is not None:
-                on_step(i)
-            model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            # Channels past the latent ones (a learned variance, as in Latte) are not part of the noise.
-            noise = model(model_input, t.float().expand(2), context)[:, :self.latent_channels]
-            uncond, cond = noise.chunk(2)
-            guided = uncond + guidance_scale * (cond - uncond)
-            noise_preds.append(guided)
-            latents = scheduler.step(guided, t, latents).prev_sample
-        return Trajectory(noise_preds, latents, [int(t) for t in scheduler.timesteps])
+        return self.protocol.trajectory(model, run, self.scheduler(bundle), context, latent_shape, self.latent_channels,
+                                        on_step)
 
     def fidelity(self, reference, candidate):
-        return {"step_cosine": [cosine(c, r) for c, r in zip(candidate.outputs, reference.outputs)],
-                "latent_psnr": psnr(candidate.final, reference.final)}
+        return {"step_cosine": [cosine(c, r) for c, r in zip(candidate.noise_preds, reference.noise_preds)],
+                "latent_psnr": psnr(candidate.latents, reference.latents)}
 
     def sampling_files(self, folder):
         return scheduler_files(folder) + clip_text_encoder_files(folder)

@@ -24,53 +24,26 @@ frame's first ``frame_len - 1`` image tokens. The logits are those of the positi
 vocabulary only. Stage 1 masks frame 0 out of its loss and generates it with the temporal
 channel off, so calibration statistics and pruning fidelity read frames 1 on.
 
-Checkpoints are SwissArmyTransformer folders: ``model_config.json`` (SAT
-arguments), ``latest`` (the iteration) and ``<iter>/mp_rank_00_model_states.pt``
-holding ``{'module': state_dict}`` with SAT's key names. The module tree here
-keeps SAT's names for everything but the mixins, which live inside each layer
-(``SAT_MIXIN_KEYS`` maps them both ways), so a layer owns its temporal channel.
+The checkpoint format is in ``checkpoint``, the adapter in ``adapter``.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import math
-import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..artifacts import atomic_path
-from ..errors import CheckpointError, RecipeError
-from ..weights import NUMPY_ARRAY_GLOBALS, load_into, load_state_dict, read_json
-from .attention import AttentionHeads, head_index, head_weight_norms, keep_columns, keep_rows
-from .base import ExportSpec, FidelityGate, ModelAdapter, ModelBundle, Run, TemporalSite, Trajectory, cosine
-from .configs import check_dataclass_config
+from ...errors import CheckpointError
+from ...criteria import HeadObservation
+from ..attention import AttentionHeads, HeadProjections
+from ..configs import check_dataclass_config
 
 MASKED_SCORE = -10000.0  # SwissArmyTransformer's value for masked attention scores
-
-SAT_CONFIG = "model_config.json"
-SAT_LATEST = "latest"
-SAT_WEIGHTS = "mp_rank_00_model_states.pt"
-
-# (SAT key prefix, our key prefix); {l} is the layer index. All other keys are the same in both.
-SAT_MIXIN_KEYS = (
-    ("mixins.attention_plus.query_key_value.{l}.", "transformer.layers.{l}.temporal.query_key_value."),
-    ("mixins.attention_plus.dense.{l}.", "transformer.layers.{l}.temporal.dense."),
-    ("mixins.attention_plus.attn_distribution.{l}", "transformer.layers.{l}.temporal.attn_distribution"),
-    ("mixins.extra_position_embedding.position_embeddings.", "extra_position_embeddings."),
-)
-# SAT's one vocabulary table; here its image rows and the rest (``Vocabulary``).
-SAT_VOCABULARY = "transformer.word_embeddings.weight"
-VOCABULARY_PARTS = ("transformer.word_embeddings.image", "transformer.word_embeddings.text")
-
 
 @dataclass(frozen=True)
 class CogVideoConfig:
@@ -297,40 +270,28 @@ class TemporalChannelHeads(AttentionHeads):
     def head_dim(self) -> int:
         return self.module.head_dim
 
-    def _fused_index(self, heads: list[int]) -> torch.Tensor:
-        block = self.heads * self.head_dim
-        return torch.cat([head_index(self.head_dim, heads, offset) for offset in (0, block, 2 * block)])
+    def projections(self):
+        channel = self.module
+        return HeadProjections(self.heads, self.head_dim, ((channel.query_key_value, 3),), channel.dense)
 
-    @torch.no_grad()
-    def statistics(self, hidden_states, residual_norm, keys):
+    def observe(self, hidden_states, residual_norm, keys):
         """Over the tokens of frames 1 on: stage 1 does not train frame 0 and generates it with the channel off."""
         channel = self.module
         first = channel.text_len + channel.frame_len  # the first token of frame 1
         probs, context = channel.attend(hidden_states, keys)  # [B, H, S1, S], [B, H, S1, d]
         probs, context = probs[:, :, channel.frame_len:], context[:, :, channel.frame_len:]
-        weight = channel.dense.weight  # [C, H * d]
-        per_head = weight.reshape(weight.shape[0], self.heads, -1).permute(1, 2, 0)  # [H, d, C]
+        per_head = self.projections().output_per_head()  # [H, d, C]
         head_out = torch.einsum("bhsd,hdc->bhsc", context, per_head) * (1 - channel.spatial_weight())
-        ratio = head_out.norm(dim=-1) / residual_norm[:, None, first:].clamp_min(1e-12)
         frame = _frame_ids(channel.text_len, channel.frame_len, hidden_states.shape[1])
         other_frames = ((frame[None, :] >= 0) & (frame[None, :] != frame[first:, None])).to(probs.device)
-        mixing = (probs * other_frames).sum(dim=-1)  # [B, H, S1]: attention mass on other (earlier) frames
-        tokens = probs.shape[0] * probs.shape[2]
-        return ratio.sum(dim=(0, 2)).double(), mixing.sum(dim=(0, 2)).double(), tokens
-
-    def magnitude(self):
-        fused = self.module.query_key_value.weight
-        return head_weight_norms(self.heads, list(fused.chunk(3, dim=0)), self.module.dense.weight)
+        yield HeadObservation(output_norm=head_out.norm(dim=-1),  # [B, H, S1]
+                              residual_norm=residual_norm[:, None, first:],
+                              cross_frame_mass=(probs * other_frames).sum(dim=-1))  # on other (earlier) frames
 
     def keep(self, heads):
         channel = self.module
-        channel.query_key_value = keep_rows(channel.query_key_value, self._fused_index(heads))
-        channel.dense = keep_columns(channel.dense, head_index(self.head_dim, heads))
+        (channel.query_key_value,), channel.dense = self.projections().kept(heads)
         channel.heads = len(heads)
-
-    @torch.no_grad()
-    def mask(self, heads):
-        self.module.dense.weight[:, head_index(self.head_dim, heads)] = 0.0
 
     def removed(self):
         channel = self.module
@@ -433,235 +394,3 @@ class CogVideoModel(nn.Module):
         # Position text_len + j holds BOI or image token j - 1 and predicts image token j (training's
         # logits[:, text_len:, :num_image_tokens]).
         return self.transformer.final_layernorm(x[:, c.text_len:]) @ image
-
-
-# -- SwissArmyTransformer checkpoint folders ---------------------------------------------------------
-
-
-def _rename(key: str, pairs: list[tuple[str, str]]) -> str:
-    for source, target in pairs:
-        match = re.match(re.escape(source).replace(re.escape("{l}"), r"(?P<l>\d+)"), key)
-        if match:
-            return target.format(l=match.groupdict().get("l", "")) + key[match.end():]
-    return key
-
-
-def sat_to_ours(key: str) -> str:
-    return _rename(key, list(SAT_MIXIN_KEYS))
-
-
-def ours_to_sat(key: str) -> str:
-    return _rename(key, [(ours, sat) for sat, ours in SAT_MIXIN_KEYS])
-
-
-def sat_weights_path(folder: Path) -> Path:
-    latest = folder / SAT_LATEST
-    if not latest.is_file():
-        raise CheckpointError(f"{folder}: no '{SAT_LATEST}' file (a SwissArmyTransformer checkpoint folder has "
-                              f"{SAT_CONFIG}, {SAT_LATEST} and <iteration>/{SAT_WEIGHTS})")
-    iteration = latest.read_text().strip()
-    path = folder / iteration / SAT_WEIGHTS
-    if not iteration or "/" in iteration or not path.is_file():
-        raise CheckpointError(f"{latest}: names iteration {iteration!r}, but {path} does not exist")
-    return path
-
-
-def read_sat_state(path: Path, image_vocab_size: int) -> dict[str, torch.Tensor]:
-    """The ``module`` state dict of a SAT checkpoint, renamed to our keys and made float32.
-
-    The file may hold what SAT's ``save_checkpoint`` stores beside it (iteration, numpy/torch RNG states,
-    lr-scheduler and optimizer state): it is unpickled without code and left unused.
-    """
-    checkpoint = load_state_dict(path, container_key="module", allowed_globals=NUMPY_ARRAY_GLOBALS)
-    state = {sat_to_ours(k): v.float() for k, v in checkpoint.items()}
-    if SAT_VOCABULARY not in state:
-        raise CheckpointError(f"{path}: missing key {SAT_VOCABULARY!r}")
-    table = state.pop(SAT_VOCABULARY)
-    state[VOCABULARY_PARTS[0]], state[VOCABULARY_PARTS[1]] = table[:image_vocab_size], table[image_vocab_size:]
-    return state
-
-
-def save_sat(model: CogVideoModel, folder: Path, iteration: int = 1) -> None:
-    """Write ``model`` as a SwissArmyTransformer checkpoint folder (SAT key names)."""
-    weights = folder / str(iteration) / SAT_WEIGHTS
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    state = {ours_to_sat(k): v.detach().clone() for k, v in model.state_dict().items()}
-    state[SAT_VOCABULARY] = torch.cat([state.pop(part) for part in VOCABULARY_PARTS])
-    with atomic_path(weights) as tmp:
-        torch.save({"module": state}, tmp)
-    with atomic_path(folder / SAT_CONFIG) as tmp:
-        tmp.write_text(json.dumps(model.config.to_dict(), indent=2))
-    with atomic_path(folder / SAT_LATEST) as tmp:
-        tmp.write_text(str(iteration))
-
-
-# -- the adapter -------------------------------------------------------------------------------------
-
-
-def seeded_sequence(config: CogVideoConfig, frames: int, prompt: str, seed: int) -> tuple[torch.Tensor, int]:
-    """CogVideo's input layout with stand-in ids, when no real tokens are given: (tokens [S], text length).
-
-    The prompt seeds a text of 1..text_len tokens, left-padded; the seed the image tokens of every frame block,
-    which starts with BOI.
-    """
-    c = config
-    text_rng = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "little"))
-    text_len = int(torch.randint(1, c.text_len + 1, (), generator=text_rng))
-    text_ids = torch.arange(c.image_vocab_size, c.vocab_size)
-    text_ids = text_ids[(text_ids != c.boi_token_id) & (text_ids != c.pad_token_id)]
-    text = text_ids[torch.randint(len(text_ids), (text_len,), generator=text_rng)]
-    image_rng = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, c.image_vocab_size, (frames, c.frame_len - 1), generator=image_rng)
-    blocks = torch.cat([torch.full((frames, 1), c.boi_token_id), images], dim=1)
-    return torch.cat([torch.full((c.text_len - text_len,), c.pad_token_id), text, blocks.flatten()]), text_len
-
-
-def read_sequence(config: CogVideoConfig, frames: int, tokens: np.ndarray, source: str) -> tuple[torch.Tensor, int]:
-    """A token file's row, checked against CogVideo's layout: (tokens [S], text length after the leading pads)."""
-    c = config
-    length = c.text_len + frames * c.frame_len
-    if len(tokens) != length:
-        raise RecipeError(f"{source}: {len(tokens)} tokens, but the recipe's shape ({frames} frames) needs {length}")
-    if tokens.min() < 0 or tokens.max() >= c.vocab_size:
-        raise RecipeError(f"{source}: token ids must lie in [0, {c.vocab_size})")
-    pads = tokens[:c.text_len] == c.pad_token_id
-    leading = c.text_len if pads.all() else int(pads.argmin())
-    if pads[leading:].any():
-        raise RecipeError(f"{source}: <pad> ({c.pad_token_id}) at position {leading + int(pads[leading:].argmax())}, "
-                          "after the text began: CogVideo's text is left-padded")
-    blocks = tokens[c.text_len:].reshape(frames, c.frame_len)
-    without_boi = np.flatnonzero(blocks[:, 0] != c.boi_token_id)
-    if without_boi.size:
-        frame = without_boi[0]
-        raise RecipeError(f"{source}: position {c.text_len + frame * c.frame_len} (frame {frame}'s first) holds "
-                          f"{blocks[frame, 0]}, not <start_of_image> ({c.boi_token_id}), which begins every frame")
-    not_image = np.argwhere(blocks[:, 1:] >= c.image_vocab_size)
-    if not_image.size:
-        frame, index = not_image[0]
-        raise RecipeError(f"{source}: position {c.text_len + frame * c.frame_len + 1 + index} holds "
-                          f"{blocks[frame, 1 + index]}, not an image token (< {c.image_vocab_size})")
-    return torch.from_numpy(tokens), c.text_len - leading
-
-
-# The real sizes: CogView2's 48 x 3072 transformer with 48 heads, 64 text tokens + 5 frames of 20 x 20.
-FULL_SIZE = {"num_layers": 48, "hidden_size": 3072, "num_attention_heads": 48, "vocab_size": 150010,
-             "image_vocab_size": 20000, "boi_token_id": 150000, "pad_token_id": 20003, "layout": [64, 464, 2064],
-             "max_sequence_length": 912, "additional_seqlen": 2000, "frame_position_offset": 512}
-
-
-class CogVideoAdapter(ModelAdapter):
-    family = "cogvideo"
-    presets = {
-        "tiny": {"num_layers": 3, "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 320,
-                 "image_vocab_size": 256, "boi_token_id": 310, "pad_token_id": 259, "layout": [8, 72, 328],
-                 "max_sequence_length": 80, "additional_seqlen": 256, "frame_position_offset": 16},
-        "full": FULL_SIZE,
-        # The full preset with 3 of its 48 layers, for machines that cannot hold its 31 GB of fp32 weights:
-        # each layer's arithmetic (and its speedup from pruning) is the real one.
-        "full-3-layers": {**FULL_SIZE, "num_layers": 3},
-    }
-    # The masks and position ids are fixed by the sequence layout; only the batch may vary.
-    fixed_axes = ("frames", "height", "width")
-    run_keys = ("tokens",)
-    fidelity_gates = (FidelityGate("logit_cosine", "pruning_min_logit_cosine"),
-                      FidelityGate("top1_agreement", "pruning_min_top1_agreement"))
-    calibration_note = ("temporal statistics over the tokens of frames 1 on: CogVideo's stage 1 masks frame 0 "
-                        "out of its loss and generates it with the temporal channel off")
-
-    def build(self, config):
-        return CogVideoModel(CogVideoConfig.from_dict(config, "config"))
-
-    def weights_files(self, folder):
-        return [folder / SAT_CONFIG, folder / SAT_LATEST, sat_weights_path(folder)]
-
-    def folder_config(self, folder):
-        return CogVideoConfig.from_dict(read_json(folder / SAT_CONFIG), str(folder / SAT_CONFIG)).to_dict()
-
-    def load_folder(self, folder):
-        config = self.folder_config(folder)
-        model = self.build(config).eval()
-        weights = sat_weights_path(folder)
-        load_into(model, read_sat_state(weights, model.config.image_vocab_size), weights)
-        return ModelBundle(self.family, model, config, f"checkpoint {folder}", random_weights=False)
-
-    def temporal_sites(self, model):
-        return [TemporalSite(f"transformer.layers.{i}.temporal", f"transformer.layers.{i}.input_layernorm",
-                             shared_norm=True, access=TemporalChannelHeads)
-                for i in range(model.config.num_layers)]
-
-    def shape_error(self, model, shape):
-        c = model.config
-        if (shape.latent_height, shape.latent_width) != (c.frame_resolution, c.frame_resolution):
-            return (f"latent_height/latent_width = {shape.latent_height}x{shape.latent_width}, but CogVideo frames "
-                    f"are {c.frame_resolution}x{c.frame_resolution} image tokens")
-        if shape.frames > c.max_frames:
-            return f"frames = {shape.frames}, but the model's layout holds at most {c.max_frames} frames"
-        if shape.frames < 2:
-            return (f"frames = {shape.frames}, but CogVideo's temporal channel acts from frame 1 on (stage 1 "
-                    "generates frame 0 without it): at least 2 frames")
-        return None
-
-    def conventions(self, bundle):
-        c = CogVideoConfig.from_dict(bundle.config, "config")
-        return {
-            "kind": "autoregressive token transformer: logits = model(tokens, text_len), one full-sequence forward "
-                    "(teacher forcing, as CogVideo trains)",
-            "tokens": f"int64 [batch, {c.text_len} + frames x {c.frame_len}]: the text left-padded to {c.text_len} "
-                      f"slots (text ids >= {c.image_vocab_size}; the pad slots' ids are ignored), then per frame a "
-                      f"block of {c.frame_len}: <start_of_image> ({c.boi_token_id}) followed by the frame's image "
-                      f"tokens 0..{c.frame_len - 2} (ids < {c.image_vocab_size}, "
-                      f"{c.frame_resolution}x{c.frame_resolution} row by row); its last token is never an input",
-            "text_len": f"int64 [batch]: the real text length L (0..{c.text_len}); the first {c.text_len} - L slots "
-                        "are pads, masked out of both attention channels, position id 0; the text takes 0..L-1, "
-                        f"frame tokens {c.frame_position_offset} on",
-            "logits": f"float32 [batch, frames x {c.frame_len}, {c.image_vocab_size}]: row j is position "
-                      f"{c.text_len} + j's prediction of image token j (frame j // {c.frame_len}, token "
-                      f"j % {c.frame_len}), over the image vocabulary only; causal masks: each row sees its prefix",
-            "frame_0": "stage 1 generates frame 0 with the temporal channel off; calibration and pruning fidelity "
-                       "read frames 1 on",
-            "layout": list(c.layout), "vocab_size": c.vocab_size, "image_vocab_size": c.image_vocab_size,
-            "boi_token_id": c.boi_token_id, "pad_token_id": c.pad_token_id,
-        }
-
-    def export_spec(self, model, shape, batch, dynamic, seed=0):
-        rows = [seeded_sequence(model.config, shape.frames, f"export {seed} row {i}", seed * 1000 + i)
-                for i in range(batch)]
-        inputs = {"tokens": torch.stack([tokens for tokens, _ in rows]),
-                  "text_len": torch.tensor([text_len for _, text_len in rows])}
-        axes = {name: {0: "batch"} for name in [*inputs, "logits"]} if "batch" in dynamic else {}
-        return ExportSpec(inputs, ["logits"], axes)
-
-    def runs(self, section):
-        if section.tokens is None:
-            return super().runs(section)
-        path = Path(section.tokens)
-        try:
-            rows = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise RecipeError(f"{path}: not a readable .npy file ({str(exc).splitlines()[0]})") from None
-        if rows.ndim != 2 or not np.issubdtype(rows.dtype, np.integer) or len(rows) == 0:
-            raise RecipeError(f"{path}: expected a non-empty 2-D integer array [runs, sequence], "
-                              f"got {rows.dtype} {list(rows.shape)}")
-        return [Run(f"{path.name}[{i}]", i, row.astype(np.int64)) for i, row in enumerate(rows)]
-
-    def run_steps(self, steps):
-        return 1  # one full-sequence forward: causal masks give every position its prefix's result at once
-
-    @torch.no_grad()
-    def trajectory(self, bundle, model, run, shape, steps, guidance_scale, on_step=None):
-        config = model.config
-        if run.tokens is None:
-            tokens, text_len = seeded_sequence(config, shape.frames, run.prompt, run.seed)
-        else:
-            tokens, text_len = read_sequence(config, shape.frames, run.tokens, run.prompt)
-        if on_step is not None:
-            on_step(0)
-        logits = model(tokens[None], torch.tensor([text_len]))
-        return Trajectory(list(logits.split(config.frame_len, dim=1)), logits, [0])  # outputs: one per frame
-
-    def fidelity(self, reference, candidate):
-        """Image-vocabulary logits of frames 1 on (stage 1 generates frame 0 with the temporal channel off)."""
-        frames, reference_frames = candidate.outputs[1:], reference.outputs[1:]
-        same = torch.cat(frames, dim=1).argmax(-1) == torch.cat(reference_frames, dim=1).argmax(-1)
-        return {"logit_cosine": [cosine(c, r) for c, r in zip(frames, reference_frames)],
-                "top1_agreement": same.double().mean().item()}

@@ -17,6 +17,7 @@ checkpoint key names so that real Tune-A-Video folders load strictly:
 
 Diffusers supplies the building blocks (``Attention``, ``FeedForward``,
 timestep embeddings); the blocks that differ from the 2D UNet live here.
+Checkpoint folders are read by ``checkpoint``; presets and the adapter are in ``adapter``.
 """
 
 from __future__ import annotations
@@ -31,11 +32,9 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
-from ..errors import CheckpointError
-from ..weights import find_weights, load_into, load_state_dict, read_json
-from .attention import RemovedAttention
-from .base import LatentVideoDiffusionAdapter, ModelBundle, TemporalSite, load_clip_text_encoder, read_scheduler_config
-from .configs import check_dataclass_config
+from ...errors import CheckpointError
+from ..attention import RemovedAttention
+from ..configs import check_dataclass_config
 
 CROSS_ATTN_DOWN = ("CrossAttnDownBlock3D", "CrossAttnDownBlock2D")
 PLAIN_DOWN = ("DownBlock3D", "DownBlock2D")
@@ -377,53 +376,3 @@ class TuneAVideoUNet(nn.Module):
             size = tuple(skips[-1].shape[-2:]) if skips else None
             x = block(x, temb, context, block_skips, size)
         return self.conv_out(self.conv_act(self.conv_norm_out(x)))
-
-
-TINY = TuneAVideoConfig(
-    block_out_channels=[32, 64, 64],
-    down_block_types=["CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "DownBlock3D"],
-    up_block_types=["UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"],
-    layers_per_block=1,
-    cross_attention_dim=32,
-    norm_num_groups=8,
-    sample_size=16,
-)
-
-
-class TuneAVideoAdapter(LatentVideoDiffusionAdapter):
-    """Checkpoints are diffusers folders: ``unet/config.json`` + ``unet/diffusion_pytorch_model.{safetensors,bin}``,
-    optionally ``text_encoder/``, ``tokenizer/`` and ``scheduler/``."""
-
-    family = "tune-a-video"
-    presets = {"tiny": TINY.to_dict(), "sd14": TuneAVideoConfig().to_dict()}
-
-    def build(self, config):
-        return TuneAVideoUNet(TuneAVideoConfig.from_dict(config, "config"))
-
-    def weights_files(self, folder):
-        unet = folder / "unet"
-        return [unet / "config.json", find_weights(unet)]
-
-    def folder_config(self, folder):
-        config_path = folder / "unet" / "config.json"
-        return TuneAVideoConfig.from_dict(read_json(config_path), str(config_path)).to_dict()
-
-    def load_folder(self, folder):
-        unet_dir = folder / "unet"
-        config = self.folder_config(folder)
-        model = self.build(config).eval()
-        weights = find_weights(unet_dir)
-        load_into(model, load_state_dict(weights), weights)
-        return ModelBundle(self.family, model, config, f"checkpoint {folder}", random_weights=False,
-                           encode_text=load_clip_text_encoder(folder),
-                           scheduler_config=read_scheduler_config(folder))
-
-    def temporal_sites(self, model):
-        return [
-            TemporalSite(f"{name}.attn_temp", f"{name}.norm_temp")
-            for name, module in model.named_modules()
-            if isinstance(module, BasicTransformerBlock)
-        ]
-
-    def text_width(self, model):
-        return model.config.cross_attention_dim

@@ -1,0 +1,93 @@
+"""The pruning criteria: small scorers of temporal heads, registered in one place.
+
+A criterion scores every head of a temporal attention, higher meaning more
+important; the plan removes the lowest. ``CRITERIA`` is the registry: the
+recipe's ``[pruning].criterion`` choices, the columns of ``scores.json`` and
+what calibration computes all come from it, so adding a criterion is one
+function and one entry here.
+
+Two kinds of scorer:
+
+* ``TokenScorer``: from what a head does on data. The family's
+  ``AttentionHeads`` observes each call of the module (``HeadObservation``);
+  the scorer sums its quantity over the observed tokens, and calibration
+  averages the sums per step and overall.
+* ``WeightScorer``: from the head's weights alone (``HeadProjections``), data-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, NamedTuple
+
+import torch
+
+if TYPE_CHECKING:
+    from .models.attention import HeadProjections
+
+
+@dataclass(frozen=True)
+class HeadObservation:
+    """A temporal attention's heads on some query tokens of one call.
+
+    Every tensor has the heads on dim 1 and the tokens on all other dims
+    (``residual_norm`` broadcasts against the others).
+    """
+
+    output_norm: torch.Tensor  # ||W_o[:, h] (A_h V_h)||: what head h writes into the residual stream
+    residual_norm: torch.Tensor  # ||x||: the residual stream entering the module, at the same tokens
+    cross_frame_mass: torch.Tensor  # the head's attention probability mass on other frames' keys
+
+    @property
+    def tokens(self) -> int:
+        return self.output_norm.numel() // self.output_norm.shape[1]
+
+
+def sum_over_tokens(per_head_and_token: torch.Tensor) -> torch.Tensor:
+    """[.., heads, ..] -> [heads]: the sum over every dim but the heads' (dim 1)."""
+    return per_head_and_token.sum(dim=[d for d in range(per_head_and_token.dim()) if d != 1])
+
+
+class TokenScorer(NamedTuple):
+    """Per head, the sum of a quantity over one observation's tokens."""
+
+    score: Callable[[HeadObservation], torch.Tensor]
+
+
+class WeightScorer(NamedTuple):
+    """Per head, from the head's weights alone."""
+
+    score: Callable[["HeadProjections"], torch.Tensor]
+
+
+def contribution(observed: HeadObservation) -> torch.Tensor:
+    """||W_o[:, h] (A_h V_h)|| / ||x||: how much the head writes into the residual stream."""
+    return sum_over_tokens(observed.output_norm / observed.residual_norm.clamp_min(1e-12))
+
+
+def mixing(observed: HeadObservation) -> torch.Tensor:
+    """The attention mass on other frames: how much the head moves information across frames."""
+    return sum_over_tokens(observed.cross_frame_mass)
+
+
+def magnitude(projections: "HeadProjections") -> torch.Tensor:
+    """The norm of the head's weights: its q, k and v rows and its output-projection columns."""
+    heads = projections.heads
+    total = torch.zeros(heads, dtype=torch.float64)
+    for block in projections.input_blocks():
+        total += block.detach().reshape(heads, -1).double().pow(2).sum(dim=1)
+    out = projections.output.weight.detach()
+    total += out.reshape(out.shape[0], heads, -1).double().pow(2).sum(dim=(0, 2))
+    return total.sqrt()
+
+
+CRITERIA: dict[str, TokenScorer | WeightScorer] = {
+    "contribution": TokenScorer(contribution),
+    "mixing": TokenScorer(mixing),
+    "magnitude": WeightScorer(magnitude),
+}
+
+
+def token_scorers() -> dict[str, TokenScorer]:
+    """The registered criteria measured on data, in registry order."""
+    return {name: scorer for name, scorer in CRITERIA.items() if isinstance(scorer, TokenScorer)}

@@ -1,0 +1,150 @@
+"""Evaluation protocols: the inputs calibration and validation run a family's network on, and the recipe keys
+that choose them. A diffusion protocol runs prompts x seeds, each a DDIM trajectory of ``steps`` network
+calls with classifier-free guidance; a token protocol runs token sequences, one full-sequence forward each.
+A family composes one; the core only asks it for runs, their count of network calls, and their batch.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler
+from torch import nn
+
+from ..errors import RecipeError
+from ..recipe import RecipeKey, family_key
+
+
+class Run(ABC):
+    """One calibration or validation input."""
+
+    @abstractmethod
+    def label(self) -> dict[str, Any]:
+        """What names this run in the validation report."""
+
+
+@dataclass(frozen=True)
+class PromptRun(Run):
+    """A prompt and a seed (the seed draws the initial noise, or whatever the family makes random)."""
+
+    prompt: str
+    seed: int
+
+    def label(self):
+        return {"prompt": self.prompt, "seed": self.seed}
+
+
+@dataclass(frozen=True)
+class DiffusionRun(PromptRun):
+    steps: int
+    guidance_scale: float
+
+
+@dataclass(frozen=True, eq=False)  # an array field: compared by identity
+class TokenRow(Run):
+    """One row of a token file: a sequence in the family's layout."""
+
+    source: str  # the file and row, e.g. "validation.npy[0]"
+    tokens: np.ndarray
+
+    def label(self):
+        return {"tokens": self.source}
+
+
+@dataclass
+class Trajectory:
+    """What one run produced; ``timesteps`` labels its network calls (the scheduler's, or [0] for one forward)."""
+
+    timesteps: list[int]
+
+
+@dataclass
+class Denoising(Trajectory):
+    noise_preds: list[torch.Tensor]  # the guided prediction of every step
+    latents: torch.Tensor  # the final latents
+
+
+@dataclass
+class FramesForward(Trajectory):
+    frame_logits: list[torch.Tensor]  # the logits of one full-sequence forward, frame by frame
+
+
+def _both_sections(name: str, type: Any, default: Any, **checks: Any) -> tuple[RecipeKey, RecipeKey]:
+    return tuple(family_key(section, name, type, default, **checks) for section in ("calibration", "validation"))
+
+
+class EvaluationProtocol(ABC):
+    recipe_keys: ClassVar[tuple[RecipeKey, ...]] = ()  # the [calibration]/[validation] keys its runs read
+    batch: ClassVar[int] = 1  # batch of every network call in a run
+
+    @abstractmethod
+    def runs(self, section: Any) -> list[Run]:
+        """The runs a [calibration] or [validation] section asks for."""
+
+    @abstractmethod
+    def calls(self, section: Any) -> int:
+        """Network calls (on_step callbacks) in one run of ``section``."""
+
+
+class DiffusionProtocol(EvaluationProtocol):
+    """Every prompt with every seed, each a DDIM trajectory with classifier-free guidance."""
+
+    recipe_keys = (*_both_sections("steps", int, 10, low=1, high=1000),
+                   *_both_sections("guidance_scale", float, 7.5, low=0.0))
+    batch = 2  # the unconditional and the conditional row together
+
+    def runs(self, section):
+        return [DiffusionRun(prompt, seed, section.steps, section.guidance_scale)
+                for prompt in section.prompts for seed in section.seeds]
+
+    def calls(self, section):
+        return section.steps
+
+    @torch.no_grad()
+    def trajectory(self, model: nn.Module, run: DiffusionRun, scheduler: DDIMScheduler, context: torch.Tensor,
+                   latent_shape: tuple[int, ...], noise_channels: int,
+                   on_step: Callable[[int], None] | None = None) -> Denoising:
+        """``context``: the empty prompt's and the run's text conditioning, stacked; ``noise_channels``: the
+        output channels that are the noise (more are a learned variance, as in Latte)."""
+        scheduler.set_timesteps(run.steps)
+        latents = torch.randn(latent_shape, generator=torch.Generator().manual_seed(run.seed)) \
+            * scheduler.init_noise_sigma
+        noise_preds = []
+        for i, t in enumerate(scheduler.timesteps):
+            if on_step is not None:
+                on_step(i)
+            model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+            noise = model(model_input, t.float().expand(2), context)[:, :noise_channels]
+            uncond, cond = noise.chunk(2)
+            guided = uncond + run.guidance_scale * (cond - uncond)
+            noise_preds.append(guided)
+            latents = scheduler.step(guided, t, latents).prev_sample
+        return Denoising([int(t) for t in scheduler.timesteps], noise_preds, latents)
+
+
+class TokenProtocol(EvaluationProtocol):
+    """The rows of the section's token file, or without one every prompt with every seed (the family makes a
+    stand-in sequence of them); one full-sequence forward each."""
+
+    recipe_keys = _both_sections("tokens", str | None, None, input_file=True)  # .npy int [runs, sequence]
+
+    def runs(self, section):
+        if section.tokens is None:
+            return [PromptRun(prompt, seed) for prompt in section.prompts for seed in section.seeds]
+        path = Path(section.tokens)
+        try:
+            rows = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise RecipeError(f"{path}: not a readable .npy file ({str(exc).splitlines()[0]})") from None
+        if rows.ndim != 2 or not np.issubdtype(rows.dtype, np.integer) or len(rows) == 0:
+            raise RecipeError(f"{path}: expected a non-empty 2-D integer array [runs, sequence], "
+                              f"got {rows.dtype} {list(rows.shape)}")
+        return [TokenRow(f"{path.name}[{i}]", row.astype(np.int64)) for i, row in enumerate(rows)]
+
+    def calls(self, section):
+        return 1  # causal masks give every position its prefix's result in one forward

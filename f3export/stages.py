@@ -1,0 +1,266 @@
+"""The build's stages as data: what each one reads, and the function that runs it.
+
+A stage's cache key hashes exactly the inputs its declaration names (the files of the upstream stages it
+reads, its recipe sections, the model files and token files it reads, the shapes it runs at, the libraries
+it uses), derived in one place (``stage_key``). So a rebuild reruns exactly the stages a change reaches,
+and the tests that prove it read the same declarations.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .artifacts import MODEL_VARIANTS, StageRecord, content_key, sha256_file, write_json
+from .calibrate import Scores, calibrate
+from .engines import Backend, profile_ranges, validated_shapes
+from .errors import RecipeError
+from .export import ContractTerms, export_onnx
+from .models.base import ModelAdapter, ModelBundle, VideoShape
+from .prune import PruningPlan, apply_plan, load_pruned, make_plan, parameter_count, save_pruned
+from .recipe import Recipe
+from .report import console
+from .validate import (compare_engine, export_gates, gates_json, golden_samples, pruning_fidelity, pruning_gates,
+                       save_goldens)
+
+StageOutput = tuple[list[Path], dict[str, Any]]  # the files a stage wrote, and what the manifest records of it
+
+BACKENDS = "backends"  # as a library: the version report of every engine backend the recipe selects
+
+
+class SourceModel:
+    """The recipe's network: its skeleton, its weights and the digests of its files, each made once, when needed."""
+
+    def __init__(self, recipe: Recipe, adapter: ModelAdapter):
+        self.recipe, self.adapter = recipe, adapter
+        self._digests: dict[str, str] = {}
+
+    @cached_property
+    def skeleton(self) -> torch.nn.Module:
+        """The network on the meta device (its config, no weights), refused if its weights alone cannot fit."""
+        m = self.recipe.model
+        try:
+            return self.adapter.fitting_skeleton(m.preset, m.path)
+        except RecipeError as exc:
+            raise RecipeError(f"{self.recipe.source.name}: {exc}") from None
+
+    @cached_property
+    def bundle(self) -> ModelBundle:
+        model = self.recipe.model
+        if model.preset is not None:
+            try:
+                bundle = self.adapter.load_preset(model.preset, model.seed)
+            except RecipeError as exc:
+                raise RecipeError(f"{self.recipe.source.name}: {exc}") from None
+        else:
+            bundle = self.adapter.load_folder(Path(model.path))
+        if bundle.random_weights:
+            console.print(f"[bold yellow]note:[/] {model.family} {bundle.description}: "
+                          "RANDOM weights, so scores and fidelity say nothing about a trained model. "
+                          "Set \\[model].path to a checkpoint folder for real results.", soft_wrap=True)
+        return bundle
+
+    def digest(self, files: str) -> str:
+        """Identity of one class of the model's files (MODEL_FILES), hashed once per build."""
+        if files not in self._digests:
+            m = self.recipe.model
+            self._digests[files] = {
+                "network": lambda: self.adapter.weights_digest(m.preset, m.path, m.seed),  # config and weights
+                "sampling": lambda: self.adapter.sampling_digest(m.path),  # scheduler, tokenizer, text encoder
+                "conventions": lambda: self.adapter.conventions_digest(m.path),  # what the contract records
+            }[files]()
+        return self._digests[files]
+
+
+MODEL_FILES = ("network", "sampling", "conventions")
+SHAPES = ("latent", "contract_ranges", "validated_shapes")
+
+
+@dataclass
+class StageContext:
+    """What a stage function reads: the recipe, its model, the folder it writes into, the finished stages."""
+
+    recipe: Recipe
+    adapter: ModelAdapter
+    root: Path
+    model: SourceModel
+    backends: list[Backend]
+    records: dict[str, StageRecord] = field(default_factory=dict)  # stages done (run or reused), by name
+    variants: tuple[str, ...] = MODEL_VARIANTS  # a ratio sweep exports and builds the pruned model alone
+
+    @property
+    def shape(self) -> VideoShape:
+        m = self.recipe.model
+        return VideoShape(m.frames, m.latent_height, m.latent_width)
+
+    @cached_property
+    def validated_shapes(self) -> list[dict[str, int]]:
+        return validated_shapes(self.recipe)
+
+    @property
+    def contract_ranges(self) -> dict[str, list[int]]:
+        """The [min, max] every engine is validated over, per axis (the contract records those of its dynamic axes)."""
+        return {axis: [r.min, r.max] for axis, r in profile_ranges(self.recipe).items()}
+
+    @cached_property
+    def pruned(self) -> torch.nn.Module:
+        """The pruned model as saved by the prune stage, reloaded from disk (which also checks the saved form)."""
+        return load_pruned(self.root / "pruned")[2]
+
+    def models(self) -> Iterator[tuple[str, torch.nn.Module]]:
+        for variant in self.variants:
+            yield variant, self.model.bundle.model if variant == "original" else self.pruned
+
+    def shape_value(self, name: str) -> Any:
+        return {"latent": lambda: vars(self.shape), "contract_ranges": lambda: self.contract_ranges,
+                "validated_shapes": lambda: self.validated_shapes}[name]()
+
+    def token_digest(self, section: str) -> str | None:
+        """The content of the section's token file (its path alone would miss a file overwritten in place)."""
+        tokens = self.recipe.section(section).get("tokens")
+        return sha256_file(Path(tokens)) if tokens else None
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[StageContext], StageOutput]
+    upstream: tuple[str, ...] = ()  # stages whose files it reads
+    sections: tuple[str, ...] = ()  # recipe sections whose values it reads
+    model_files: tuple[str, ...] = ()  # of MODEL_FILES
+    tokens: tuple[str, ...] = ()  # recipe sections whose token file's content it reads
+    shapes: tuple[str, ...] = ()  # of SHAPES: the shapes it runs the model at or records
+    libraries: tuple[str, ...] = ()  # keys of build.library_versions(), or BACKENDS
+    needs_model: bool = True  # load (and check) the weights before it starts
+
+    @property
+    def inputs(self) -> list[str]:
+        """Everything the key hashes, as ``kind:name``."""
+        return [*(f"stage:{s}" for s in self.upstream), *(f"section:{s}" for s in self.sections),
+                *(f"model:{m}" for m in self.model_files), *(f"tokens:{s}" for s in self.tokens),
+                *(f"shape:{s}" for s in self.shapes), *(f"library:{lib}" for lib in self.libraries)]
+
+
+def input_value(name: str, ctx: StageContext, versions: dict[str, str]) -> Any:
+    kind, _, item = name.partition(":")
+    if kind == "library":
+        return [b.versions() for b in ctx.backends] if item == BACKENDS else versions[item]
+    return {"stage": lambda: ctx.records[item].files, "section": lambda: ctx.recipe.section(item),
+            "model": lambda: ctx.model.digest(item), "tokens": lambda: ctx.token_digest(item),
+            "shape": lambda: ctx.shape_value(item)}[kind]()
+
+
+def stage_key(stage: Stage, ctx: StageContext, versions: dict[str, str]) -> str:
+    """The one place a cache key is made: the stage's name and the value of every input it declares."""
+    return content_key(stage.name, {name: input_value(name, ctx, versions) for name in stage.inputs})
+
+
+# -- the stage functions ----------------------------------------------------------------------------------
+def calibrate_scores(ctx: StageContext) -> StageOutput:
+    scores = calibrate(ctx.adapter, ctx.model.bundle, ctx.shape, ctx.recipe.calibration)
+    path = ctx.root / "scores.json"
+    write_json(path, scores.to_json())
+    heads = sum(m.heads for m in scores.modules.values())
+    return [path], {"modules": len(scores.modules), "heads": heads, "samples": scores.samples}
+
+
+def plan_heads(ctx: StageContext) -> StageOutput:
+    scores = Scores.from_json(json.loads((ctx.root / "scores.json").read_text()))
+    plan = make_plan(scores, ctx.recipe.pruning)
+    path = ctx.root / "plan.json"
+    write_json(path, plan.to_json())
+    return [path], plan.to_json()["summary"]
+
+
+def prune_model(ctx: StageContext) -> StageOutput:
+    plan = PruningPlan.from_json(json.loads((ctx.root / "plan.json").read_text()))
+    original = ctx.model.bundle.model
+    pruned = copy.deepcopy(original)
+    apply_plan(pruned, ctx.adapter.temporal_sites(pruned), plan.kept_heads)
+    files = save_pruned(ctx.adapter, ctx.model.bundle.config, pruned, plan.kept_heads, ctx.root / "pruned")
+    before, after = parameter_count(original), parameter_count(pruned)
+    return files, {"parameters_original": before, "parameters_pruned": after, "parameters_removed": before - after}
+
+
+def export_models(ctx: StageContext) -> StageOutput:
+    section = ctx.recipe.export
+    terms = ContractTerms(ctx.recipe.model.family, ctx.contract_ranges, ctx.adapter.conventions(ctx.model.bundle))
+    files, data = [], {}
+    for variant, model in ctx.models():
+        spec = ctx.adapter.export_spec(model, ctx.shape, section.batch, section.dynamic_axes)
+        info = export_onnx(model, spec, ctx.root / "onnx" / f"{variant}.onnx", section.opset,
+                           section.external_data, terms)
+        files += info.files
+        data[variant] = {"path": str(info.path.relative_to(ctx.root)), "parameters": info.parameters,
+                         "bytes": info.bytes_on_disk, "external_data": info.external_data, "nodes": info.nodes}
+    if ctx.variants == MODEL_VARIANTS:
+        data["parameters_removed"] = data["original"]["parameters"] - data["pruned"]["parameters"]
+    data["contract"] = info.contract  # the same for both: pruning keeps every input and output
+    return files, data
+
+
+def build_engines(ctx: StageContext) -> StageOutput:
+    export = ctx.records["export"]
+    files, data = [], {}
+    for backend in ctx.backends:
+        for variant in ctx.variants:
+            onnx_path = ctx.root / export.data[variant]["path"]
+            engine_path = ctx.root / "engines" / backend.engine_name(onnx_path)
+            files += backend.build(onnx_path, engine_path)
+            data[f"{variant}.{backend.name}"] = {"backend": backend.name, "variant": variant,
+                                                 "path": str(engine_path.relative_to(ctx.root)),
+                                                 "precision": backend.precision, "versions": backend.versions()}
+    return files, data
+
+
+def validate_engines(ctx: StageContext) -> StageOutput:
+    section = ctx.recipe.validation
+    backends = {b.name: b for b in ctx.backends}
+    files, metrics, gates = [], {}, []
+    for variant, model in ctx.models():
+        samples = golden_samples(ctx.adapter, model, ctx.validated_shapes, section)
+        golden_path = ctx.root / "goldens" / f"{variant}.npz"
+        save_goldens(golden_path, samples)
+        files.append(golden_path)
+        for name, entry in ctx.records["engine"].data.items():
+            if entry["variant"] != variant:
+                continue
+            backend = backends[entry["backend"]]
+            worst = compare_engine(backend.load(ctx.root / entry["path"]), samples)
+            metrics[f"export.{name}"] = vars(worst)
+            gates += export_gates(worst, section, backend.precision, f"export.{name}")
+    fidelity = pruning_fidelity(ctx.adapter, ctx.model.bundle, ctx.pruned, ctx.shape, section)
+    metrics["pruning"] = fidelity.to_json()
+    gates += pruning_gates(ctx.adapter, fidelity, section)
+    report = ctx.root / "validation.json"
+    summary = {"shapes": ctx.validated_shapes, "metrics": metrics, "gates": gates_json(gates),
+               "passed": all(g.passed for g in gates)}
+    write_json(report, summary)
+    files.append(report)
+    return files, summary
+
+
+# -- the graph --------------------------------------------------------------------------------------------
+STAGES = (
+    Stage("calibrate", calibrate_scores, sections=("calibration",), model_files=("network", "sampling"),
+          tokens=("calibration",), shapes=("latent",), libraries=("torch", "diffusers", "transformers", "f3export")),
+    Stage("plan", plan_heads, upstream=("calibrate",), sections=("pruning",), libraries=("f3export",),
+          needs_model=False),
+    Stage("prune", prune_model, upstream=("plan",), model_files=("network",), libraries=("torch", "f3export")),
+    # export: the contract records the profile ranges and the conventions files (the scheduler)
+    Stage("export", export_models, upstream=("prune",), sections=("export",), model_files=("network", "conventions"),
+          shapes=("latent", "contract_ranges"),
+          libraries=("torch", "onnx", "onnx_graphsurgeon", "diffusers", "f3export")),
+    Stage("engine", build_engines, upstream=("export",), sections=("engine",), libraries=(BACKENDS,),
+          needs_model=False),
+    Stage("validate", validate_engines, upstream=("engine", "prune"), sections=("validation",),
+          model_files=("network", "sampling"), tokens=("validation",), shapes=("latent", "validated_shapes"),
+          libraries=("torch", "diffusers", "transformers", BACKENDS, "f3export")),
+)
+STAGE_NAMES = [stage.name for stage in STAGES]
