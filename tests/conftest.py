@@ -18,7 +18,7 @@ from f3export.cli import main
 from f3export.models import get_adapter
 from f3export.models.base import VideoShape
 from f3export.stages import STAGE_NAMES, STAGES as STAGE_DECLARATIONS
-from f3export.models.tuneavideo import TINY
+from f3export.models.tune_a_video import TINY
 
 TAV = get_adapter("tune-a-video")
 SMALL_SHAPE = VideoShape(frames=4, latent_height=8, latent_width=8)

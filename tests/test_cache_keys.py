@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from f3export.models.tuneavideo import TINY
+from f3export.models.tune_a_video import TINY
 
 from conftest import (COGVIDEO_TOKENS_RECIPE, FAST_RECIPE, ORIGINAL_STYLE_CONFIG, STAGES, TAV, assert_reruns_exactly,
                       rebuild, run, write_checkpoint, write_clip)

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from f3export.errors import CheckpointError
 from f3export.models import get_adapter
 from f3export.models.base import VideoShape
-from f3export.models.cogvideo.checkpoint import SAT_WEIGHTS, ours_to_sat, save_sat
-from f3export.models.cogvideo.network import TemporalChannelHeads, key_mask, position_ids, spatial_mask, temporal_mask
+from f3export.models.cogvideo_stage1.checkpoint import SAT_WEIGHTS, ours_to_sat, save_sat
+from f3export.models.cogvideo_stage1.network import (TemporalChannelHeads, key_mask, position_ids, spatial_mask,
+                                                     temporal_mask)
 from f3export.models.protocols import FramesForward, PromptRun
 from f3export.prune import apply_plan, load_pruned, make_plan, parameter_count
 from f3export.recipe import PruningSection

@@ -15,9 +15,9 @@ from f3export.errors import CheckpointError, RecipeError
 from f3export.export import export_onnx
 from f3export.models import FAMILIES
 from f3export.models.base import ExportIO, family_sources
-from f3export.models.cogvideo import CogVideoAdapter
+from f3export.models.cogvideo_stage1 import CogVideoAdapter
 from f3export.models.protocols import DiffusionRun, PromptRun
-from f3export.models.tuneavideo import TuneAVideoAdapter
+from f3export.models.tune_a_video import TuneAVideoAdapter
 from f3export.recipe import Recipe, family_key, family_sections, load_recipe
 
 from conftest import SMALL_SHAPE, TAV
@@ -102,7 +102,7 @@ def test_protocols_give_their_runs_and_calls(write_recipe):
 
 # -- loading: a preset's identity is its family's whole code ------------------------------------------------
 def test_a_presets_digest_covers_the_familys_network_and_checkpoint_modules():
-    package = Path(f3export.__file__).parent / "models" / "tuneavideo"
+    package = Path(f3export.__file__).parent / "models" / "tune_a_video"
     sources = family_sources(TuneAVideoAdapter)
     for module in ("network.py", "checkpoint.py", "adapter.py"):
         assert (package / module).read_text() in sources

@@ -19,7 +19,7 @@ from f3export.build import Build
 from f3export.errors import CheckpointError, RecipeError
 from f3export.models import get_adapter
 from f3export.models.base import VideoShape
-from f3export.models.cogvideo import CogVideoAdapter
+from f3export.models.cogvideo_stage1 import CogVideoAdapter
 from f3export.recipe import family_sections, load_recipe
 
 from conftest import FAST_RECIPE, ORIGINAL_STYLE_CONFIG, TAV, run, write_checkpoint

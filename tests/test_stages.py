@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from f3export.artifacts import BUILD_STAGES, StageRecord
 from f3export.build import Build
 from f3export.engines.onnxruntime import OnnxRuntimeBackend
-from f3export.models.tuneavideo import TINY
+from f3export.models.tune_a_video import TINY
 from f3export.recipe import load_recipe
 from f3export.stages import BACKENDS, STAGES, stage_key
 

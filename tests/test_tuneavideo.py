@@ -9,8 +9,8 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from f3export.errors import CheckpointError
-from f3export.models.tuneavideo import TINY
-from f3export.models.tuneavideo.network import TuneAVideoConfig
+from f3export.models.tune_a_video import TINY
+from f3export.models.tune_a_video.network import TuneAVideoConfig
 
 from conftest import ORIGINAL_STYLE_CONFIG, TAV, write_checkpoint, write_clip
 

@@ -6,11 +6,11 @@ from typing import Any
 
 from .animatediff import AnimateDiffAdapter
 from .base import ModelAdapter
-from .cogvideo import CogVideoAdapter
+from .cogvideo_stage1 import CogVideoAdapter
 from .custom import CustomDiffusersAdapter
 from .latte import LatteAdapter
 from .modelscope import ModelScopeAdapter
-from .tuneavideo import TuneAVideoAdapter
+from .tune_a_video import TuneAVideoAdapter
 
 FAMILIES: dict[str, type[ModelAdapter]] = {
     cls.family: cls
