@@ -34,12 +34,13 @@ def main() -> None:
     args = parser.parse_args()
     adapter = get_adapter("cogvideo")
     with torch.device("meta"):
-        original = adapter.build(adapter.presets["full"])
-    sites = adapter.temporal_sites(original)
+        original = adapter.checkpoint.build(adapter.checkpoint.presets["full"])
+    sites = adapter.structure.temporal_sites(original)
     # Ratio 1 removes every head whatever the scores, so uniform scores stand in for a calibration.
     scores = Scores({s.attention: ModuleScores(48, 64, {"contribution": [1.0] * 48}) for s in sites}, [], 0)
     pruned = copy.deepcopy(original)
-    apply_plan(pruned, adapter.temporal_sites(pruned), make_plan(scores, PruningSection(ratio=1.0)).kept_heads)
+    plan = make_plan(scores, PruningSection(ratio=1.0))
+    apply_plan(pruned, adapter.structure.temporal_sites(pruned), plan.kept_heads)
     before, after = parameter_count(original), parameter_count(pruned)
     print(f"parameters: {before:,} -> {after:,} (removed {before - after:,} = {100 * (before - after) / before:.2f} %)")
     config = original.config

@@ -137,7 +137,7 @@ class Bench:
         source = Build(self.recipe).model  # the same loading and checks as the build
         original = source.bundle.model
         _, _, pruned = load_pruned(self.root / "pruned")
-        temporal = [s.attention for s in self.adapter.temporal_sites(original)]
+        temporal = [s.attention for s in self.adapter.structure.temporal_sites(original)]
         # The recipe's dynamic axes, so engines built for the sweep match the built ones graph for graph.
         spec = self.adapter.export_spec(original, self.shape, self.recipe.export.batch,
                                         self.recipe.export.dynamic_axes, seed=123)

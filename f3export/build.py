@@ -29,7 +29,8 @@ from .artifacts import Manifest, StageRecord
 from .engines import make_backend
 from .errors import F3ExportError, RecipeError, activity
 from .models import get_adapter
-from .models.base import ModelAdapter, VideoShape, unmatched_pattern
+from .models.base import ModelAdapter, VideoShape
+from .models.structure import unmatched_pattern
 from .recipe import Recipe
 from .roots import confine
 from .report import console, gates_table, table
@@ -68,7 +69,7 @@ def confine_model_files(recipe: Recipe, adapter: ModelAdapter) -> None:
     """Refuse a model file outside the allowed roots, before any file of the folder is read, hashed or loaded."""
     if recipe.model.path is not None:
         folder = Path(recipe.model.path)
-        for file in adapter.weights_files(folder) + adapter.sampling_files(folder):
+        for file in adapter.checkpoint.weights_files(folder) + adapter.checkpoint.sampling_files(folder):
             confine(file, f"{recipe.source.name}: [model].path's {file.relative_to(folder)}")
 
 
@@ -90,7 +91,7 @@ def check_runnable(recipe: Recipe, adapter: ModelAdapter, skeleton: torch.nn.Mod
                     for axis in shape if shape[axis] != export[axis]]
             where = f"[engine].{', '.join(keys)}: at the range's end, " if keys else "[model]."
             raise RecipeError(f"{name}: {where}{problem}")
-    modules = [site.attention for site in adapter.temporal_sites(skeleton)]
+    modules = [site.attention for site in adapter.structure.temporal_sites(skeleton)]
     problem = adapter.options_error(skeleton) or unmatched_pattern(
         "[pruning].keep", recipe.pruning.keep, modules, "temporal module")
     if problem:

@@ -30,7 +30,9 @@ import torch
 from torch import nn
 
 from .criteria import CRITERIA, token_scorers
-from .models.base import ModelAdapter, ModelBundle, TemporalSite, VideoShape
+from .models.base import ModelAdapter, VideoShape
+from .models.loading import ModelBundle
+from .models.structure import TemporalSite
 from .recipe import CalibrationSection
 from .report import progress
 
@@ -128,7 +130,7 @@ class TemporalStatsRecorder:
 def calibrate(adapter: ModelAdapter, bundle: ModelBundle, shape: VideoShape, section: CalibrationSection) -> Scores:
     """Run the model over the section's inputs (prompts x seeds, or token sequences) and score every temporal head."""
     model = bundle.model
-    sites = adapter.temporal_sites(model)
+    sites = adapter.structure.temporal_sites(model)
     steps = adapter.protocol.calls(section)
     recorder = TemporalStatsRecorder(model, sites, steps)
     runs = adapter.protocol.runs(section)

@@ -106,7 +106,7 @@ def inspect(recipe: Path, overrides: tuple[str, ...]) -> None:
     build = Build(load_recipe(recipe, list(overrides)))
     model = build.model.bundle.model
     rows, total = [], 0
-    for site in build.adapter.temporal_sites(model):
+    for site in build.adapter.structure.temporal_sites(model):
         heads = site.heads_of(model)
         modules = [heads.module] + ([model.get_submodule(site.own_norm)] if site.own_norm else [])
         count = sum(p.numel() for m in modules for p in m.parameters())

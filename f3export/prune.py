@@ -31,7 +31,8 @@ from .artifacts import write_json
 from .calibrate import Scores
 from .errors import CheckpointError
 from .models import FAMILIES, get_adapter
-from .models.base import ModelAdapter, TemporalSite
+from .models.base import ModelAdapter
+from .models.structure import TemporalSite
 from .recipe import PruningSection
 from .weights import load_into, load_state_dict, read_json, save_state_dict
 
@@ -179,8 +180,8 @@ def load_pruned(folder: Path) -> tuple[ModelAdapter, dict[str, Any], nn.Module]:
         config, kept = meta["config"], meta["kept_heads"]
     except KeyError as exc:
         raise CheckpointError(f"{path}: missing or unknown {exc}") from None
-    model = adapter.build(config).eval()
-    sites = adapter.temporal_sites(model)
+    model = adapter.checkpoint.build(config).eval()
+    sites = adapter.structure.temporal_sites(model)
     heads = {s.attention: s.heads_of(model).heads for s in sites}
     unknown = sorted(set(kept) - set(heads))
     if unknown:

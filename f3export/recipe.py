@@ -460,17 +460,17 @@ def _check_engine(recipe: Recipe) -> None:
 
 
 def _check_model_family(recipe: Recipe) -> None:
-    from .models import FAMILIES
+    from .models import FAMILIES, get_adapter
 
     where = f"{recipe.source.name}: [model]"
     model = recipe.model
-    presets = FAMILIES[model.family].presets
+    FAMILIES[model.family].check_options(model.adapter_options, where)
+    presets = get_adapter(model.family, model.adapter_options).checkpoint.presets
     if model.preset is not None and model.preset not in presets:
         known = ", ".join(map(repr, presets)) or "none (give 'path')"
         raise RecipeError(f"{where}.preset = {model.preset!r} is not one of {known}")
     if model.path is not None and not Path(model.path).is_dir():
         raise RecipeError(f"{where}.path = {model.path!r}: folder not found")
-    FAMILIES[model.family].check_options(model.adapter_options, where)
     for name in SECTIONS:
         for key, value in recipe.input_files(name).items():
             if not Path(value).is_file():

@@ -17,12 +17,14 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from . import __version__
 from .artifacts import MODEL_VARIANTS, StageRecord, content_key, sha256_file, write_json
 from .calibrate import Scores, calibrate
 from .engines import Backend, profile_ranges, validated_shapes
 from .errors import RecipeError
 from .export import ContractTerms, export_onnx
-from .models.base import ModelAdapter, ModelBundle, VideoShape
+from .models.base import ModelAdapter, VideoShape, family_sources
+from .models.loading import ModelBundle
 from .prune import PruningPlan, apply_plan, load_pruned, make_plan, parameter_count, save_pruned
 from .recipe import Recipe
 from .report import console
@@ -46,7 +48,7 @@ class SourceModel:
         """The network on the meta device (its config, no weights), refused if its weights alone cannot fit."""
         m = self.recipe.model
         try:
-            return self.adapter.fitting_skeleton(m.preset, m.path)
+            return self.adapter.checkpoint.fitting_skeleton(m.preset, m.path)
         except RecipeError as exc:
             raise RecipeError(f"{self.recipe.source.name}: {exc}") from None
 
@@ -55,11 +57,11 @@ class SourceModel:
         model = self.recipe.model
         if model.preset is not None:
             try:
-                bundle = self.adapter.load_preset(model.preset, model.seed)
+                bundle = self.adapter.checkpoint.load_preset(model.preset, model.seed)
             except RecipeError as exc:
                 raise RecipeError(f"{self.recipe.source.name}: {exc}") from None
         else:
-            bundle = self.adapter.load_folder(Path(model.path))
+            bundle = self.adapter.checkpoint.load_folder(Path(model.path))
         if bundle.random_weights:
             console.print(f"[bold yellow]note:[/] {model.family} {bundle.description}: "
                           "RANDOM weights, so scores and fidelity say nothing about a trained model. "
@@ -70,12 +72,23 @@ class SourceModel:
         """Identity of one class of the model's files (MODEL_FILES), hashed once per build."""
         if files not in self._digests:
             m = self.recipe.model
-            self._digests[files] = {
-                "network": lambda: self.adapter.weights_digest(m.preset, m.path, m.seed),  # config and weights
-                "sampling": lambda: self.adapter.sampling_digest(m.path),  # scheduler, tokenizer, text encoder
-                "conventions": lambda: self.adapter.conventions_digest(m.path),  # what the contract records
-            }[files]()
+            self._digests[files] = model_digest(self.adapter, files, m.preset, m.path, m.seed)
         return self._digests[files]
+
+
+def model_digest(adapter: ModelAdapter, files: str, preset: str | None, path: str | None, seed: int) -> str:
+    """Identity of one class of a model's files (MODEL_FILES), for the build cache, without loading the model."""
+    if files == "network" and preset is not None:
+        # A preset's weights are made by code: the family's modules are part of their identity.
+        return content_key(adapter.family, preset, adapter.checkpoint.presets[preset], seed, __version__,
+                           torch.__version__, family_sources(adapter))
+    listed: list[Path] = []  # a preset's sampling and conventions are code
+    if path is not None:
+        listed = {"network": adapter.checkpoint.weights_files,  # config and weights
+                  "sampling": adapter.checkpoint.sampling_files,  # scheduler, tokenizer, text encoder
+                  "conventions": adapter.checkpoint.conventions_files,  # what the contract records
+                  }[files](Path(path))
+    return content_key(adapter.family, [(f.name, sha256_file(f)) for f in listed])
 
 
 MODEL_FILES = ("network", "sampling", "conventions")
@@ -121,10 +134,11 @@ class StageContext:
         return {"latent": lambda: vars(self.shape), "contract_ranges": lambda: self.contract_ranges,
                 "validated_shapes": lambda: self.validated_shapes}[name]()
 
-    def token_digest(self, section: str) -> str | None:
-        """The content of the section's token file (its path alone would miss a file overwritten in place)."""
-        tokens = self.recipe.section(section).get("tokens")
-        return sha256_file(Path(tokens)) if tokens else None
+    def files_digest(self, section: str) -> str | None:
+        """The content of the files a recipe section names (a path alone would miss a file overwritten in
+        place), e.g. a token protocol's token file."""
+        files = self.recipe.input_files(section)
+        return content_key({key: sha256_file(Path(path)) for key, path in files.items()}) if files else None
 
 
 @dataclass(frozen=True)
@@ -134,7 +148,7 @@ class Stage:
     upstream: tuple[str, ...] = ()  # stages whose files it reads
     sections: tuple[str, ...] = ()  # recipe sections whose values it reads
     model_files: tuple[str, ...] = ()  # of MODEL_FILES
-    tokens: tuple[str, ...] = ()  # recipe sections whose token file's content it reads
+    input_files: tuple[str, ...] = ()  # recipe sections whose named files' content it reads
     shapes: tuple[str, ...] = ()  # of SHAPES: the shapes it runs the model at or records
     libraries: tuple[str, ...] = ()  # keys of build.library_versions(), or BACKENDS
     needs_model: bool = True  # load (and check) the weights before it starts
@@ -143,7 +157,7 @@ class Stage:
     def inputs(self) -> list[str]:
         """Everything the key hashes, as ``kind:name``."""
         return [*(f"stage:{s}" for s in self.upstream), *(f"section:{s}" for s in self.sections),
-                *(f"model:{m}" for m in self.model_files), *(f"tokens:{s}" for s in self.tokens),
+                *(f"model:{m}" for m in self.model_files), *(f"files:{s}" for s in self.input_files),
                 *(f"shape:{s}" for s in self.shapes), *(f"library:{lib}" for lib in self.libraries)]
 
 
@@ -152,7 +166,7 @@ def input_value(name: str, ctx: StageContext, versions: dict[str, str]) -> Any:
     if kind == "library":
         return [b.versions() for b in ctx.backends] if item == BACKENDS else versions[item]
     return {"stage": lambda: ctx.records[item].files, "section": lambda: ctx.recipe.section(item),
-            "model": lambda: ctx.model.digest(item), "tokens": lambda: ctx.token_digest(item),
+            "model": lambda: ctx.model.digest(item), "files": lambda: ctx.files_digest(item),
             "shape": lambda: ctx.shape_value(item)}[kind]()
 
 
@@ -182,7 +196,7 @@ def prune_model(ctx: StageContext) -> StageOutput:
     plan = PruningPlan.from_json(json.loads((ctx.root / "plan.json").read_text()))
     original = ctx.model.bundle.model
     pruned = copy.deepcopy(original)
-    apply_plan(pruned, ctx.adapter.temporal_sites(pruned), plan.kept_heads)
+    apply_plan(pruned, ctx.adapter.structure.temporal_sites(pruned), plan.kept_heads)
     files = save_pruned(ctx.adapter, ctx.model.bundle.config, pruned, plan.kept_heads, ctx.root / "pruned")
     before, after = parameter_count(original), parameter_count(pruned)
     return files, {"parameters_original": before, "parameters_pruned": after, "parameters_removed": before - after}
@@ -249,7 +263,8 @@ def validate_engines(ctx: StageContext) -> StageOutput:
 # -- the graph --------------------------------------------------------------------------------------------
 STAGES = (
     Stage("calibrate", calibrate_scores, sections=("calibration",), model_files=("network", "sampling"),
-          tokens=("calibration",), shapes=("latent",), libraries=("torch", "diffusers", "transformers", "f3export")),
+          input_files=("calibration",), shapes=("latent",),
+          libraries=("torch", "diffusers", "transformers", "f3export")),
     Stage("plan", plan_heads, upstream=("calibrate",), sections=("pruning",), libraries=("f3export",),
           needs_model=False),
     Stage("prune", prune_model, upstream=("plan",), model_files=("network",), libraries=("torch", "f3export")),
@@ -260,7 +275,7 @@ STAGES = (
     Stage("engine", build_engines, upstream=("export",), sections=("engine",), libraries=(BACKENDS,),
           needs_model=False),
     Stage("validate", validate_engines, upstream=("engine", "prune"), sections=("validation",),
-          model_files=("network", "sampling"), tokens=("validation",), shapes=("latent", "validated_shapes"),
+          model_files=("network", "sampling"), input_files=("validation",), shapes=("latent", "validated_shapes"),
           libraries=("torch", "diffusers", "transformers", BACKENDS, "f3export")),
 )
 STAGE_NAMES = [stage.name for stage in STAGES]

@@ -26,7 +26,8 @@ from torch import nn
 
 from .artifacts import atomic_path
 from .engines import Engine
-from .models.base import ModelAdapter, ModelBundle, VideoShape
+from .models.base import ModelAdapter, VideoShape
+from .models.loading import ModelBundle
 from .recipe import ValidationSection
 from .report import progress
 

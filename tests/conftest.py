@@ -26,7 +26,7 @@ SMALL_SHAPE = VideoShape(frames=4, latent_height=8, latent_width=8)
 
 @pytest.fixture(scope="session")
 def tiny_bundle():
-    return TAV.load_preset("tiny", seed=0)
+    return TAV.checkpoint.load_preset("tiny", seed=0)
 
 
 @pytest.fixture
@@ -131,7 +131,7 @@ def scores_for(model, criterion="contribution", seed=0, adapter=TAV) -> Scores:
     """Distinct pseudo-random scores for every temporal head (a plan without running calibration)."""
     generator = torch.Generator().manual_seed(seed)
     modules = {}
-    for site in adapter.temporal_sites(model):
+    for site in adapter.structure.temporal_sites(model):
         heads = site.heads_of(model)
         values = torch.rand(heads.heads, generator=generator).tolist()
         modules[site.attention] = ModuleScores(heads.heads, heads.head_dim, {criterion: values})

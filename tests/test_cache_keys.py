@@ -87,9 +87,9 @@ def test_network_and_sampling_files_are_listed_apart_and_unread_files_are_not(ta
     _, model, _ = copy_build(tav_folder_build, tmp_path)
     tokenizer = sorted(p.name for p in (model / "tokenizer").iterdir())
     add_unread_files(model)
-    assert [str(p.relative_to(model)) for p in TAV.weights_files(model)] == \
+    assert [str(p.relative_to(model)) for p in TAV.checkpoint.weights_files(model)] == \
         ["unet/config.json", "unet/diffusion_pytorch_model.safetensors"]
-    assert [str(p.relative_to(model)) for p in TAV.sampling_files(model)] == \
+    assert [str(p.relative_to(model)) for p in TAV.checkpoint.sampling_files(model)] == \
         ["scheduler/scheduler_config.json", *(f"tokenizer/{name}" for name in tokenizer),
          "text_encoder/config.json", "text_encoder/model.safetensors"]
     assert {"vocab.json", "merges.txt", "tokenizer_config.json"} <= set(tokenizer)
@@ -99,8 +99,8 @@ def test_without_a_text_encoder_the_tokenizer_is_not_read_and_not_listed(tmp_pat
     write_checkpoint(tmp_path, tiny_model, "safetensors", ORIGINAL_STYLE_CONFIG)
     write_clip(tmp_path, TINY.cross_attention_dim)
     shutil.rmtree(tmp_path / "text_encoder")
-    assert TAV.load_folder(tmp_path).encode_text is None
-    assert TAV.sampling_files(tmp_path) == []
+    assert TAV.checkpoint.load_folder(tmp_path).encode_text is None
+    assert TAV.checkpoint.sampling_files(tmp_path) == []
 
 
 def test_a_changed_scheduler_reruns_the_stages_reading_it_to_what_a_fresh_build_gives(tav_folder_build, tmp_path):

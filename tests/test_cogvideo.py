@@ -34,7 +34,7 @@ SHAPE = VideoShape(frames=5, latent_height=8, latent_width=8)
 
 @pytest.fixture(scope="module")
 def model():
-    return COGVIDEO.load_preset("tiny", seed=0).model
+    return COGVIDEO.checkpoint.load_preset("tiny", seed=0).model
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +134,7 @@ def test_sat_checkpoint_round_trip(model, inputs, tmp_path):
     assert state["mixins.attention_plus.query_key_value.0.weight"].shape == (192, 64)
     assert state["transformer.word_embeddings.weight"].shape == (320, 64)  # SAT's one table, image rows first
     assert not any(".temporal." in key for key in state)
-    bundle = COGVIDEO.load_folder(folder)
+    bundle = COGVIDEO.checkpoint.load_folder(folder)
     with torch.no_grad():
         assert torch.equal(bundle.model(**inputs), model(**inputs))
 
@@ -158,8 +158,8 @@ def test_sat_folder_problems_are_one_line_errors(model, tmp_path):
 def test_full_preset_loses_the_temporal_channels_share_at_ratio_one():
     """The real sizes, on the meta device (no memory): 48 layers x 3072 wide, 48 heads."""
     with torch.device("meta"):
-        full = COGVIDEO.build(COGVIDEO.presets["full"])
-    sites = COGVIDEO.temporal_sites(full)
+        full = COGVIDEO.checkpoint.build(COGVIDEO.checkpoint.presets["full"])
+    sites = COGVIDEO.structure.temporal_sites(full)
     plan = make_plan(scores_for(full, adapter=COGVIDEO), PruningSection(ratio=1.0))
     assert plan.removed_heads == 48 * 48
     before = parameter_count(full)
@@ -177,7 +177,7 @@ def test_full_preset_loses_the_temporal_channels_share_at_ratio_one():
 def test_full_layout_gives_frames_x_400_rows_over_the_image_vocabulary():
     """The real sizes and layout on the meta device (shapes only; 3 of the 48 layers): 64 text slots + 5 x 400."""
     with torch.device("meta"):
-        full = COGVIDEO.build(COGVIDEO.presets["full-3-layers"])
+        full = COGVIDEO.checkpoint.build(COGVIDEO.checkpoint.presets["full-3-layers"])
         tokens, text_len = torch.zeros(2, 2064, dtype=torch.long), torch.tensor([64, 20])
         logits = full(tokens, text_len)
     assert tuple(logits.shape) == (2, 5 * 400, 20_000)  # 320 MB of fp32, where all 150,010 columns took 2.4 GB
@@ -386,7 +386,7 @@ def test_left_padded_text_gives_what_sampling_without_pads_gives(model):
     """cogvideo_pipeline samples with the unpadded text (text_len = its length, positions 0..L-1): a model whose
     layout has 5 text slots, same weights, must give what 3 pads + 5 text tokens give in the 8-slot layout."""
     tokens = torch.from_numpy(token_rows([5])).clone()
-    unpadded = COGVIDEO.build({**COGVIDEO.presets["tiny"], "layout": [5, 69, 325]}).eval()
+    unpadded = COGVIDEO.checkpoint.build({**COGVIDEO.checkpoint.presets["tiny"], "layout": [5, 69, 325]}).eval()
     unpadded.load_state_dict(model.state_dict())
     with torch.no_grad():
         padded = model(tokens, torch.tensor([5]))
@@ -470,7 +470,7 @@ def test_sat_checkpoint_with_training_metadata_loads_its_module_only(model, inpu
     torch.save(_sat_training_state(model), weights)
     if numpy_pickle == "numpy.core":
         _rewrite_pickle(weights, b"cnumpy._core.multiarray\n_reconstruct\n", b"cnumpy.core.multiarray\n_reconstruct\n")
-    loaded = COGVIDEO.load_folder(folder).model
+    loaded = COGVIDEO.checkpoint.load_folder(folder).model
     with torch.no_grad():
         assert torch.equal(loaded(**inputs), model(**inputs))
 
@@ -482,7 +482,7 @@ def test_sat_checkpoint_that_runs_code_is_refused_naming_the_global(model, tmp_p
     torch.save({**_sat_training_state(model), "hook": _Call()}, weights)
     _rewrite_pickle(weights, b"c__builtin__\nprint\n", b"cos\nsystem\n")
     with pytest.raises(CheckpointError) as refused:
-        COGVIDEO.load_folder(folder)
+        COGVIDEO.checkpoint.load_folder(folder)
     assert str(refused.value) == (f"{weights}: refused to unpickle the global 'os.system' (a weights-only load takes "
                                   "tensors, plain containers and numpy arrays, never code)")
     result = run("inspect", _recipe(tmp_path, f'path = "{folder}"'))

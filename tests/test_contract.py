@@ -73,7 +73,7 @@ def test_latte_says_which_of_its_output_channels_are_the_noise():
     from f3export.models import get_adapter
 
     adapter = get_adapter("latte")
-    output = adapter.conventions(adapter.load_preset("tiny", seed=0))["output"]
+    output = adapter.conventions(adapter.checkpoint.load_preset("tiny", seed=0))["output"]
     assert (output["channels"], output["noise_channels"]) == (8, [0, 4])
     assert "channels 4..7 are a learned variance" in output["meaning"]
 

@@ -19,14 +19,14 @@ SHAPE = VideoShape(frames=8, latent_height=8, latent_width=8)  # Latte's tiny pr
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request):
     adapter = get_adapter(request.param)
-    bundle = adapter.load_preset("tiny", seed=0)
+    bundle = adapter.checkpoint.load_preset("tiny", seed=0)
     spec = adapter.export_spec(bundle.model, SHAPE, batch=2, dynamic=["batch"], seed=3)
     return adapter, bundle.model, spec
 
 
 def test_temporal_sites_are_the_familys_temporal_attention(family):
     adapter, model, _ = family
-    names = [s.attention for s in adapter.temporal_sites(model)]
+    names = [s.attention for s in adapter.structure.temporal_sites(model)]
     expected = {"modelscope": ["unet.transformer_in.transformer_blocks.0.attn1",
                                "unet.transformer_in.transformer_blocks.0.attn2"],
                 "animatediff": ["unet.down_blocks.0.motion_modules.0.transformer_blocks.0.attn1",
@@ -35,13 +35,14 @@ def test_temporal_sites_are_the_familys_temporal_attention(family):
                           "transformer.temporal_transformer_blocks.1.attn1"]}[adapter.family]
     assert names[:2] == expected
     assert len(names) == {"modelscope": 10, "animatediff": 14, "latte": 2}[adapter.family]
-    assert all(s.norm is not None and model.get_submodule(s.norm) is not None for s in adapter.temporal_sites(model))
+    sites = adapter.structure.temporal_sites(model)
+    assert all(s.norm is not None and model.get_submodule(s.norm) is not None for s in sites)
 
 
 def test_loads_a_local_diffusers_folder(family, tmp_path):
     adapter, model, spec = family
     model.inner.save_pretrained(tmp_path / model.component)
-    bundle = adapter.load_folder(tmp_path)
+    bundle = adapter.checkpoint.load_folder(tmp_path)
     with torch.no_grad():
         assert torch.equal(bundle.model(**spec.inputs), model(**spec.inputs))
 
@@ -78,7 +79,7 @@ dir = "{out}"
 
 
 def test_a_diffusers_model_is_pruned_from_recipe_keys_alone(tmp_path):
-    modelscope = get_adapter("modelscope").load_preset("tiny", seed=1).model
+    modelscope = get_adapter("modelscope").checkpoint.load_preset("tiny", seed=1).model
     modelscope.inner.save_pretrained(tmp_path / "model" / "unet")
     recipe = tmp_path / "custom.toml"
     recipe.write_text(CUSTOM_RECIPE.replace("{model}", str(tmp_path / "model"))

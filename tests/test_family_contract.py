@@ -44,16 +44,16 @@ def cogvideo_folded_bias(model, plan) -> int:
 def custom_diffusers(tmp_path_factory):
     """family "diffusers": a ModelScope network described by recipe keys alone, loaded from its folder."""
     folder = tmp_path_factory.mktemp("custom")
-    get_adapter("modelscope").load_preset("tiny", seed=1).model.inner.save_pretrained(folder / "unet")
+    get_adapter("modelscope").checkpoint.load_preset("tiny", seed=1).model.inner.save_pretrained(folder / "unet")
     adapter = get_adapter("diffusers", {"class_name": "UNet3DConditionModel",
                                         "temporal_modules": ["*temp_attentions.*.attn[12]"]})
-    return adapter, adapter.load_folder(folder)
+    return adapter, adapter.checkpoint.load_folder(folder)
 
 
 def preset(family):
     def load(_tmp_path_factory):
         adapter = get_adapter(family)
-        return adapter, adapter.load_preset("tiny", seed=0)
+        return adapter, adapter.checkpoint.load_preset("tiny", seed=0)
     return load
 
 
@@ -106,15 +106,15 @@ def test_pruned_equals_masked_and_onnx_shrinks_by_exactly_the_removed_parameters
     plan = make_plan(scores_for(model, adapter=adapter), PruningSection(ratio=ratio))
     assert plan.removed_heads == round(ratio * plan.total_heads)
     pruned, masked = copy.deepcopy(model), copy.deepcopy(model)
-    apply_plan(pruned, adapter.temporal_sites(pruned), plan.kept_heads)
-    mask_heads(masked, adapter.temporal_sites(masked), plan.kept_heads)
+    apply_plan(pruned, adapter.structure.temporal_sites(pruned), plan.kept_heads)
+    mask_heads(masked, adapter.structure.temporal_sites(masked), plan.kept_heads)
     with torch.no_grad():
         out_pruned, out_masked, out_original = (m(**spec.inputs) for m in (pruned, masked, model))
     assert torch.allclose(out_pruned, out_masked, atol=1e-5, rtol=1e-5)
     assert torch.equal(out_pruned, out_original) == (ratio == 0)  # pruning did change the function
 
     removed = parameter_count(model) - parameter_count(pruned)
-    assert removed == expected_torch_removal(model, adapter.temporal_sites(model), plan)
+    assert removed == expected_torch_removal(model, adapter.structure.temporal_sites(model), plan)
     assert (removed > 0) == (ratio > 0)
     if ratio == 0:
         return  # nothing removed: the model is the original (asserted above), so is its graph
@@ -128,13 +128,13 @@ def test_a_pruned_model_round_trips_through_the_on_disk_format(case, tmp_path):
     pruned = copy.deepcopy(bundle.model)
     plan = make_plan(scores_for(pruned, adapter=adapter, seed=4), PruningSection(ratio=0.6))
     assert 0 < plan.removed_heads < plan.total_heads
-    apply_plan(pruned, adapter.temporal_sites(pruned), plan.kept_heads)
+    apply_plan(pruned, adapter.structure.temporal_sites(pruned), plan.kept_heads)
     save_pruned(adapter, bundle.config, pruned, plan.kept_heads, tmp_path / "pruned")
     loaded_adapter, config, reloaded = load_pruned(tmp_path / "pruned")
     assert (loaded_adapter.family, loaded_adapter.options(), config) == (adapter.family, adapter.options(),
                                                                          bundle.config)
     assert {s.attention: getattr(reloaded.get_submodule(s.attention), "heads", 0)
-            for s in adapter.temporal_sites(bundle.model)} == plan.head_counts()
+            for s in adapter.structure.temporal_sites(bundle.model)} == plan.head_counts()
     with torch.no_grad():
         assert torch.equal(reloaded(**spec.inputs), pruned(**spec.inputs))
 
@@ -146,7 +146,7 @@ def test_calibration_scores_are_finite_and_deterministic(case):
     section = section_type(**{k: v for k, v in keys.items() if k in section_type.__dataclass_fields__})
     first, second = (calibrate(adapter, bundle, shape, section).to_json() for _ in range(2))
     assert first == second
-    sites = adapter.temporal_sites(bundle.model)
+    sites = adapter.structure.temporal_sites(bundle.model)
     assert list(first["modules"]) == [s.attention for s in sites]
     for site in sites:
         module = first["modules"][site.attention]

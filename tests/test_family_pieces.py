@@ -103,10 +103,11 @@ def test_protocols_give_their_runs_and_calls(write_recipe):
 # -- loading: a preset's identity is its family's whole code ------------------------------------------------
 def test_a_presets_digest_covers_the_familys_network_and_checkpoint_modules():
     package = Path(f3export.__file__).parent / "models" / "tune_a_video"
-    sources = family_sources(TuneAVideoAdapter)
+    sources = family_sources(TuneAVideoAdapter())
     for module in ("network.py", "checkpoint.py", "adapter.py"):
         assert (package / module).read_text() in sources
-    assert (Path(f3export.__file__).parent / "models" / "base.py").read_text() in sources
+    for shared in ("base.py", "loading.py", "structure.py"):  # the preset's weights are made there too
+        assert (Path(f3export.__file__).parent / "models" / shared).read_text() in sources
 
 
 # -- atomic model files and TensorRT profiles ---------------------------------------------------------------

@@ -56,7 +56,7 @@ def test_module_scope_honours_keep_and_min_heads_per_module(tiny_model):
 # attention has q/k/v biases, so without this test the branch never runs for Tune-A-Video.
 def test_pruning_keeps_the_bias_rows_of_biased_q_k_v_projections(tiny_model, small_inputs):
     generator = torch.Generator().manual_seed(5)
-    for site in TAV.temporal_sites(tiny_model):
+    for site in TAV.structure.temporal_sites(tiny_model):
         attn = tiny_model.get_submodule(site.attention)
         for name in ("to_q", "to_k", "to_v"):
             old = getattr(attn, name)
@@ -67,8 +67,8 @@ def test_pruning_keeps_the_bias_rows_of_biased_q_k_v_projections(tiny_model, sma
             setattr(attn, name, biased)
     plan = make_plan(scores_for(tiny_model, seed=2), PruningSection(ratio=0.5))
     pruned, masked = copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)
-    apply_plan(pruned, TAV.temporal_sites(pruned), plan.kept_heads)
-    mask_heads(masked, TAV.temporal_sites(masked), plan.kept_heads)
+    apply_plan(pruned, TAV.structure.temporal_sites(pruned), plan.kept_heads)
+    mask_heads(masked, TAV.structure.temporal_sites(masked), plan.kept_heads)
     with torch.no_grad():
         assert torch.allclose(pruned(**small_inputs), masked(**small_inputs), atol=1e-5, rtol=1e-5)
 
@@ -93,7 +93,7 @@ def test_frame_0_of_sparse_causal_attention_reads_only_itself(tiny_model):
 # scales each head's output by s; divided by the residual stream before the norm, contribution scales by s.
 def test_contribution_divides_by_the_residual_stream_before_the_temporal_norm(tiny_bundle):
     section = CalibrationSection(prompts=["a man is skiing"], seeds=[0], steps=1)
-    first = TAV.temporal_sites(tiny_bundle.model)[0]  # nothing upstream of it changes
+    first = TAV.structure.temporal_sites(tiny_bundle.model)[0]  # nothing upstream of it changes
     scaled = copy.deepcopy(tiny_bundle)
     with torch.no_grad():
         norm, attn = scaled.model.get_submodule(first.norm), scaled.model.get_submodule(first.attention)
@@ -112,7 +112,7 @@ def test_contribution_divides_by_the_residual_stream_before_the_temporal_norm(ti
 # Kills: mixing computed as 1 - max_g A[f, g] instead of 1 - A[f, f] (equal for uniform attention, which is
 # all the older test used). Here every frame attends almost only to frame 0.
 def test_mixing_is_the_mass_off_the_diagonal_not_one_minus_the_largest_probability(tiny_model):
-    site = TAV.temporal_sites(tiny_model)[0]
+    site = TAV.structure.temporal_sites(tiny_model)[0]
     attn = tiny_model.get_submodule(site.attention)
     width = attn.to_q.in_features
     with torch.no_grad():

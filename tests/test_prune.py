@@ -12,7 +12,7 @@ from diffusers.models.attention_processor import Attention
 
 from f3export.errors import CheckpointError
 from f3export.models.attention import RemovedAttention
-from f3export.models.base import TemporalSite
+from f3export.models.structure import TemporalSite
 from f3export.prune import (PRUNED_CONFIG, PruningPlan, apply_plan, load_pruned, make_plan, mask_heads,
                             parameter_count, save_pruned)
 from f3export.recipe import PruningSection
@@ -36,8 +36,8 @@ def test_pruned_model_equals_original_with_heads_masked(tiny_model, small_inputs
     plan = make_plan(scores_for(tiny_model), PruningSection(ratio=ratio))
     assert plan.removed_heads == round(ratio * 56)
     pruned, masked = copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)
-    apply_plan(pruned, TAV.temporal_sites(pruned), plan.kept_heads)
-    mask_heads(masked, TAV.temporal_sites(masked), plan.kept_heads)
+    apply_plan(pruned, TAV.structure.temporal_sites(pruned), plan.kept_heads)
+    mask_heads(masked, TAV.structure.temporal_sites(masked), plan.kept_heads)
     with torch.no_grad():
         out_pruned, out_masked, out_original = (m(**small_inputs) for m in (pruned, masked, tiny_model))
     assert torch.allclose(out_pruned, out_masked, atol=1e-5, rtol=1e-5)
@@ -47,7 +47,7 @@ def test_pruned_model_equals_original_with_heads_masked(tiny_model, small_inputs
 
 
 def test_module_losing_all_heads_keeps_only_its_output_bias(tiny_model):
-    module = TAV.temporal_sites(tiny_model)[0]
+    module = TAV.structure.temporal_sites(tiny_model)[0]
     bias = tiny_model.get_submodule(module.attention).to_out[0].bias.detach().clone()
     apply_plan(tiny_model, [module], {module.attention: []})
     removed = tiny_model.get_submodule(module.attention)
@@ -79,22 +79,22 @@ def test_min_heads_and_keep_limit_what_goes(tiny_model):
 
 def test_saved_pruned_model_reloads_with_its_head_counts(tmp_path, tiny_bundle, tiny_model, small_inputs):
     plan = make_plan(scores_for(tiny_model, seed=4), PruningSection(ratio=0.6))
-    apply_plan(tiny_model, TAV.temporal_sites(tiny_model), plan.kept_heads)
+    apply_plan(tiny_model, TAV.structure.temporal_sites(tiny_model), plan.kept_heads)
     save_pruned(TAV, tiny_bundle.config, tiny_model, plan.kept_heads, tmp_path)
     adapter, _, reloaded = load_pruned(tmp_path)
     assert adapter.family == TAV.family
     assert {s.attention: getattr(reloaded.get_submodule(s.attention), "heads", 0)
-            for s in TAV.temporal_sites(reloaded)} == plan.head_counts()
+            for s in TAV.structure.temporal_sites(reloaded)} == plan.head_counts()
     with torch.no_grad():
         assert torch.equal(reloaded(**small_inputs), tiny_model(**small_inputs))
 
 
 def test_a_reload_rebuilds_exactly_the_recorded_kept_heads_not_the_first_ones(tmp_path, tiny_bundle, tiny_model,
                                                                                 small_inputs):
-    sites = TAV.temporal_sites(tiny_model)
+    sites = TAV.structure.temporal_sites(tiny_model)
     kept = {sites[0].attention: [1, 4, 6], sites[1].attention: [], sites[2].attention: [0, 7]}
     masked = copy.deepcopy(tiny_model)
-    mask_heads(masked, TAV.temporal_sites(masked), kept)
+    mask_heads(masked, TAV.structure.temporal_sites(masked), kept)
     apply_plan(tiny_model, sites, kept)
     save_pruned(TAV, tiny_bundle.config, tiny_model, kept, tmp_path)
     assert json.loads((tmp_path / PRUNED_CONFIG).read_text())["kept_heads"] == kept
@@ -109,7 +109,7 @@ def test_a_reload_rebuilds_exactly_the_recorded_kept_heads_not_the_first_ones(tm
 @pytest.mark.parametrize("indices", [[8], [2, 1], [1, 1], ["0"]])
 def test_a_pruned_config_whose_kept_heads_are_not_head_indices_is_refused_in_one_line(tmp_path, tiny_bundle,
                                                                                      tiny_model, indices):
-    module = TAV.temporal_sites(tiny_model)[0].attention
+    module = TAV.structure.temporal_sites(tiny_model)[0].attention
     save_pruned(TAV, tiny_bundle.config, tiny_model, {}, tmp_path)
     config = json.loads((tmp_path / PRUNED_CONFIG).read_text())
     (tmp_path / PRUNED_CONFIG).write_text(json.dumps({**config, "kept_heads": {module: indices}}))

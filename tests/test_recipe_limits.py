@@ -159,7 +159,7 @@ def test_a_huge_in_range_shape_is_refused_quickly_before_any_work(write_recipe):
 @pytest.fixture
 def eight_mib(monkeypatch):
     """This machine, as far as f3export can tell, has 8 MiB free: the tiny preset's 5.9 MiB of weights fit."""
-    monkeypatch.setattr("f3export.models.base.available_memory_bytes", lambda: 8 * MiB)
+    monkeypatch.setattr("f3export.models.memory.available_memory_bytes", lambda: 8 * MiB)
 
 
 # TAV tiny at 4x8x8, batch 2: its largest tensor is the sparse-causal attention's probabilities,
@@ -182,7 +182,7 @@ def test_the_guidance_batch_of_2_is_sized_even_when_the_export_batch_is_1(write_
 
 
 def test_a_huge_export_batch_is_refused(write_recipe, monkeypatch):
-    monkeypatch.setattr("f3export.models.base.available_memory_bytes", lambda: 16 * 2**30)
+    monkeypatch.setattr("f3export.models.memory.available_memory_bytes", lambda: 16 * 2**30)
     result = run("build", write_recipe(), "--set", "export.batch=100000")
     assert result.exit_code == 2
     assert result.output.strip() == ("error: fast.toml: [model].frames x latent_height x latent_width = 4x8x8 at "
@@ -193,7 +193,7 @@ def test_a_huge_export_batch_is_refused(write_recipe, monkeypatch):
 @pytest.fixture(scope="module")
 def modelscope_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("modelscope")
-    get_adapter("modelscope").load_preset("tiny", seed=1).model.inner.save_pretrained(folder / "unet")
+    get_adapter("modelscope").checkpoint.load_preset("tiny", seed=1).model.inner.save_pretrained(folder / "unet")
     return folder
 
 
@@ -210,9 +210,10 @@ def test_every_family_is_sized_by_a_forward_on_the_meta_device(family, shape, mo
         preset, path = None, str(modelscope_folder)
     else:
         adapter, preset, path = get_adapter(family), "tiny", None
-    memory = adapter.forward_memory(adapter.skeleton(preset, path), shape, batch=2)
+    memory = adapter.forward_memory(adapter.checkpoint.skeleton(preset, path), shape, batch=2)
     # Independently: the real network's output at this shape is one tensor the forward must make.
-    real = adapter.load_preset(preset, 0).model if preset else adapter.load_folder(modelscope_folder).model
+    checkpoint = adapter.checkpoint
+    real = (checkpoint.load_preset(preset, 0) if preset else checkpoint.load_folder(modelscope_folder)).model
     inputs = adapter.export_spec(real, shape, 2, dynamic=[]).inputs
     output = real(*inputs.values())
     assert memory.largest_activation >= output.numel() * output.element_size()
@@ -223,7 +224,7 @@ def test_every_family_is_sized_by_a_forward_on_the_meta_device(family, shape, mo
 
 def test_a_checkpoint_whose_weights_exceed_memory_is_refused_before_allocating(write_recipe, modelscope_folder,
                                                                                 monkeypatch):
-    monkeypatch.setattr("f3export.models.base.available_memory_bytes", lambda: MiB)
+    monkeypatch.setattr("f3export.models.memory.available_memory_bytes", lambda: MiB)
     recipe = FAST_RECIPE.replace('family = "tune-a-video"\npreset = "tiny"', f'family = "modelscope"\n'
                                  f'path = "{modelscope_folder}"')
     result = run("build", write_recipe(recipe))
@@ -272,7 +273,7 @@ def test_a_temporal_modules_pattern_that_matches_nothing_names_a_real_attention(
 def test_a_tune_a_video_config_of_wrong_types_names_file_and_key(tmp_path, tiny_model, key, value, problem):
     write_checkpoint(tmp_path, tiny_model, "safetensors", {**ORIGINAL_STYLE_CONFIG, key: value})
     with pytest.raises(CheckpointError) as refused:
-        TAV.load_folder(tmp_path)
+        TAV.checkpoint.load_folder(tmp_path)
     assert str(refused.value) == f"{tmp_path / 'unet' / 'config.json'}: {problem}"
 
 
@@ -286,9 +287,9 @@ def test_a_tune_a_video_config_of_wrong_types_names_file_and_key(tmp_path, tiny_
 ])
 def test_a_cogvideo_sat_config_of_wrong_types_names_file_and_key(tmp_path, key, value, problem):
     adapter = CogVideoAdapter()
-    (tmp_path / "model_config.json").write_text(json.dumps({**adapter.presets["tiny"], key: value}))
+    (tmp_path / "model_config.json").write_text(json.dumps({**adapter.checkpoint.presets["tiny"], key: value}))
     with pytest.raises(CheckpointError) as refused:
-        adapter.folder_config(tmp_path)
+        adapter.checkpoint.folder_config(tmp_path)
     assert str(refused.value) == f"{tmp_path / 'model_config.json'}: {problem}"
 
 
@@ -303,7 +304,7 @@ def test_a_diffusers_config_of_wrong_types_names_file_and_key(tmp_path, modelsco
     config = json.loads((modelscope_folder / "unet" / "config.json").read_text())
     (tmp_path / "unet" / "config.json").write_text(json.dumps({**config, key: value}))
     with pytest.raises(CheckpointError) as refused:
-        get_adapter("modelscope").folder_config(tmp_path)
+        get_adapter("modelscope").checkpoint.folder_config(tmp_path)
     assert str(refused.value) == f"{tmp_path / 'unet' / 'config.json'}: {problem}"
 
 

@@ -32,7 +32,7 @@ def test_truncated_safetensors_is_named(checkpoint):
     folder, weights = checkpoint
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model\.safetensors: cannot read safetensors"):
-        TAV.load_folder(folder)
+        TAV.checkpoint.load_folder(folder)
 
 
 def test_bin_that_is_not_a_state_dict_is_named(checkpoint):
@@ -40,7 +40,7 @@ def test_bin_that_is_not_a_state_dict_is_named(checkpoint):
     weights.unlink()
     torch.save([torch.zeros(2)], folder / "unet" / "diffusion_pytorch_model.bin")
     with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model\.bin: not a state dict of tensors"):
-        TAV.load_folder(folder)
+        TAV.checkpoint.load_folder(folder)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -53,14 +53,14 @@ def test_missing_and_extra_keys_name_the_first_one(checkpoint, tiny_model, chang
     change(state)
     save_file(state, str(weights))
     with pytest.raises(CheckpointError, match=message):
-        TAV.load_folder(folder)
+        TAV.checkpoint.load_folder(folder)
 
 
 def test_config_that_does_not_parse_is_named(checkpoint):
     folder, _ = checkpoint
     (folder / "unet" / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"unet/config\.json: not valid JSON"):
-        TAV.load_folder(folder)
+        TAV.checkpoint.load_folder(folder)
 
 
 def test_bad_checkpoint_exits_2_in_one_line(checkpoint, write_recipe):
@@ -164,7 +164,7 @@ def test_same_recipe_builds_byte_identical_artifacts(built, write_recipe):
 
 
 def test_a_preset_too_big_for_this_machine_is_refused_before_allocating(write_recipe, monkeypatch):
-    monkeypatch.setattr("f3export.models.base.available_memory_bytes", lambda: 1_000_000)  # 1 MB free
+    monkeypatch.setattr("f3export.models.memory.available_memory_bytes", lambda: 1_000_000)  # 1 MB free
     result = run("build", write_recipe())
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "fast.toml: [model].preset = 'tiny': its weights alone need 6 MiB, more than the 1 MiB" in result.output

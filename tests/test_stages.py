@@ -116,7 +116,7 @@ FILE_CHANGES = [
     ("README.md", lambda p: p.write_text("a model card\n"), set()),  # not read by the build
 ]
 LIBRARIES = sorted({name.removeprefix("library:") for name in DECLARED if name.startswith("library:")})
-TOKENS = ["calibration", "validation"]
+FILE_SECTIONS = ["calibration", "validation"]  # their token files
 
 
 def expected_reruns(changed: set[str]) -> set[str]:
@@ -129,7 +129,7 @@ def changed_keys(before: dict[str, str], after: dict[str, str]) -> set[str]:
 
 def test_every_declared_input_is_exercised_below():
     exercised = set().union(*(c for _, c in RECIPE_CHANGES), *(c for *_, c in FILE_CHANGES),
-                            {f"library:{lib}" for lib in LIBRARIES}, {f"tokens:{s}" for s in TOKENS},
+                            {f"library:{lib}" for lib in LIBRARIES}, {f"files:{s}" for s in FILE_SECTIONS},
                             {f"stage:{s.name}" for s in STAGES})
     assert DECLARED <= exercised, DECLARED - exercised
 
@@ -154,11 +154,11 @@ def test_a_model_file_change_changes_exactly_the_keys_declaring_that_file_class(
     assert changed_keys(before, keys(folder_recipe)) == expected_reruns(changed)
 
 
-@pytest.mark.parametrize("section", TOKENS)
+@pytest.mark.parametrize("section", FILE_SECTIONS)
 def test_a_token_file_overwritten_in_place_changes_exactly_the_keys_reading_it(token_recipe, section):
     before = keys(token_recipe)
     np.save(token_recipe.parent / f"{section}.npy", np.random.default_rng(7).integers(0, 256, (1, 328)))
-    assert changed_keys(before, keys(token_recipe)) == expected_reruns({f"tokens:{section}"})
+    assert changed_keys(before, keys(token_recipe)) == expected_reruns({f"files:{section}"})
 
 
 @pytest.mark.parametrize("library", LIBRARIES)

@@ -11,6 +11,7 @@ from diffusers import UNet2DConditionModel
 from f3export.errors import CheckpointError
 from f3export.models.tune_a_video import TINY
 from f3export.models.tune_a_video.network import TuneAVideoConfig
+from f3export.stages import model_digest
 
 from conftest import ORIGINAL_STYLE_CONFIG, TAV, write_checkpoint, write_clip
 
@@ -62,8 +63,8 @@ def test_sparse_causal_attention_reads_only_first_and_previous_frame(tiny_model)
 
 def test_every_transformer_block_has_8_heads_and_sd14_has_16_temporal_modules():
     with torch.device("meta"):
-        model = TAV.build(TAV.presets["sd14"])
-    sites = TAV.temporal_sites(model)
+        model = TAV.checkpoint.build(TAV.checkpoint.presets["sd14"])
+    sites = TAV.structure.temporal_sites(model)
     assert len(sites) == 16
     assert {model.get_submodule(s.attention).heads for s in sites} == {8}
     assert [model.get_submodule(s.attention).inner_dim // 8 for s in sites][:2] == [40, 40]
@@ -78,7 +79,7 @@ def test_loads_tune_a_video_folder_with_original_key_names(tmp_path, tiny_model,
     assert "down_blocks.0.attentions.0.transformer_blocks.0.attn_temp.to_q.weight" in tiny_model.state_dict()
     assert "down_blocks.0.attentions.0.transformer_blocks.0.norm_temp.weight" in tiny_model.state_dict()
     write_checkpoint(tmp_path, tiny_model, weights_format, ORIGINAL_STYLE_CONFIG)
-    bundle = TAV.load_folder(tmp_path)
+    bundle = TAV.checkpoint.load_folder(tmp_path)
     assert not bundle.random_weights
     with torch.no_grad():
         assert torch.equal(bundle.model(**small_inputs), tiny_model(**small_inputs))
@@ -90,7 +91,7 @@ def test_pickled_checkpoint_that_needs_code_is_refused(tmp_path, tiny_model):
     torch.save({"weights": tiny_model.state_dict(), "hook": TuneAVideoConfig()},
                tmp_path / "unet" / "diffusion_pytorch_model.bin")
     with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model\.bin: refused to unpickle"):
-        TAV.load_folder(tmp_path)
+        TAV.checkpoint.load_folder(tmp_path)
 
 
 def test_checkpoint_with_a_wrong_shape_names_the_key(tmp_path, tiny_model):
@@ -101,7 +102,7 @@ def test_checkpoint_with_a_wrong_shape_names_the_key(tmp_path, tiny_model):
     (unet / "config.json").write_text(json.dumps(ORIGINAL_STYLE_CONFIG))
     torch.save(state, unet / "diffusion_pytorch_model.bin")
     with pytest.raises(CheckpointError, match=r"'conv_in.weight' has shape \[1\]"):
-        TAV.load_folder(tmp_path)
+        TAV.checkpoint.load_folder(tmp_path)
 
 
 def test_odd_latent_sizes_run_and_keep_their_shape(tiny_model):
@@ -114,8 +115,8 @@ def test_odd_latent_sizes_run_and_keep_their_shape(tiny_model):
 def test_a_clip_text_encoder_in_the_folder_conditions_calibration(tmp_path, tiny_model):
     write_checkpoint(tmp_path, tiny_model, "safetensors", ORIGINAL_STYLE_CONFIG)
     write_clip(tmp_path, TINY.cross_attention_dim)
-    bundle = TAV.load_folder(tmp_path)
+    bundle = TAV.checkpoint.load_folder(tmp_path)
     embeddings = TAV.encode_prompts(bundle, ["a man is skiing", "a cat"])
     assert embeddings.shape == (2, 77, TINY.cross_attention_dim)
     assert not torch.allclose(embeddings[0], embeddings[1])
-    assert TAV.weights_digest(None, str(tmp_path), 0) != TAV.weights_digest("tiny", None, 0)
+    assert model_digest(TAV, "network", None, str(tmp_path), 0) != model_digest(TAV, "network", "tiny", None, 0)

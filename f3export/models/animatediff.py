@@ -5,15 +5,13 @@ frame positions before attention, so clips are at most ``motion_max_seq_length``
 frames. The model takes one text embedding per frame.
 """
 
-from .diffusers_video import DiffusersVideoAdapter
+from .diffusers_video import DiffusersFolder, DiffusersVideoAdapter
+from .structure import AttentionPatterns
 
 
 class AnimateDiffAdapter(DiffusersVideoAdapter):
     family = "animatediff"
-    class_name = "UNetMotionModel"
-    temporal_patterns = ("*motion_modules.*.attn[12]",)
-    text_per_frame = True
-    presets = {
+    checkpoint = DiffusersFolder("UNetMotionModel", text_per_frame=True, presets={
         "tiny": {
             "sample_size": 16, "block_out_channels": [32, 64], "layers_per_block": 1, "norm_num_groups": 8,
             "down_block_types": ["CrossAttnDownBlockMotion", "DownBlockMotion"],
@@ -21,4 +19,5 @@ class AnimateDiffAdapter(DiffusersVideoAdapter):
             "cross_attention_dim": 32, "num_attention_heads": 4, "motion_num_attention_heads": 8,
             "motion_max_seq_length": 32,
         },
-    }
+    })
+    structure = AttentionPatterns(("*motion_modules.*.attn[12]",), "unet")

@@ -7,17 +7,14 @@ temporal ``Attention`` modules) prunes a model f3export has no adapter for yet.
 
 from __future__ import annotations
 
-from diffusers.models.attention_processor import Attention
-
 from ..errors import CheckpointError, RecipeError
 from ..recipe import family_key
-from .base import unmatched_pattern
-from .diffusers_video import DiffusersVideoAdapter, diffusers_class
+from .diffusers_video import DiffusersFolder, DiffusersVideoAdapter, diffusers_class
+from .structure import AttentionPatterns
 
 
 class CustomDiffusersAdapter(DiffusersVideoAdapter):
     family = "diffusers"
-    presets = {}
     option_keys = (
         family_key("model", "class_name", str | None, None),  # diffusers model class, e.g. 'UNet3DConditionModel'
         family_key("model", "temporal_modules", list[str], []),  # glob patterns naming its temporal Attention modules
@@ -35,14 +32,13 @@ class CustomDiffusersAdapter(DiffusersVideoAdapter):
                               "class") from None
 
     def __init__(self, class_name: str, temporal_modules: list[str], text_per_frame: bool = False):
-        self.class_name = class_name
-        self.temporal_patterns = tuple(temporal_modules)
-        self.text_per_frame = text_per_frame
+        component = "unet"
+        self.checkpoint = DiffusersFolder(class_name, component, text_per_frame)
+        self.structure = AttentionPatterns(tuple(temporal_modules), component)
 
     def options_error(self, model):
-        names = [name for name, module in model.inner.named_modules() if isinstance(module, Attention)]
-        return unmatched_pattern("[model].temporal_modules", list(self.temporal_patterns), names, "Attention module")
+        return self.structure.unmatched(model, "[model].temporal_modules")
 
     def options(self):
-        return {"class_name": self.class_name, "temporal_modules": list(self.temporal_patterns),
-                "text_per_frame": self.text_per_frame}
+        return {"class_name": self.checkpoint.class_name, "temporal_modules": list(self.structure.patterns),
+                "text_per_frame": self.checkpoint.text_per_frame}

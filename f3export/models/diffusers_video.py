@@ -3,25 +3,24 @@
 The diffusers model is held as the pipeline component it is (``unet`` or
 ``transformer``) inside a thin module with f3export's call signature
 ``noise_pred = net(sample [B,C,F,H,W], timestep [B], encoder_hidden_states [B,T,D])``;
-temporal attention modules are selected by glob patterns over module names,
-and each attention ``...attnN`` is paired with its block's ``...normN``.
+its temporal attention modules are selected by glob patterns over module
+names (``structure.AttentionPatterns``).
 """
 
 from __future__ import annotations
 
-import fnmatch
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import diffusers
 import torch
-from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from ..errors import CheckpointError
 from ..weights import read_json
-from .base import (MODEL_SUFFIXES, LatentVideoDiffusionAdapter, ModelBundle, TemporalSite, component_files,
-                   load_clip_text_encoder, read_scheduler_config)
+from .base import LatentVideoDiffusionAdapter
+from .loading import MODEL_SUFFIXES, PipelineFolder, component_files
+from .structure import AttentionPatterns
 from .configs import CONFIG_ERRORS, build_diffusers_model
 
 
@@ -52,13 +51,14 @@ def diffusers_class(name: str) -> type:
     return cls
 
 
-class DiffusersVideoAdapter(LatentVideoDiffusionAdapter):
-    """A family = a diffusers class + the patterns naming its temporal attention modules."""
+class DiffusersFolder(PipelineFolder):
+    """A diffusers model class, loaded from a pipeline folder (``<folder>/<component>/``) or a component folder,
+    held as that ``component`` inside ``DiffusersVideoNet``."""
 
-    class_name: ClassVar[str]
-    component: ClassVar[str] = "unet"
-    temporal_patterns: ClassVar[tuple[str, ...]]
-    text_per_frame: ClassVar[bool] = False
+    def __init__(self, class_name: str, component: str = "unet", text_per_frame: bool = False,
+                 presets: dict[str, dict[str, Any]] | None = None):
+        self.class_name, self.component, self.text_per_frame = class_name, component, text_per_frame
+        self.presets = presets or {}
 
     def wrap(self, model: nn.Module) -> DiffusersVideoNet:
         return DiffusersVideoNet(self.component, model, self.text_per_frame).eval()
@@ -68,13 +68,9 @@ class DiffusersVideoAdapter(LatentVideoDiffusionAdapter):
         return self.wrap(build_diffusers_model(cls, {k: v for k, v in config.items() if not k.startswith("_")},
                                                source))
 
-    def config_dict(self, model: DiffusersVideoNet) -> dict[str, Any]:
+    def recorded_config(self, model, config):
+        """The constructor's whole config (its defaults filled in), as diffusers saves it."""
         return {k: v for k, v in dict(model.inner.config).items() if not k.startswith("_")}
-
-    def load_preset(self, name, seed):
-        bundle = super().load_preset(name, seed)
-        bundle.config = self.config_dict(bundle.model)
-        return bundle
 
     def _component_dir(self, folder: Path) -> Path:
         """A pipeline folder (``<folder>/<component>/config.json``) or the component folder itself."""
@@ -102,20 +98,15 @@ class DiffusersVideoAdapter(LatentVideoDiffusionAdapter):
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise CheckpointError(f"{component}: cannot load {self.class_name} ({reason})") from None
         net = self.wrap(model)
-        return ModelBundle(self.family, net, self.config_dict(net), f"checkpoint {folder}", random_weights=False,
-                           encode_text=load_clip_text_encoder(folder),
-                           scheduler_config=read_scheduler_config(folder))
+        return self.bundle(folder, net, self.recorded_config(net, {}))
 
-    def temporal_sites(self, model):
-        prefix = model.component + "."
-        modules = dict(model.inner.named_modules())
-        sites = []
-        for name, module in modules.items():
-            if isinstance(module, Attention) and any(fnmatch.fnmatchcase(name, p) for p in self.temporal_patterns):
-                parent, _, leaf = name.rpartition(".")
-                norm = f"{parent}.norm{leaf.removeprefix('attn')}" if leaf.startswith("attn") else None
-                sites.append(TemporalSite(prefix + name, prefix + norm if norm in modules else None))
-        return sites
+
+class DiffusersVideoAdapter(LatentVideoDiffusionAdapter):
+    """A family = a diffusers class in a folder (``checkpoint``) + the patterns naming its temporal attention
+    modules (``structure``)."""
+
+    checkpoint: DiffusersFolder
+    structure: AttentionPatterns
 
     def text_width(self, model):
         return model.inner.config.cross_attention_dim

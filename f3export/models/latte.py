@@ -6,22 +6,21 @@ model). Its output is gated by the timestep (adaLN-single), and its variance
 channels follow the noise prediction in the output.
 """
 
-from .diffusers_video import DiffusersVideoAdapter
+from .diffusers_video import DiffusersFolder, DiffusersVideoAdapter
+from .structure import AttentionPatterns
 
 
 class LatteAdapter(DiffusersVideoAdapter):
     family = "latte"
-    class_name = "LatteTransformer3DModel"
-    component = "transformer"
-    temporal_patterns = ("temporal_transformer_blocks.*.attn1",)
-    presets = {
+    checkpoint = DiffusersFolder("LatteTransformer3DModel", component="transformer", presets={
         "tiny": {
             "num_attention_heads": 8, "attention_head_dim": 8, "in_channels": 4, "out_channels": 8,
             "num_layers": 2, "sample_size": 16, "patch_size": 2, "norm_type": "ada_norm_single",
             "caption_channels": 32, "cross_attention_dim": 64, "video_length": 8,
             "activation_fn": "gelu-approximate", "norm_elementwise_affine": False, "norm_eps": 1e-6,
         },
-    }
+    })
+    structure = AttentionPatterns(("temporal_transformer_blocks.*.attn1",), "transformer")
 
     fixed_axes = ("frames",)  # temporal positions are a table of exactly video_length rows
 

@@ -1,4 +1,4 @@
-"""The CogVideo adapter: presets, SAT folders, the token sequence layout its runs and exports use."""
+"""The CogVideo adapter: where its temporal channels are, and the token sequence layout its runs and exports use."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import numpy as np
 import torch
 
 from ...errors import RecipeError
-from ...weights import load_into, read_json
-from ..base import ExportIO, ModelAdapter, ModelBundle, TemporalSite, cosine, fidelity_gate
+from ..base import ExportIO, ModelAdapter, cosine, fidelity_gate
 from ..protocols import FramesForward, TokenProtocol, TokenRow
-from .checkpoint import SAT_CONFIG, SAT_LATEST, read_sat_state, sat_weights_path
-from .network import CogVideoConfig, CogVideoModel, TemporalChannelHeads
+from ..structure import TemporalSite, TemporalStructure
+from .checkpoint import SatFolder
+from .network import CogVideoConfig, TemporalChannelHeads
 
 
 def seeded_sequence(config: CogVideoConfig, frames: int, prompt: str, seed: int) -> tuple[torch.Tensor, int]:
@@ -60,23 +60,20 @@ def read_sequence(config: CogVideoConfig, frames: int, tokens: np.ndarray, sourc
     return torch.from_numpy(tokens), c.text_len - leading
 
 
-# The real sizes: CogView2's 48 x 3072 transformer with 48 heads, 64 text tokens + 5 frames of 20 x 20.
-FULL_SIZE = {"num_layers": 48, "hidden_size": 3072, "num_attention_heads": 48, "vocab_size": 150010,
-             "image_vocab_size": 20000, "boi_token_id": 150000, "pad_token_id": 20003, "layout": [64, 464, 2064],
-             "max_sequence_length": 912, "additional_seqlen": 2000, "frame_position_offset": 512}
+class TemporalChannels(TemporalStructure):
+    """The temporal channel of every layer (``TemporalChannelHeads``); its norm is the layer's input norm,
+    which the spatial channel reads too."""
+
+    def temporal_sites(self, model):
+        return [TemporalSite(f"transformer.layers.{i}.temporal", f"transformer.layers.{i}.input_layernorm",
+                             shared_norm=True, access=TemporalChannelHeads)
+                for i in range(model.config.num_layers)]
 
 
 class CogVideoAdapter(ModelAdapter):
     family = "cogvideo"
-    presets = {
-        "tiny": {"num_layers": 3, "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 320,
-                 "image_vocab_size": 256, "boi_token_id": 310, "pad_token_id": 259, "layout": [8, 72, 328],
-                 "max_sequence_length": 80, "additional_seqlen": 256, "frame_position_offset": 16},
-        "full": FULL_SIZE,
-        # The full preset with 3 of its 48 layers, for machines that cannot hold its 31 GB of fp32 weights:
-        # each layer's arithmetic (and its speedup from pruning) is the real one.
-        "full-3-layers": {**FULL_SIZE, "num_layers": 3},
-    }
+    checkpoint = SatFolder()
+    structure = TemporalChannels()
     # The masks and position ids are fixed by the sequence layout; only the batch may vary.
     fixed_axes = ("frames", "height", "width")
     protocol = TokenProtocol()
@@ -85,27 +82,6 @@ class CogVideoAdapter(ModelAdapter):
                       fidelity_gate("top1_agreement", "pruning_min_top1_agreement", 0.5, low=0.0, high=1.0))
     calibration_note = ("temporal statistics over the tokens of frames 1 on: CogVideo's stage 1 masks frame 0 "
                         "out of its loss and generates it with the temporal channel off")
-
-    def build(self, config):
-        return CogVideoModel(CogVideoConfig.from_dict(config, "config"))
-
-    def weights_files(self, folder):
-        return [folder / SAT_CONFIG, folder / SAT_LATEST, sat_weights_path(folder)]
-
-    def folder_config(self, folder):
-        return CogVideoConfig.from_dict(read_json(folder / SAT_CONFIG), str(folder / SAT_CONFIG)).to_dict()
-
-    def load_folder(self, folder):
-        config = self.folder_config(folder)
-        model = self.build(config).eval()
-        weights = sat_weights_path(folder)
-        load_into(model, read_sat_state(weights, model.config.image_vocab_size), weights)
-        return ModelBundle(self.family, model, config, f"checkpoint {folder}", random_weights=False)
-
-    def temporal_sites(self, model):
-        return [TemporalSite(f"transformer.layers.{i}.temporal", f"transformer.layers.{i}.input_layernorm",
-                             shared_norm=True, access=TemporalChannelHeads)
-                for i in range(model.config.num_layers)]
 
     def shape_error(self, model, shape):
         c = model.config

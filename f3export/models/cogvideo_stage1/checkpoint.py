@@ -3,6 +3,7 @@ arguments), ``latest`` (the iteration) and ``<iter>/mp_rank_00_model_states.pt``
 holding ``{'module': state_dict}`` with SAT's key names. The module tree of ``network``
 keeps SAT's names for everything but the mixins, which live inside each layer
 (``SAT_MIXIN_KEYS`` maps them both ways), so a layer owns its temporal channel.
+And the presets: a tiny model, and the real sizes for counting.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import torch
 
 from ...artifacts import atomic_path
 from ...errors import CheckpointError
-from ...weights import NUMPY_ARRAY_GLOBALS, load_state_dict
-from .network import CogVideoModel
+from ...weights import NUMPY_ARRAY_GLOBALS, load_into, load_state_dict, read_json
+from ..loading import CheckpointFormat, ModelBundle
+from .network import CogVideoConfig, CogVideoModel
 
 SAT_CONFIG = "model_config.json"
 SAT_LATEST = "latest"
@@ -89,3 +91,37 @@ def save_sat(model: CogVideoModel, folder: Path, iteration: int = 1) -> None:
         tmp.write_text(json.dumps(model.config.to_dict(), indent=2))
     with atomic_path(folder / SAT_LATEST) as tmp:
         tmp.write_text(str(iteration))
+
+
+# The real sizes: CogView2's 48 x 3072 transformer with 48 heads, 64 text tokens + 5 frames of 20 x 20.
+FULL_SIZE = {"num_layers": 48, "hidden_size": 3072, "num_attention_heads": 48, "vocab_size": 150010,
+             "image_vocab_size": 20000, "boi_token_id": 150000, "pad_token_id": 20003, "layout": [64, 464, 2064],
+             "max_sequence_length": 912, "additional_seqlen": 2000, "frame_position_offset": 512}
+
+
+class SatFolder(CheckpointFormat):
+    presets = {
+        "tiny": {"num_layers": 3, "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 320,
+                 "image_vocab_size": 256, "boi_token_id": 310, "pad_token_id": 259, "layout": [8, 72, 328],
+                 "max_sequence_length": 80, "additional_seqlen": 256, "frame_position_offset": 16},
+        "full": FULL_SIZE,
+        # The full preset with 3 of its 48 layers, for machines that cannot hold its 31 GB of fp32 weights:
+        # each layer's arithmetic (and its speedup from pruning) is the real one.
+        "full-3-layers": {**FULL_SIZE, "num_layers": 3},
+    }
+
+    def build(self, config):
+        return CogVideoModel(CogVideoConfig.from_dict(config, "config"))
+
+    def weights_files(self, folder):
+        return [folder / SAT_CONFIG, folder / SAT_LATEST, sat_weights_path(folder)]
+
+    def folder_config(self, folder):
+        return CogVideoConfig.from_dict(read_json(folder / SAT_CONFIG), str(folder / SAT_CONFIG)).to_dict()
+
+    def load_folder(self, folder):
+        config = self.folder_config(folder)
+        model = self.build(config).eval()
+        weights = sat_weights_path(folder)
+        load_into(model, read_sat_state(weights, model.config.image_vocab_size), weights)
+        return ModelBundle(model, config, f"checkpoint {folder}", random_weights=False)

@@ -1,5 +1,6 @@
-"""Tune-A-Video: ``network`` (the inflated UNet), ``checkpoint`` (diffusers folders), ``adapter``."""
+"""Tune-A-Video: ``network`` (the inflated UNet), ``checkpoint`` (diffusers folders, presets), ``adapter``."""
 
-from .adapter import TINY, TuneAVideoAdapter
+from .adapter import TuneAVideoAdapter
+from .checkpoint import TINY
 
 __all__ = ["TINY", "TuneAVideoAdapter"]

@@ -1,31 +1,44 @@
 """Tune-A-Video checkpoints: diffusers folders, ``unet/config.json`` and
 ``unet/diffusion_pytorch_model.{safetensors,bin}``, optionally ``text_encoder/``,
-``tokenizer/`` and ``scheduler/`` (read by the shared diffusion code)."""
+``tokenizer/`` and ``scheduler/`` (read by the shared pipeline-folder code); and the presets."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 from ...weights import find_weights, load_into, load_state_dict, read_json
+from ..loading import PipelineFolder
 from .network import TuneAVideoConfig, TuneAVideoUNet
 
 UNET = "unet"
 
+TINY = TuneAVideoConfig(
+    block_out_channels=[32, 64, 64],
+    down_block_types=["CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "DownBlock3D"],
+    up_block_types=["UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"],
+    layers_per_block=1,
+    cross_attention_dim=32,
+    norm_num_groups=8,
+    sample_size=16,
+)
 
-def unet_files(folder: Path) -> list[Path]:
-    """The network's files: its config and its weights."""
-    return [folder / UNET / "config.json", find_weights(folder / UNET)]
 
+class TuneAVideoFolder(PipelineFolder):
+    presets = {"tiny": TINY.to_dict(), "sd14": TuneAVideoConfig().to_dict()}
 
-def read_unet_config(folder: Path) -> dict[str, Any]:
-    config_path = folder / UNET / "config.json"
-    return TuneAVideoConfig.from_dict(read_json(config_path), str(config_path)).to_dict()
+    def build(self, config):
+        return TuneAVideoUNet(TuneAVideoConfig.from_dict(config, "config"))
 
+    def weights_files(self, folder):
+        """The network's files: its config and its weights."""
+        return [folder / UNET / "config.json", find_weights(folder / UNET)]
 
-def load_unet(folder: Path, config: dict[str, Any]) -> TuneAVideoUNet:
-    """The UNet of ``config`` with the folder's weights, loaded strictly."""
-    model = TuneAVideoUNet(TuneAVideoConfig.from_dict(config, "config")).eval()
-    weights = find_weights(folder / UNET)
-    load_into(model, load_state_dict(weights), weights)
-    return model
+    def folder_config(self, folder):
+        config_path = folder / UNET / "config.json"
+        return TuneAVideoConfig.from_dict(read_json(config_path), str(config_path)).to_dict()
+
+    def load_folder(self, folder):
+        """The UNet of the folder's config with its weights, loaded strictly."""
+        config = self.folder_config(folder)
+        model = self.build(config).eval()
+        weights = find_weights(folder / UNET)
+        load_into(model, load_state_dict(weights), weights)
+        return self.bundle(folder, model, config)
