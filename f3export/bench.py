@@ -35,6 +35,7 @@ from .engines.onnxruntime import OnnxRuntimeBackend
 from .models import get_adapter
 from .models.base import ModelAdapter, VideoShape
 from .prune import load_pruned, parameter_count
+from .recipe import PruningSection
 from .report import console, progress, table
 from .stages import STAGES, SourceModel, StageContext
 
@@ -216,20 +217,25 @@ class Bench:
         return {"latency_per_step": {v: vars(latency[v]) for v in MODEL_VARIANTS},
                 "measured_speedup": measured, "measured_over_ideal": measured / ideal}
 
+    def pruned_engine(self, source: SourceModel, pruning: PruningSection, folder: Path) -> StageContext:
+        """The build's stages from plan to engine with other [pruning] values (the same scores), for the pruned
+        model alone, in ``folder`` (not cached: a sweep's folders are scratch)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.root / "scores.json", folder / "scores.json")
+        recipe = dataclasses.replace(self.recipe, pruning=pruning)
+        context = StageContext(recipe, self.adapter, folder, source, [self._ort], variants=("pruned",))
+        for stage in RATIO_STAGES:
+            _, data = stage.run(context)
+            context.records[stage.name] = StageRecord(key="", files={}, data=data)
+        return context
+
     def export_ratios(self, source: SourceModel, spec, ratios: list[float]) -> list[dict[str, Any]]:
-        """Prune at each ratio (same scores), count FLOPs, export and build an ONNX Runtime engine: the build's
-        stages from plan to engine, for the pruned model alone, in one folder per ratio."""
+        """Prune at each ratio (same scores), count FLOPs, export and build an ONNX Runtime engine."""
         base_total, _ = count_flops(source.bundle.model, spec.inputs, [])
         rows = []
         for ratio in ratios:
             folder = self.root / "bench" / "ratios" / f"{ratio:g}"
-            folder.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(self.root / "scores.json", folder / "scores.json")
-            recipe = dataclasses.replace(self.recipe, pruning=dataclasses.replace(self.recipe.pruning, ratio=ratio))
-            context = StageContext(recipe, self.adapter, folder, source, [self._ort], variants=("pruned",))
-            for stage in RATIO_STAGES:
-                _, data = stage.run(context)
-                context.records[stage.name] = StageRecord(key="", files={}, data=data)  # a sweep is not cached
+            context = self.pruned_engine(source, dataclasses.replace(self.recipe.pruning, ratio=ratio), folder)
             total, _ = count_flops(context.pruned, spec.inputs, [])
             engine = folder / context.records["engine"].data["pruned.onnxruntime"]["path"]
             rows.append({"ratio": ratio, "removed_heads": context.records["plan"].data["removed_heads"],
@@ -237,15 +243,20 @@ class Bench:
                          "engine": str(engine.relative_to(self.root))})
         return rows
 
-    def time_ratios(self, rows: list[dict[str, Any]], feeds) -> list[dict[str, Any]]:
-        """Each ratio's engine against the original engine, two sessions loaded at a time."""
+    def time_engines(self, rows: list[dict[str, Any]], feeds) -> None:
+        """Each row's engine against the original engine, two sessions loaded at a time: adds its latency and
+        measured speedup to the row."""
         original_engine = self.build.engines["original.onnxruntime"].path
         for row in rows:
             engines = {"original": self._ort.load(original_engine), "pruned": self._ort.load(self.root / row["engine"])}
-            latency = interleaved_latency(engines, feeds, self.warmup, self.runs, f"ratio {row['ratio']:g}")
+            label = f"{row.get('criterion', '')} ratio {row['ratio']:g}".strip()
+            latency = interleaved_latency(engines, feeds, self.warmup, self.runs, label)
             del engines
             row["latency_ms"] = {v: latency[v].median_ms for v in MODEL_VARIANTS}
             row["measured_speedup"] = latency["original"].median_ms / latency["pruned"].median_ms
+
+    def time_ratios(self, rows: list[dict[str, Any]], feeds) -> list[dict[str, Any]]:
+        self.time_engines(rows, feeds)
         self._plot(rows)
         return rows
 

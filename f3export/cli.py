@@ -120,6 +120,39 @@ def inspect(recipe: Path, overrides: tuple[str, ...]) -> None:
     console.print(result)
 
 
+def _numbers(text: str, option: str) -> list[float]:
+    try:
+        values = [float(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected comma-separated numbers", param_hint=option) from None
+    if any(not 0 <= r <= 1 for r in values):
+        raise click.BadParameter(f"{text!r}: ratios lie in [0, 1]", param_hint=option)
+    return values
+
+
+@main.command()
+@click.argument("artifact_dir", type=click.Path(path_type=Path))
+@click.option("--ratios", default="0,0.25,0.5,0.75,1", show_default=True, help="Pruning ratios to compare.")
+@click.option("--criteria", default="contribution,mixing,magnitude,random", show_default=True,
+              help="Criteria to compare (each a [pruning].criterion).")
+@click.option("--runs", default=10, show_default=True, help="Timed runs per engine (after warm-up).")
+@click.option("--warmup", default=2, show_default=True, help="Untimed runs per engine first.")
+@user_errors
+def sweep(artifact_dir: Path, ratios: str, criteria: str, runs: int, warmup: int) -> None:
+    """Compare pruning criteria at several ratios on a build's calibration: fidelity on the held-out runs
+    (video PSNR/SSIM, task metric) and measured speedup. Writes sweep.json and sweep.png."""
+    from .criteria import CRITERIA
+    from .sweep import Sweep, print_sweep
+
+    names = [c.strip() for c in criteria.split(",") if c.strip()]
+    unknown = [c for c in names if c not in CRITERIA]
+    if unknown or not names:
+        raise click.BadParameter(f"{criteria!r}: criteria are {', '.join(CRITERIA)}", param_hint="--criteria")
+    result = Sweep(artifact_dir, runs, warmup).run(names, _numbers(ratios, "--ratios") or [0.5])
+    print_sweep(result)
+    console.print(f"written: {artifact_dir / 'sweep.json'}, {artifact_dir / 'sweep.png'}", highlight=False)
+
+
 @main.command()
 @click.argument("artifact_dir", type=click.Path(path_type=Path))
 @click.option("--runs", default=10, show_default=True, help="Timed runs per model (after warm-up).")
@@ -131,13 +164,7 @@ def bench(artifact_dir: Path, runs: int, warmup: int, ratios: str) -> None:
     """Latency, size, memory and FLOPs of the original vs the pruned model of a build."""
     from .bench import Bench, print_bench
 
-    try:
-        ratio_list = [float(r) for r in ratios.split(",") if r.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{ratios!r}: expected comma-separated numbers", param_hint="--ratios") from None
-    if any(not 0 <= r <= 1 for r in ratio_list):
-        raise click.BadParameter(f"{ratios!r}: ratios lie in [0, 1]", param_hint="--ratios")
-    result = Bench(artifact_dir, runs, warmup).run(ratio_list)
+    result = Bench(artifact_dir, runs, warmup).run(_numbers(ratios, "--ratios"))
     print_bench(result)
     console.print(f"written: {artifact_dir / 'bench.json'}", highlight=False)
 

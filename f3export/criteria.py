@@ -17,6 +17,7 @@ Two kinds of scorer:
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, NamedTuple
 
@@ -81,10 +82,19 @@ def magnitude(projections: "HeadProjections") -> torch.Tensor:
     return total.sqrt()
 
 
+def random_baseline(projections: "HeadProjections") -> torch.Tensor:
+    """A baseline that knows nothing: seeded uniform scores, the seed taken from the module's output weights,
+    so the same model always gets the same ranking and no two modules share one."""
+    weights = projections.output.weight.detach().double().contiguous()
+    seed = int.from_bytes(hashlib.sha256(weights.numpy().tobytes()).digest()[:8], "little")
+    return torch.rand(projections.heads, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
 CRITERIA: dict[str, TokenScorer | WeightScorer] = {
     "contribution": TokenScorer(contribution),
     "mixing": TokenScorer(mixing),
     "magnitude": WeightScorer(magnitude),
+    "random": WeightScorer(random_baseline),
 }
 
 

@@ -25,6 +25,7 @@ from .errors import RecipeError
 from .export import ContractTerms, export_onnx
 from .models.base import ModelAdapter, VideoShape, family_sources
 from .models.loading import ModelBundle
+from .pictures import video_strips, write_report
 from .prune import PruningPlan, apply_plan, load_pruned, make_plan, parameter_count, save_pruned
 from .recipe import Recipe
 from .report import console
@@ -257,6 +258,14 @@ def validate_engines(ctx: StageContext) -> StageOutput:
                "passed": all(g.passed for g in gates)}
     write_json(report, summary)
     files.append(report)
+    pictures = []
+    if fidelity.videos:
+        pictures.append(ctx.root / "samples.png")
+        video_strips(pictures[-1], fidelity.videos)
+    page = ctx.root / "report.md"
+    write_report(page, f"{ctx.recipe.name}: validation", summary["gates"], metrics["pruning"],
+                 [p.name for p in pictures])
+    files += [*pictures, page]
     return files, summary
 
 

@@ -16,7 +16,7 @@ re-run an engine later and compare.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +26,12 @@ from torch import nn
 
 from .artifacts import atomic_path
 from .engines import Engine
+from .errors import RecipeError
 from .models.base import ModelAdapter, VideoShape
 from .models.loading import ModelBundle
 from .recipe import ValidationSection
 from .report import progress
+from .tasks import TASKS
 
 @dataclass(frozen=True)
 class Comparison:
@@ -114,17 +116,20 @@ def compare_engine(engine: Engine, samples: list[Golden]) -> Comparison:
 class PruningFidelity:
     summary: dict[str, float]  # <metric>_min and <metric>_mean over every value of every run
     per_run: list[dict[str, Any]]
+    task: dict[str, dict[str, float]] | None = None  # the task metric of each model's videos, by model
+    videos: list[tuple[str, dict[str, torch.Tensor]]] = field(default_factory=list)  # per run: label, videos
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.summary, "per_run": self.per_run}
+        return {**self.summary, "per_run": self.per_run, **({"task": self.task} if self.task else {})}
 
 
 @torch.no_grad()
 def pruning_fidelity(adapter: ModelAdapter, bundle: ModelBundle, pruned: nn.Module, shape: VideoShape,
                      section: ValidationSection) -> PruningFidelity:
     """Original and pruned models on the same held-out runs, compared with the family's metrics."""
+    check_task_prompts(section)
     runs = adapter.protocol.runs(section)
-    metrics = []
+    metrics, videos = [], {"original": [], "pruned": []}
     with progress() as bar:
         task = bar.add_task("validate", total=2 * len(runs) * adapter.protocol.calls(section))
         for run in runs:
@@ -133,17 +138,51 @@ def pruning_fidelity(adapter: ModelAdapter, bundle: ModelBundle, pruned: nn.Modu
                 for model in (bundle.model, pruned)
             )
             metrics.append(adapter.fidelity(reference, candidate))
+            videos["original"].append(getattr(reference, "video", None))
+            videos["pruned"].append(getattr(candidate, "video", None))
     summary = {}
     for name in metrics[0]:
         values = [v for m in metrics for v in np.atleast_1d(m[name])]
         summary[f"{name}_min"], summary[f"{name}_mean"] = float(np.min(values)), float(np.mean(values))
     per_run = [{**run.label(), **m} for run, m in zip(runs, metrics)]
-    return PruningFidelity(summary, per_run)
+    shown = [(run.caption(), {model: videos[model][i] for model in videos}) for i, run in enumerate(runs)
+             if videos["original"][i] is not None]
+    return PruningFidelity(summary, per_run, task_scores(section, runs, videos), shown)
+
+
+def check_task_prompts(section: ValidationSection) -> None:
+    """Refuse, before any run, held-out prompts the recipe's task ([validation].task) cannot score."""
+    name = getattr(section, "task", None)
+    for i, prompt in enumerate(section.prompts if name is not None else []):
+        problem = TASKS[name].prompt_problem(prompt)
+        if problem:
+            raise RecipeError(f"[validation].prompts[{i}]: {problem}, which task = {name!r} needs")
+
+
+def task_scores(section: ValidationSection, runs: list, videos: dict[str, list]) -> dict[str, dict[str, float]] | None:
+    """The recipe's task metric ([validation].task) of each model's videos of the held-out runs."""
+    name = getattr(section, "task", None)
+    if name is None:
+        return None
+    if any(video is None for video in videos["original"]):
+        raise RecipeError(f"[validation].task = {name!r}: this model's outputs are latents that nothing decodes "
+                          "into frames (not pixel space, and no vae/ in its folder)")
+    prompts = [run.prompt for run in runs]
+    return {model: TASKS[name].score(clips, prompts) for model, clips in videos.items()}
 
 
 def pruning_gates(adapter: ModelAdapter, result: PruningFidelity, section: ValidationSection) -> list[Gate]:
-    return [Gate(f"pruning.{g.metric}_min", result.summary[f"{g.metric}_min"], getattr(section, g.recipe_key), "min")
-            for g in adapter.fidelity_gates]
+    """Each family gate whose limit is set, on the minimum of its metric over every run."""
+    gates = []
+    for gate in adapter.fidelity_gates:
+        limit = getattr(section, gate.recipe_key)
+        if limit is None:
+            continue
+        if f"{gate.metric}_min" not in result.summary:
+            raise RecipeError(f"[validation].{gate.recipe_key} = {limit}: this model produces no {gate.metric} "
+                              "(its outputs are latents that nothing decodes into frames)")
+        gates.append(Gate(f"pruning.{gate.metric}_min", result.summary[f"{gate.metric}_min"], limit, "min"))
+    return gates
 
 
 def save_goldens(path: Path, samples: list[Golden]) -> None:

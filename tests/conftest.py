@@ -19,6 +19,7 @@ from f3export.models import get_adapter
 from f3export.models.base import VideoShape
 from f3export.stages import STAGE_NAMES, STAGES as STAGE_DECLARATIONS
 from f3export.models.tune_a_video import TINY
+from zoo.text_encoder import write_char_clip
 
 TAV = get_adapter("tune-a-video")
 SMALL_SHAPE = VideoShape(frames=4, latent_height=8, latent_width=8)
@@ -171,27 +172,8 @@ ORIGINAL_STYLE_CONFIG = {
 }
 
 
-def bytes_to_unicode() -> list[str]:
-    """GPT-2/CLIP byte-level alphabet, to write a character-level CLIP vocabulary."""
-    visible = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    extra = [b for b in range(256) if b not in visible]
-    return [chr(c) for c in visible] + [chr(256 + i) for i in range(len(extra))]
-
-
 def write_clip(folder, width: int) -> None:
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    chars = bytes_to_unicode()
-    vocab = {token: i for i, token in enumerate(chars + [c + "</w>" for c in chars] +
-                                                ["<|startoftext|>", "<|endoftext|>"])}
-    (folder / "tokenizer").mkdir(parents=True)
-    (folder / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
-    CLIPTokenizer(str(folder / "tokenizer" / "vocab.json"), str(folder / "tokenizer" / "merges.txt"),
-                  model_max_length=77).save_pretrained(folder / "tokenizer")
-    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width,
-                            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77)
-    CLIPTextModel(config).save_pretrained(folder / "text_encoder")
+    write_char_clip(folder, width)
 
 
 # -- rebuilds: which stages reran --------------------------------------------------------------------

@@ -73,12 +73,9 @@ def validation_metrics(root: Path) -> dict:
 
 
 def add_unread_files(model: Path) -> None:
-    """A model card, notes, a VAE (f3export samples latents: never decoded) and a .bin the safetensors shadows."""
+    """A model card, notes and a .bin the safetensors shadows (a vae/ is read: validation decodes with it)."""
     (model / "README.md").write_text("# a model card\n")
     (model / "tokenizer" / "README.md").write_text("notes\n")
-    (model / "vae").mkdir()
-    (model / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
-    save_file({"decoder.conv_in.weight": torch.zeros(4, 4)}, model / "vae" / "diffusion_pytorch_model.safetensors")
     unet = model / "unet"
     torch.save(load_file(unet / "diffusion_pytorch_model.safetensors"), unet / "diffusion_pytorch_model.bin")
 

@@ -63,7 +63,7 @@ def test_calibration_scores_every_head_overall_and_per_step(tiny_bundle):
     scores = calibrate(TAV, tiny_bundle, SMALL_SHAPE, section)
     assert len(scores.modules) == 7 and scores.samples == 2 and len(scores.timesteps) == 3
     for module in scores.modules.values():
-        assert set(module.scores) == {"contribution", "mixing", "magnitude"}
+        assert set(module.scores) == {"contribution", "mixing", "magnitude", "random"}
         assert all(len(v) == 8 for v in module.scores.values())
         assert len(module.per_step["contribution"]) == 3
         per_step_mean = torch.tensor(module.per_step["contribution"]).mean(0)
@@ -78,7 +78,7 @@ def test_a_registered_scorer_is_a_recipe_criterion_and_a_scores_column(monkeypat
     recipe = load_recipe(write_recipe(FAST_RECIPE.replace("ratio = 0.5", 'ratio = 0.5\ncriterion = "contribution_again"')))
     assert recipe.pruning.criterion == "contribution_again"
     scores = calibrate(TAV, tiny_bundle, SMALL_SHAPE, recipe.calibration)
-    assert scores.to_json()["criteria"] == ["contribution", "mixing", "magnitude", "contribution_again",
+    assert scores.to_json()["criteria"] == ["contribution", "mixing", "magnitude", "random", "contribution_again",
                                             "magnitude_squared"]
     for module in scores.modules.values():
         assert module.scores["contribution_again"] == module.scores["contribution"]
@@ -86,3 +86,12 @@ def test_a_registered_scorer_is_a_recipe_criterion_and_a_scores_column(monkeypat
         assert module.scores["magnitude_squared"] == pytest.approx([m * m for m in module.scores["magnitude"]])
         assert "magnitude_squared" not in module.per_step  # data-free: no steps
     assert make_plan(scores, recipe.pruning).removed == make_plan(scores, PruningSection()).removed
+
+
+def test_the_random_baseline_is_seeded_by_the_module_and_uniform(tiny_model):
+    sites = TAV.structure.temporal_sites(tiny_model)
+    first, second = (CRITERIA["random"].score(site.heads_of(tiny_model).projections()) for site in sites[:2])
+    again = CRITERIA["random"].score(sites[0].heads_of(tiny_model).projections())
+    assert torch.equal(first, again) and not torch.equal(first, second)
+    assert first.shape == (8,) and 0.0 <= first.min() and first.max() < 1.0
+

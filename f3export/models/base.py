@@ -77,8 +77,10 @@ class FidelityGate:
         return self.limit.name
 
 
-def fidelity_gate(metric: str, recipe_key: str, default: float, **checks: Any) -> FidelityGate:
-    return FidelityGate(metric, family_key("validation", recipe_key, float, default, **checks))
+def fidelity_gate(metric: str, recipe_key: str, default: float | None, **checks: Any) -> FidelityGate:
+    """A gate on ``metric``; with no default it only reports, unless the recipe sets a limit."""
+    kind = float if default is not None else float | None
+    return FidelityGate(metric, family_key("validation", recipe_key, kind, default, **checks))
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -193,6 +195,17 @@ def family_sources(adapter: ModelAdapter) -> list[str]:
     return [path.read_text() for path in files]
 
 
+def video_fidelity(video: torch.Tensor, reference: torch.Tensor) -> dict[str, list[float]]:
+    """Per-frame PSNR (dB) and SSIM of a video against a reference, both RGB [3, F, H, W] in [-1, 1]."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    frames, reference_frames = video.transpose(0, 1).double(), reference.transpose(0, 1).double()
+    psnrs = peak_signal_noise_ratio(frames, reference_frames, data_range=2.0, reduction="none", dim=(1, 2, 3))
+    ssims = structural_similarity_index_measure(frames, reference_frames, data_range=2.0, reduction="none",
+                                                kernel_size=(min(11, *frames.shape[-2:]) - 1) // 2 * 2 + 1)
+    return {"video_psnr": psnrs.tolist(), "video_ssim": ssims.tolist()}
+
+
 def seeded_text_embedding(prompt: str, tokens: int, width: int) -> torch.Tensor:
     """A deterministic stand-in for a text encoder's output when none is given."""
     seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "little")
@@ -206,13 +219,15 @@ class LatentVideoDiffusionAdapter(ModelAdapter):
     """Families whose network is ``noise_pred = unet(sample, timestep, encoder_hidden_states)``
     over latents ``[B, C, F, H, W]``, sampled with DDIM and classifier-free guidance."""
 
-    latent_channels: ClassVar[int] = 4
     text_tokens: ClassVar[int] = 77
     protocol = DiffusionProtocol()
     io = ExportIO(inputs={"sample": LATENT_AXES, "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch"}},
                   outputs={"noise_pred": LATENT_AXES})
     fidelity_gates = (fidelity_gate("step_cosine", "pruning_min_step_cosine", 0.9, low=-1.0, high=1.0),
-                      fidelity_gate("latent_psnr", "pruning_min_latent_psnr", 20.0))
+                      fidelity_gate("latent_psnr", "pruning_min_latent_psnr", 20.0),
+                      # in video space, where the model's output is frames (pixel space, or a vae/)
+                      fidelity_gate("video_psnr", "pruning_min_video_psnr", None),
+                      fidelity_gate("video_ssim", "pruning_min_video_ssim", None, low=-1.0, high=1.0))
     default_scheduler: ClassVar[dict[str, Any]] = {
         # Stable Diffusion 1.x training schedule, as in Tune-A-Video's scheduler/ folder.
         "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -223,9 +238,13 @@ class LatentVideoDiffusionAdapter(ModelAdapter):
     def text_width(self, model: nn.Module) -> int:
         """Width of the text conditioning the network cross-attends to."""
 
+    @abstractmethod
+    def latent_channels(self, model: nn.Module) -> int:
+        """Channels of the latents the network denoises (its input; 3 for a pixel-space RGB model)."""
+
     def example_inputs(self, model, shape, batch, seed):
         generator = torch.Generator().manual_seed(seed)
-        sample = torch.randn((batch, self.latent_channels, shape.frames, shape.latent_height, shape.latent_width),
+        sample = torch.randn((batch, self.latent_channels(model), shape.frames, shape.latent_height, shape.latent_width),
                              generator=generator)
         timestep = torch.randint(1, 1000, (1,), generator=generator).float().expand(batch).contiguous()
         context = torch.randn((batch, self.text_tokens, self.text_width(model)), generator=generator)
@@ -244,10 +263,11 @@ class LatentVideoDiffusionAdapter(ModelAdapter):
     def conventions(self, bundle):
         scheduler = self.scheduler(bundle)
         config = {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
-        channels = bundle.config.get("out_channels") or self.latent_channels
+        latent = self.latent_channels(bundle.model)
+        channels = bundle.config.get("out_channels") or latent
         return {
             "kind": "latent video diffusion: noise_pred = model(sample, timestep, encoder_hidden_states)",
-            "sample": f"latents [batch, {self.latent_channels}, frames, height, width], scaled by the scheduler's "
+            "sample": f"latents [batch, {latent}, frames, height, width], scaled by the scheduler's "
                       "scale_model_input; the first step's latents are N(0, 1) x init_noise_sigma",
             "timestep": {"dtype": "float32", "shape": ["batch"], "range": [0, config["num_train_timesteps"] - 1],
                          "meaning": "the scheduler's integer timestep of this step, as float32, the same value "
@@ -260,20 +280,33 @@ class LatentVideoDiffusionAdapter(ModelAdapter):
             "guidance": {"batch_layout": ["unconditional", "conditional"],
                          "combine": "uncond, cond = noise[:B/2], noise[B/2:]; "
                                     "guided = uncond + guidance_scale * (cond - uncond)"},
-            "output": {"name": "noise_pred", "channels": channels, "noise_channels": [0, self.latent_channels],
-                       "meaning": f"noise_pred[:, :{self.latent_channels}] is the model output the scheduler "
+            "output": {"name": "noise_pred", "channels": channels, "noise_channels": [0, latent],
+                       "meaning": f"noise_pred[:, :{latent}] is the model output the scheduler "
                                   f"steps with (prediction_type = {config['prediction_type']!r})"
-                                  + (f"; channels {self.latent_channels}..{channels - 1} are a learned variance "
-                                     "the DDIM sampler does not use" if channels > self.latent_channels else "")},
+                                  + (f"; channels {latent}..{channels - 1} are a learned variance "
+                                     "the DDIM sampler does not use" if channels > latent else "")},
         }
 
     @torch.no_grad()
     def trajectory(self, bundle, model, run, shape, on_step=None):
-        latent_shape = (1, self.latent_channels, shape.frames, shape.latent_height, shape.latent_width)
+        channels = self.latent_channels(bundle.model)  # the model's I/O: a pruned or wrapped copy shares it
+        latent_shape = (1, channels, shape.frames, shape.latent_height, shape.latent_width)
         context = self.encode_prompts(bundle, ["", run.prompt])
-        return self.protocol.trajectory(model, run, self.scheduler(bundle), context, latent_shape, self.latent_channels,
-                                        on_step)
+        result = self.protocol.trajectory(model, run, self.scheduler(bundle), context, latent_shape, channels,
+                                          on_step)
+        result.video = self.video(bundle, result.latents)
+        return result
+
+    def video(self, bundle: ModelBundle, latents: torch.Tensor) -> torch.Tensor | None:
+        """RGB frames [3, F, H, W] in [-1, 1] of one run's final latents [1, C, F, h, w]: decoded by the folder's
+        VAE, or the latents themselves for a pixel-space (3-channel) model; None for latents nothing decodes."""
+        if bundle.decode is not None:
+            return bundle.decode(latents)[0]
+        return latents[0].clamp(-1, 1) if latents.shape[1] == 3 else None
 
     def fidelity(self, reference, candidate):
-        return {"step_cosine": [cosine(c, r) for c, r in zip(candidate.noise_preds, reference.noise_preds)],
-                "latent_psnr": psnr(candidate.latents, reference.latents)}
+        metrics = {"step_cosine": [cosine(c, r) for c, r in zip(candidate.noise_preds, reference.noise_preds)],
+                   "latent_psnr": psnr(candidate.latents, reference.latents)}
+        if reference.video is not None:
+            metrics.update(video_fidelity(candidate.video, reference.video))
+        return metrics

@@ -111,6 +111,9 @@ class DiffusersVideoAdapter(LatentVideoDiffusionAdapter):
     def text_width(self, model):
         return model.inner.config.cross_attention_dim
 
+    def latent_channels(self, model):
+        return model.inner.config.in_channels
+
     def shape_error(self, model, shape):
         # Motion modules (AnimateDiff's UNetMotionModel, or a recipe-described class with them) add
         # sinusoidal frame positions from a table of motion_max_seq_length rows.

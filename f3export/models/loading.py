@@ -31,6 +31,7 @@ class ModelBundle:
     random_weights: bool
     encode_text: Callable[[list[str]], torch.Tensor] | None = None
     scheduler_config: dict[str, Any] = field(default_factory=dict)
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None  # latents -> RGB frames, by the folder's VAE
 
 
 class CheckpointFormat(ABC):
@@ -102,15 +103,17 @@ class CheckpointFormat(ABC):
 
 
 class PipelineFolder(CheckpointFormat):
-    """A diffusers-layout pipeline folder: the network's own folder, plus the scheduler and the CLIP text
-    encoder that runs read and the contract records."""
+    """A diffusers-layout pipeline folder: the network's own folder, plus the scheduler, the CLIP text
+    encoder and the VAE that runs read (the contract records the scheduler)."""
 
     def bundle(self, folder: Path, model: nn.Module, config: dict[str, Any]) -> ModelBundle:
         return ModelBundle(model, config, f"checkpoint {folder}", random_weights=False,
-                           encode_text=load_clip_text_encoder(folder), scheduler_config=read_scheduler_config(folder))
+                           encode_text=load_clip_text_encoder(folder), scheduler_config=read_scheduler_config(folder),
+                           decode=load_vae_decoder(folder))
 
     def sampling_files(self, folder):
-        return scheduler_files(folder) + clip_text_encoder_files(folder)
+        return scheduler_files(folder) + clip_text_encoder_files(folder) + \
+            component_files(folder / VAE, MODEL_SUFFIXES)
 
     def conventions_files(self, folder):
         return scheduler_files(folder)
@@ -158,6 +161,30 @@ def load_clip_text_encoder(folder: Path, tokens: int = 77) -> Callable[[list[str
         return encoder(ids)[0]
 
     return encode
+
+
+VAE = "vae"
+
+
+def load_vae_decoder(folder: Path) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Decoding of final latents [B, C, F, h, w] into RGB frames [B, 3, F, H, W] by the folder's ``vae/``
+    (diffusers ``AutoencoderKL``, frame by frame, latents divided by its scaling factor), if it has one."""
+    if not (folder / VAE).is_dir():
+        return None
+    from diffusers import AutoencoderKL
+
+    try:
+        vae = AutoencoderKL.from_pretrained(folder / VAE, local_files_only=True).eval()
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{folder / VAE}: cannot load the VAE ({str(exc).splitlines()[0]})") from None
+
+    @torch.no_grad()
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        frames = latents.permute(0, 2, 1, 3, 4).flatten(0, 1) / vae.config.scaling_factor
+        images = vae.decode(frames).sample.clamp(-1, 1)
+        return images.unflatten(0, latents.shape[:1] + latents.shape[2:3]).permute(0, 2, 1, 3, 4)
+
+    return decode
 
 
 SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import RecipeError
 from ..recipe import RecipeKey, family_key
+from ..tasks import TASKS
 
 
 class Run(ABC):
@@ -26,6 +27,10 @@ class Run(ABC):
     @abstractmethod
     def label(self) -> dict[str, Any]:
         """What names this run in the validation report."""
+
+    def caption(self) -> str:
+        """The run in a few words, under its pictures."""
+        return ", ".join(f"{k} {v}" for k, v in self.label().items())
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,7 @@ class Trajectory:
 class Denoising(Trajectory):
     noise_preds: list[torch.Tensor]  # the guided prediction of every step
     latents: torch.Tensor  # the final latents
+    video: torch.Tensor | None = None  # the final latents as RGB frames [3, F, H, W] in [-1, 1], where decodable
 
 
 @dataclass
@@ -95,7 +101,9 @@ class DiffusionProtocol(EvaluationProtocol):
     """Every prompt with every seed, each a DDIM trajectory with classifier-free guidance."""
 
     recipe_keys = (*_both_sections("steps", int, 10, low=1, high=1000),
-                   *_both_sections("guidance_scale", float, 7.5, low=0.0))
+                   *_both_sections("guidance_scale", float, 7.5, low=0.0),
+                   # a task metric scoring the held-out videos of both models (f3export/tasks)
+                   family_key("validation", "task", str | None, None, choices=tuple(TASKS)))
     batch = 2  # the unconditional and the conditional row together
 
     def runs(self, section):

@@ -23,3 +23,6 @@ class TuneAVideoAdapter(LatentVideoDiffusionAdapter):
 
     def text_width(self, model):
         return model.config.cross_attention_dim
+
+    def latent_channels(self, model):
+        return model.config.in_channels

@@ -1,0 +1,122 @@
+"""``f3export sweep``: pruning criteria compared on one calibration, by what the pruned videos show.
+
+From a finished build (its ``scores.json`` holds every criterion's scores of one calibration), for every
+criterion and ratio: plan and prune as the build does, build the pruned ONNX Runtime engine, time it
+against the build's original engine (interleaved, median), and run validation's pruning fidelity on the
+held-out runs (same prompts, seeds and noise): latent metrics, video PSNR / SSIM where there are frames,
+the task metric where the recipe names one. ``sweep.json`` holds every number, ``sweep.png`` one line per
+criterion against the ratio and against the measured speedup, and the table goes to the terminal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .artifacts import write_json
+from .bench import Bench, count_flops
+from .build import Build
+from .calibrate import Scores
+from .errors import CheckError
+from .weights import read_json
+from .report import console, table
+from .validate import pruning_fidelity
+
+# What the table and the plot show of a row's fidelity, in order of preference: video, task, latents.
+SHOWN = ("video_psnr_mean", "video_ssim_mean", "task_direction_accuracy", "latent_psnr_min", "step_cosine_min",
+         "logit_cosine_mean", "top1_agreement_min")
+
+
+def fidelity_row(fidelity) -> dict[str, float]:
+    row = {k: v for k, v in fidelity.summary.items()}
+    if fidelity.task:
+        row.update({f"task_{k}": v for k, v in fidelity.task["pruned"].items()})
+    return row
+
+
+class Sweep:
+    def __init__(self, root: Path, runs: int, warmup: int):
+        self.bench = Bench(root, runs, warmup)  # the same untrusted-folder checks and engine timing
+        self.root = root
+
+    def run(self, criteria: list[str], ratios: list[float]) -> dict[str, Any]:
+        bench, recipe = self.bench, self.bench.recipe
+        scored = Scores.from_json(read_json(self.root / "scores.json")).modules.values()
+        missing = [c for c in criteria if any(c not in module.scores for module in scored)]
+        if missing:
+            raise CheckError(f"{self.root / 'scores.json'}: no {', '.join(map(repr, missing))} scores (calibrated "
+                             "before that criterion existed); rebuild with --force")
+        source = Build(recipe).model
+        original = source.bundle.model
+        spec = bench.adapter.export_spec(original, bench.shape, recipe.export.batch, recipe.export.dynamic_axes,
+                                         seed=123)
+        feeds = {k: v.numpy() for k, v in spec.inputs.items()}
+        base_flops, _ = count_flops(original, spec.inputs, [])
+        rows = []
+        for criterion in criteria:
+            for ratio in ratios:
+                pruning = dataclasses.replace(recipe.pruning, criterion=criterion, ratio=ratio)
+                folder = self.root / "sweep" / criterion / f"{ratio:g}"
+                context = bench.pruned_engine(source, pruning, folder)
+                flops, _ = count_flops(context.pruned, spec.inputs, [])
+                fidelity = pruning_fidelity(bench.adapter, source.bundle, context.pruned, bench.shape,
+                                            recipe.validation)
+                engine = folder / context.records["engine"].data["pruned.onnxruntime"]["path"]
+                rows.append({"criterion": criterion, "ratio": ratio,
+                             "removed_heads": context.records["plan"].data["removed_heads"],
+                             "ideal_speedup": base_flops / flops, "engine": str(engine.relative_to(self.root)),
+                             "fidelity": fidelity_row(fidelity),
+                             **({"task_original": fidelity.task["original"]} if fidelity.task else {})})
+        bench.time_engines(rows, feeds)
+        result = {"criteria": criteria, "ratios": ratios, "rows": rows}
+        write_json(self.root / "sweep.json", result)
+        plot(rows, self.root / "sweep.png", f"{recipe.name}: criteria compared on held-out runs")
+        return result
+
+
+def shown_metrics(rows: list[dict[str, Any]]) -> list[str]:
+    present = set.intersection(*(set(r["fidelity"]) for r in rows))
+    return [m for m in SHOWN if m in present][:3]
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = shown_metrics(rows)
+    fig, axes = plt.subplots(2, len(metrics), figsize=(4.5 * len(metrics), 7), squeeze=False)
+    for criterion in dict.fromkeys(r["criterion"] for r in rows):
+        mine = [r for r in rows if r["criterion"] == criterion]
+        for column, metric in enumerate(metrics):
+            values = [r["fidelity"][metric] for r in mine]
+            axes[0, column].plot([r["ratio"] for r in mine], values, "o-", label=criterion)
+            axes[1, column].plot([r["measured_speedup"] for r in mine], values, "o-", label=criterion)
+    for column, metric in enumerate(metrics):
+        axes[0, column].set(xlabel="pruning ratio (temporal heads removed)", ylabel=metric)
+        axes[1, column].set(xlabel="measured speedup (ONNX Runtime, median)", ylabel=metric)
+    axes[0, 0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def print_sweep(result: dict[str, Any]) -> None:
+    rows = result["rows"]
+    metrics = shown_metrics(rows)
+    console.print(table("criteria compared (pruned vs original, held-out runs)",
+                        ["criterion", "ratio", "heads removed", *metrics, "ideal", "measured"],
+                        [[r["criterion"], f"{r['ratio']:g}", str(r["removed_heads"]),
+                          *(f"{r['fidelity'][m]:.4g}" for m in metrics), f"{r['ideal_speedup']:.3f}x",
+                          f"{r['measured_speedup']:.3f}x"] for r in rows]))
+    for metric in metrics:
+        means = {c: float(np.mean([r["fidelity"][metric] for r in rows if r["criterion"] == c]))
+                 for c in result["criteria"]}
+        best = max(means, key=means.get)
+        console.print(f"{metric}: mean over ratios " + ", ".join(f"{c} {v:.4g}" for c, v in means.items())
+                      + f"; best {best}", highlight=False)

@@ -1,0 +1,1 @@
+"""Small models trained here, their training scripts, and what those share with the tests."""

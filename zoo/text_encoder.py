@@ -1,0 +1,46 @@
+"""A small CLIP text encoder with a character-level tokenizer, in diffusers' folder layout.
+
+Trained reference models use it frozen at its seeded initialisation (the denoiser learns to read it);
+tests use it as a real ``text_encoder/`` + ``tokenizer/`` without any download.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+TEXT_TOKENS = 77
+
+
+def byte_alphabet() -> list[str]:
+    """GPT-2/CLIP's byte-level alphabet, to write a character-level CLIP vocabulary."""
+    visible = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    extra = [b for b in range(256) if b not in visible]
+    return [chr(c) for c in visible] + [chr(256 + i) for i in range(len(extra))]
+
+
+def write_char_clip(folder: Path, width: int, seed: int | None = None):
+    """Write ``tokenizer/`` and ``text_encoder/`` (2 layers, 4 heads, ``width`` wide) into ``folder``;
+    return the tokenizer and the encoder. ``seed`` seeds the encoder's weights (None: the global RNG)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    chars = byte_alphabet()
+    vocab = {token: i for i, token in enumerate(chars + [c + "</w>" for c in chars] +
+                                                ["<|startoftext|>", "<|endoftext|>"])}
+    (folder / "tokenizer").mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "tokenizer" / "vocab.json"), str(folder / "tokenizer" / "merges.txt"),
+                              model_max_length=TEXT_TOKENS)
+    tokenizer.save_pretrained(folder / "tokenizer")
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width,
+                            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=TEXT_TOKENS,
+                            bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                            pad_token_id=vocab["<|endoftext|>"])
+    if seed is not None:
+        torch.manual_seed(seed)
+    encoder = CLIPTextModel(config).eval()
+    encoder.save_pretrained(folder / "text_encoder")
+    return tokenizer, encoder
