@@ -74,6 +74,4 @@ def check_artifacts(root: Path, expect_sha256: str | None = None) -> tuple[int, 
         except EngineError as exc:
             raise CheckError(f"{entry.goldens}: the engine refused the golden inputs ({exc})") from None
         gates += export_gates(worst, build.recipe.validation, backend.precision, f"check.{name}")
-    if not gates:
-        raise CheckError(f"{root}: nothing to check")
-    return checked, gates
+    return checked, gates  # never empty: recorded_gates refuses a report without gates

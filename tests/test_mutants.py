@@ -24,7 +24,7 @@ from f3export.prune import apply_plan, make_plan, mask_heads
 from f3export.recipe import PruningSection, family_sections, load_recipe
 from f3export.validate import Comparison, pruning_fidelity, pruning_gates
 
-from conftest import SMALL_SHAPE, TAV, rebuild, run, scores_for
+from conftest import FAST_RECIPE, SMALL_SHAPE, TAV, rebuild, run, scores_for
 
 # With the family's own keys (steps, guidance_scale, its gates' limits).
 CalibrationSection, ValidationSection = (family_sections(TAV.family)[s] for s in ("calibration", "validation"))
@@ -245,3 +245,155 @@ def test_check_refuses_goldens_changed_after_the_build(rebuildable):
     result = run("check", root)
     assert result.exit_code == 1
     assert "goldens/pruned.npz" in result.output
+
+
+# -- survivors of the mutmut sample (benchmarks/mutation.md), killed --------------------------------------
+# Kills: scores.json dropping the family's note, or reading it back under another key.
+def test_scores_keep_their_note_through_json():
+    from f3export.calibrate import ModuleScores, Scores
+
+    scores = Scores({"m": ModuleScores(2, 4, {"contribution": [1.0, 2.0]})}, [999], 1, note="frames 1 on")
+    assert scores.to_json()["note"] == "frames 1 on"
+    assert Scores.from_json(json.loads(json.dumps(scores.to_json()))).note == "frames 1 on"
+
+
+# Kills: plan.json's modules_removed listing the modules that keep heads instead of those that lost all.
+def test_the_plan_summary_lists_exactly_the_modules_that_lost_every_head(tiny_model):
+    plan = make_plan(scores_for(tiny_model), PruningSection(scope="module", ratio=1.0, keep=["mid_block.*"]))
+    removed = plan.to_json()["summary"]["modules_removed"]
+    assert removed == sorted(m for m in plan.kept_heads if not m.startswith("mid_block"))
+    assert make_plan(scores_for(tiny_model), PruningSection(ratio=0.0)).to_json()["summary"]["modules_removed"] == []
+
+
+# Kills: a gate's verdict or kind written otherwise in validation.json (check reads them from there).
+def test_validation_json_records_each_gates_verdict(built):
+    _, root, _ = built
+    gates = json.loads((root / "validation.json").read_text())["gates"]
+    assert gates and all(set(g) == {"metric", "value", "limit", "kind", "passed"} and g["passed"] is True
+                         for g in gates)
+    assert {g["kind"] for g in gates if g["metric"].startswith("pruning.")} == {"min"}  # fidelity floors
+
+
+# Kills: the type name of a boolean key in its error message.
+def test_a_boolean_key_given_a_string_says_true_or_false(write_recipe):
+    recipe = FAST_RECIPE.replace("[pruning]", '[engine]\nbackend = "tensorrt"\nfp32_norms = "yes"\n\n[pruning]')
+    with pytest.raises(RecipeError, match=r"\[engine\]\.fp32_norms: expected true or false, got str 'yes'"):
+        load_recipe(write_recipe(recipe))
+
+
+# Kills: an all-pruned attention without an output bias (bias=None) given one, or its output never computed.
+def test_an_attention_pruned_away_without_an_output_bias_writes_nothing():
+    from f3export.models.attention import RemovedAttention
+
+    hidden = torch.randn(2, 5, 16)
+    unbiased, biased = RemovedAttention(16, None), RemovedAttention(16, torch.arange(16.0))
+    assert unbiased.bias is None and len(list(unbiased.parameters())) == 0
+    assert torch.equal(unbiased(hidden), torch.zeros(2, 5, 16)) and torch.equal(unbiased.add_to(hidden), hidden)
+    assert torch.equal(biased(hidden), torch.arange(16.0).expand(2, 5, 16))
+
+
+# Kills: save_pruned no longer creating missing parent folders.
+def test_a_pruned_model_saves_into_a_folder_not_made_yet(tmp_path, tiny_bundle):
+    from f3export.prune import load_pruned, save_pruned
+
+    folder = tmp_path / "not" / "made" / "pruned"
+    save_pruned(TAV, tiny_bundle.config, tiny_bundle.model, {}, folder)
+    assert load_pruned(folder)[2] is not None
+
+
+# Kills: the adapter options of a recipe-described family dropped when a pruned model is reloaded; a
+# missing key or an unknown module in the pruned config accepted or reported without its name.
+def test_a_pruned_model_reloads_with_its_adapter_options_and_refuses_what_it_does_not_know(tmp_path):
+    from f3export.errors import CheckpointError
+    from f3export.models import get_adapter
+    from f3export.prune import PRUNED_CONFIG, load_pruned, save_pruned
+
+    options = {"class_name": "UNet3DConditionModel", "temporal_modules": ["*temp_attentions.*.attn[12]"],
+               "text_per_frame": False}
+    custom = get_adapter("diffusers", options)
+    bundle = get_adapter("modelscope").checkpoint.load_preset("tiny", seed=1)
+    save_pruned(custom, bundle.config, bundle.model, {}, tmp_path)
+    adapter, _, _ = load_pruned(tmp_path)
+    assert adapter.options() == options
+    config = json.loads((tmp_path / PRUNED_CONFIG).read_text())
+    (tmp_path / PRUNED_CONFIG).write_text(json.dumps({k: v for k, v in config.items() if k != "config"}))
+    with pytest.raises(CheckpointError, match=r"/config\.json: missing or unknown 'config'$"):
+        load_pruned(tmp_path)
+    (tmp_path / PRUNED_CONFIG).write_text(json.dumps({**config, "kept_heads": {"unet.nowhere.attn1": [0]}}))
+    with pytest.raises(CheckpointError, match=r"unknown temporal module 'unet.nowhere.attn1'"):
+        load_pruned(tmp_path)
+
+
+# Kills: fp32 engines gated with the fp16 tolerances (the precision compared in another case, or the cosine
+# limit taken from the fp16 key).
+def test_an_fp32_engine_is_gated_with_the_fp32_tolerances(built):
+    _, root, _ = built
+    gates = {g["metric"]: g["limit"] for g in json.loads((root / "validation.json").read_text())["gates"]}
+    assert gates["export.pruned.onnxruntime.rel_l2"] == 1e-4 and gates["export.pruned.onnxruntime.cosine"] == 0.9999
+
+
+# Kills: head slicing giving a bias-free output projection a (randomly initialised) bias.
+def test_slicing_a_bias_free_projection_keeps_it_bias_free():
+    from f3export.models.attention import keep_columns, keep_rows
+
+    linear = nn.Linear(8, 6, bias=False)
+    index = torch.tensor([0, 2, 5])
+    columns, rows = keep_columns(linear, index), keep_rows(linear, index)
+    assert columns.bias is None and rows.bias is None
+    x = torch.randn(3, 8)
+    assert torch.equal(columns(x[:, index]), x[:, index] @ linear.weight[:, index].T)
+
+
+# Kills: a pruned diffusers attention whose inner_dim no longer says heads x head_dim.
+def test_a_pruned_diffusers_attention_records_its_new_inner_width(tiny_model):
+    site = TAV.structure.temporal_sites(tiny_model)[0]
+    heads = site.heads_of(tiny_model)
+    width = heads.head_dim
+    heads.keep([1, 4, 6])
+    attn = tiny_model.get_submodule(site.attention)
+    assert attn.heads == 3 and attn.inner_dim == attn.inner_kv_dim == 3 * width
+
+
+# Kills: calibration reading hidden_states only when passed positionally, needing a residual-stream norm from
+# a norm hook a site without a norm never has, or recording before the first step into no step in particular.
+def test_calibration_hooks_read_keyword_inputs_and_sites_without_a_norm(tiny_model):
+    from f3export.calibrate import TemporalStatsRecorder
+    from f3export.models.structure import TemporalSite
+
+    site = TAV.structure.temporal_sites(tiny_model)[0]
+    bare = TemporalSite(site.attention)  # no norm: the attention's own input stands for the residual stream
+    attn = tiny_model.get_submodule(site.attention)
+    hidden = torch.randn(4, 3, attn.to_q.in_features, generator=torch.Generator().manual_seed(0))
+    recorded = []
+    for call in (lambda: attn(hidden), lambda: attn(hidden_states=hidden)):
+        recorder = TemporalStatsRecorder(tiny_model, [bare], steps=2)
+        with torch.no_grad(), recorder.attached():
+            call()  # before any step is announced: the first step's
+        recorded.append(recorder.sums[site.attention]["contribution"])
+    assert recorded[0][0].abs().sum() > 0 and recorded[0][1].abs().sum() == 0
+    assert torch.equal(recorded[0], recorded[1])
+
+
+# Kills: an integer given for a number key not converted (or converted to infinity at the largest float);
+# a profile triple of the wrong length crashing instead of being named.
+def test_number_keys_take_integers_up_to_the_largest_float(write_recipe):
+    import sys
+
+    recipe = load_recipe(write_recipe(FAST_RECIPE.replace("ratio = 0.5", "ratio = 1")))
+    assert recipe.pruning.ratio == 1.0 and type(recipe.pruning.ratio) is float
+    largest = int(sys.float_info.max)
+    text = FAST_RECIPE.replace("[validation]", f"[validation]\nexport_max_rel_l2 = {largest}")
+    recipe = load_recipe(write_recipe(text))
+    assert recipe.validation.export_max_rel_l2 == sys.float_info.max
+
+
+def test_a_profile_that_is_not_a_triple_is_named(write_recipe):
+    recipe = FAST_RECIPE.replace("[pruning]", "[engine]\nprofile_frames = [2, 4]\n\n[pruning]")
+    with pytest.raises(RecipeError, match=r"profile_frames = \[2, 4\]: expected \[min, opt, max\]"):
+        load_recipe(write_recipe(recipe))
+
+
+# Kills: a comparison with non-finite values not counting them, or not reporting the worst agreement.
+def test_a_comparison_with_a_nan_counts_it_and_is_the_worst_possible():
+    result = Comparison.of(np.array([1.0, np.nan, np.inf]), np.array([1.0, 2.0, 3.0]))
+    assert result == Comparison(math.inf, math.inf, -1.0, 2)

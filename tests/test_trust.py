@@ -395,3 +395,18 @@ def test_a_model_subfolder_symlinked_out_of_the_allowed_roots_is_refused(write_r
     result = invoke("build", path, env={"F3EXPORT_ALLOWED_ROOTS": str(tmp_path)})
     one_line_error(result, 2, f"[model].path's {linked}/")
     assert "is outside the allowed roots" in result.output and not (tmp_path / "artifacts" / "fast").exists()
+
+
+# Survivors of the mutmut sample (benchmarks/mutation.md): a consistently rehashed validation report whose
+# gates cannot be re-evaluated is refused, naming the report and what is wrong with it.
+@pytest.mark.parametrize("edit, message", [
+    (lambda gates: [], "validation.json: malformed validation report (no gates, or a gate kind not 'max'/'min')"),
+    (lambda gates: [{**g, "kind": "at least"} for g in gates], "malformed validation report (no gates, or a gate"),
+    (lambda gates: [g for g in gates if not g["metric"].startswith("export.pruned.")],
+     "validation.json: no export gate for engine 'pruned.onnxruntime'"),
+], ids=["no gates", "unknown kind", "an engine without export gates"])
+def test_a_validation_report_check_cannot_reevaluate_is_one_line_exit_1(folder, edit, message):
+    report = json.loads((folder / "validation.json").read_text())
+    (folder / "validation.json").write_text(json.dumps({**report, "gates": edit(report["gates"])}))
+    rehash(folder)
+    one_line_error(invoke("check", folder), 1, message)
