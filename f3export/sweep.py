@@ -31,7 +31,7 @@ SHOWN = ("video_psnr_mean", "video_ssim_mean", "task_direction_accuracy", "laten
 
 
 def fidelity_row(fidelity) -> dict[str, float]:
-    row = {k: v for k, v in fidelity.summary.items()}
+    row = dict(fidelity.summary)
     if fidelity.task:
         row.update({f"task_{k}": v for k, v in fidelity.task["pruned"].items()})
     return row
@@ -55,6 +55,9 @@ class Sweep:
                                          seed=123)
         feeds = {k: v.numpy() for k, v in spec.inputs.items()}
         base_flops, _ = count_flops(original, spec.inputs, [])
+        # The original's held-out trajectories, once: every pruned model is compared against the same ones.
+        references = [bench.adapter.trajectory(source.bundle, original, run, bench.shape)
+                      for run in bench.adapter.protocol.runs(recipe.validation)]
         rows = []
         for criterion in criteria:
             for ratio in ratios:
@@ -63,7 +66,7 @@ class Sweep:
                 context = bench.pruned_engine(source, pruning, folder)
                 flops, _ = count_flops(context.pruned, spec.inputs, [])
                 fidelity = pruning_fidelity(bench.adapter, source.bundle, context.pruned, bench.shape,
-                                            recipe.validation)
+                                            recipe.validation, references)
                 engine = folder / context.records["engine"].data["pruned.onnxruntime"]["path"]
                 rows.append({"criterion": criterion, "ratio": ratio,
                              "removed_heads": context.records["plan"].data["removed_heads"],

@@ -125,18 +125,25 @@ class PruningFidelity:
 
 @torch.no_grad()
 def pruning_fidelity(adapter: ModelAdapter, bundle: ModelBundle, pruned: nn.Module, shape: VideoShape,
-                     section: ValidationSection) -> PruningFidelity:
-    """Original and pruned models on the same held-out runs, compared with the family's metrics."""
+                     section: ValidationSection, references: list | None = None) -> PruningFidelity:
+    """Original and pruned models on the same held-out runs, compared with the family's metrics.
+
+    ``references``: the original model's trajectories of these runs, when a caller compares several pruned
+    models against them (a sweep) and computes them once."""
     check_task_prompts(section)
     runs = adapter.protocol.runs(section)
     metrics, videos = [], {"original": [], "pruned": []}
     with progress() as bar:
-        task = bar.add_task("validate", total=2 * len(runs) * adapter.protocol.calls(section))
-        for run in runs:
-            reference, candidate = (
-                adapter.trajectory(bundle, model, run, shape, lambda _: bar.advance(task))
-                for model in (bundle.model, pruned)
-            )
+        models = 1 if references is not None else 2
+        task = bar.add_task("validate", total=models * len(runs) * adapter.protocol.calls(section))
+
+        def advance(_: int) -> None:
+            bar.advance(task)
+
+        for i, run in enumerate(runs):
+            reference = references[i] if references is not None else \
+                adapter.trajectory(bundle, bundle.model, run, shape, advance)
+            candidate = adapter.trajectory(bundle, pruned, run, shape, advance)
             metrics.append(adapter.fidelity(reference, candidate))
             videos["original"].append(getattr(reference, "video", None))
             videos["pruned"].append(getattr(candidate, "video", None))
