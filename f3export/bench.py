@@ -165,7 +165,7 @@ class Bench:
             "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                         "cuda": torch.cuda.is_available()},
             "steps": self.adapter.protocol.calls(self.recipe.validation),
-            "ratio": self.recipe.pruning.ratio,
+            "ratio": self.manifest["stages"]["plan"]["data"].get("ratio", self.recipe.pruning.ratio),
             "models": flops,
             "temporal_flops_share": flops["original"]["temporal_flops"] / flops["original"]["flops"],
             "ideal_speedup": ideal,

@@ -31,7 +31,8 @@ from .errors import F3ExportError, RecipeError, activity
 from .models import get_adapter
 from .models.base import ModelAdapter, VideoShape
 from .models.structure import unmatched_pattern
-from .recipe import Recipe
+from .pictures import write_report
+from .recipe import AUTO_RATIO, Recipe
 from .roots import confine
 from .report import console, gates_table, table
 from .stages import STAGES, SourceModel, Stage, StageContext, stage_key
@@ -203,6 +204,7 @@ class Build:
                         for name, entry in engine.data.items()},
         })
         self.manifest.save()
+        write_report(self.root, f"{r.name}: validation")
         return self.result
 
 
@@ -220,7 +222,9 @@ def summary_tables(result: BuildResult, manifest: Manifest) -> list:
          f"{sizes['original']['bytes'] - sizes['pruned']['bytes']:,}"],
     ])
     plan = manifest.doc["stages"]["plan"]["data"]
-    numbers.caption = (f"{plan['removed_heads']} of {plan['total_heads']} temporal heads removed, "
+    chosen = f" (ratio {plan['ratio']:.4g}, chosen by the held-out fidelity budget)" \
+        if manifest.doc["recipe"]["pruning"]["ratio"] == AUTO_RATIO else ""
+    numbers.caption = (f"{plan['removed_heads']} of {plan['total_heads']} temporal heads removed{chosen}, "
                        f"{len(plan['modules_removed'])} modules removed entirely")
     return [stages, numbers, gates_table("validation gates", result.gates)]
 

@@ -1,10 +1,12 @@
 """What a person looks at: frame strips of the original and the pruned model's videos, and a report page.
 
-Written by the validate stage next to ``validation.json`` when the model's outputs are frames.
+The validate stage writes the strips next to ``validation.json`` when the model's outputs are frames; the
+build (and ``f3export sweep``) writes the page from the files they wrote.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -51,22 +53,73 @@ def _value(value: float) -> str:
     return f"{value:.4g}" if math.isfinite(value) else str(value)
 
 
-def write_report(path: Path, title: str, gates: list[dict[str, Any]], pruning: dict[str, Any],
-                 pictures: list[str]) -> None:
-    """A Markdown page: the verdict, the gates, the task metric of both models, and the frame strips."""
+# What tables and plots show of a pruned model's fidelity, in order of preference: video, task, latents.
+SHOWN = ("video_psnr_mean", "video_ssim_mean", "task_direction_accuracy", "latent_psnr_min", "step_cosine_min",
+         "logit_cosine_mean", "top1_agreement_min")
+
+
+def shown_metrics(rows: list[dict[str, Any]]) -> list[str]:
+    """The (at most three) SHOWN metrics every row's ``fidelity`` has."""
+    present = set.intersection(*(set(r["fidelity"]) for r in rows))
+    return [m for m in SHOWN if m in present][:3]
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header),
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def _search_lines(search: dict[str, Any]) -> list[str]:
+    gates = list(search["chosen"]["gates"])
+    budget = ", ".join(f"{key} = {limit:g}" for key, limit in search["budget"].items())
+    rows = [[_value(t["ratio"]), str(t["removed_heads"]), *(_value(t["gates"][g]) for g in gates),
+             "pass" if t["passed"] else "fail"] for t in search["tried"]]
+    following = search["next"]
+    verdict = (f"the next candidate, ratio {_value(following['ratio'])}, fails" if following
+               else "removing every head passes")
+    return ["", "## Ratio chosen for you", "",
+            f"`ratio = \"auto\"` chose **{_value(search['chosen']['ratio'])}** "
+            f"({search['chosen']['removed_heads']} heads removed): the largest prefix of the ranking whose "
+            f"held-out fidelity passes the budget ({budget}); {verdict}. Candidates tried:", "",
+            *_markdown_table(["ratio", "heads removed", *gates, "result"], rows)]
+
+
+def _sweep_lines(sweep: dict[str, Any], picture: bool) -> list[str]:
+    rows = sweep["rows"]
+    metrics = shown_metrics(rows)
+    lines = ["", "## Criteria compared (`f3export sweep`)", "",
+             *_markdown_table(["criterion", "ratio", "heads removed", *metrics, "measured speedup"],
+                              [[r["criterion"], f"{r['ratio']:g}", str(r["removed_heads"]),
+                                *(_value(r["fidelity"][m]) for m in metrics), f"{r['measured_speedup']:.3f}x"]
+                               for r in rows])]
+    return lines + (["", "![criteria compared](sweep.png)"] if picture else [])
+
+
+def write_report(root: Path, title: str) -> None:
+    """``report.md``, a page for a person, from what the build and a sweep wrote (validation.json, plan.json,
+    samples.png, sweep.json / sweep.png): the verdict and gates, how an automatic ratio was chosen, the task
+    metric of both models, the frame strips and the criteria sweep. A view of those files, rewritten whenever
+    they change, so never itself an artifact a stage or check relies on."""
+    validation = json.loads((root / "validation.json").read_text())
+    gates, pruning = validation["gates"], validation["metrics"]["pruning"]
     passed = all(g["passed"] for g in gates)
     lines = [f"# {title}", "", f"**{'PASSED' if passed else 'FAILED'}**: {sum(g['passed'] for g in gates)} of "
-             f"{len(gates)} gates pass.", "", "| gate | value | limit | result |", "| --- | --- | --- | --- |"]
-    lines += [f"| {g['metric']} | {_value(g['value'])} | {'<=' if g['kind'] == 'max' else '>='} {g['limit']:g} | "
-              f"{'pass' if g['passed'] else '**FAIL**'} |" for g in gates]
+             f"{len(gates)} gates pass.", "",
+             *_markdown_table(["gate", "value", "limit", "result"],
+                              [[g["metric"], _value(g["value"]), f"{'<=' if g['kind'] == 'max' else '>='} "
+                                f"{g['limit']:g}", "pass" if g["passed"] else "**FAIL**"] for g in gates])]
+    search = json.loads((root / "plan.json").read_text()).get("search")
+    if search:
+        lines += _search_lines(search)
     task = pruning.get("task")
     if task:
         names = list(task["original"])
-        lines += ["", "## Task metric (held-out prompts)", "", "| model | " + " | ".join(names) + " |",
-                  "| --- |" + " --- |" * len(names)]
-        lines += [f"| {model} | " + " | ".join(_value(scores[n]) for n in names) + " |"
-                  for model, scores in task.items()]
-    for picture in pictures:
-        lines += ["", "## Original vs pruned, same noise", "", f"![original vs pruned]({picture})"]
-    with atomic_path(path) as tmp:
+        lines += ["", "## Task metric (held-out prompts)", "",
+                  *_markdown_table(["model", *names], [[model, *(_value(scores[n]) for n in names)]
+                                                       for model, scores in task.items()])]
+    if (root / "samples.png").is_file():
+        lines += ["", "## Original vs pruned, same noise", "", "![original vs pruned](samples.png)"]
+    if (root / "sweep.json").is_file():
+        lines += _sweep_lines(json.loads((root / "sweep.json").read_text()), (root / "sweep.png").is_file())
+    with atomic_path(root / "report.md") as tmp:
         Path(tmp).write_text("\n".join(lines) + "\n")

@@ -53,6 +53,7 @@ class PruningPlan:
     keep: list[str]
     heads: dict[str, int]  # module -> heads before pruning
     removed: dict[str, list[int]]  # module -> indices of removed heads (sorted)
+    search: dict[str, Any] | None = None  # how ratio = "auto" chose ``ratio`` (search.py), None when given
 
     @property
     def total_heads(self) -> int:
@@ -73,6 +74,7 @@ class PruningPlan:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["summary"] = {
+            "ratio": self.ratio,
             "total_heads": self.total_heads,
             "removed_heads": self.removed_heads,
             "modules_removed": sorted(m for m, n in self.head_counts().items() if n == 0),

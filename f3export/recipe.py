@@ -23,18 +23,20 @@ from .errors import RecipeError
 from .roots import confine
 
 DYNAMIC_AXES = ("batch", "frames", "height", "width")
+AUTO_RATIO = "auto"  # [pruning].ratio chosen by the build: the largest whose held-out fidelity passes (search.py)
 
 
 def spec(default: Any = dataclasses.MISSING, *, low: float | None = None, high: float | None = None,
          choices: tuple | None = None, nonempty: bool = False, path: bool = False,
-         input_file: bool = False, read_by: tuple[str, ...] | None = None) -> Any:
+         input_file: bool = False, read_by: tuple[str, ...] | None = None, words: tuple[str, ...] = ()) -> Any:
     """A recipe key: its default and the checks a value must pass.
 
     ``path``: a file system path; ``input_file``: a file the build reads (it must exist and lie inside the
-    allowed roots); ``read_by``: the engine backends that read the key (None: all of them).
+    allowed roots); ``read_by``: the engine backends that read the key (None: all of them); ``words``: strings
+    a numeric key also takes (``ratio = "auto"``).
     """
     meta = {"low": low, "high": high, "choices": choices, "nonempty": nonempty, "path": path or input_file,
-            "input_file": input_file, "read_by": read_by}
+            "input_file": input_file, "read_by": read_by, "words": words}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -86,7 +88,8 @@ class CalibrationSection:
 class PruningSection:
     criterion: str = spec("contribution", choices=CRITERIA)  # the registry itself: a criterion added is a choice
     scope: str = spec("global", choices=("global", "module"))
-    ratio: float = spec(0.5, low=0.0, high=1.0)  # fraction of temporal heads removed
+    # fraction of temporal heads removed, or "auto": the largest that passes [validation]'s pruning gates
+    ratio: float | str = spec(0.5, low=0.0, high=1.0, words=(AUTO_RATIO,))
     min_heads_per_module: int = spec(0, low=0)
     keep: list[str] = spec([])  # module names (glob patterns) never pruned
 
@@ -265,6 +268,12 @@ def _check_scalar(value: Any, tp: type, where: str) -> Any:
 
 
 def _check_value(value: Any, tp: Any, meta: dict[str, Any], where: str) -> Any:
+    if meta["words"]:
+        if isinstance(value, str):
+            if value not in meta["words"]:
+                raise RecipeError(f"{where} = {value!r}: expected a number or {', '.join(map(repr, meta['words']))}")
+            return value
+        tp = next(a for a in get_args(tp) if a is not str)
     optional = type(None) in get_args(tp)
     if optional:
         tp = next(a for a in get_args(tp) if a is not type(None))

@@ -25,9 +25,10 @@ from .errors import RecipeError
 from .export import ContractTerms, export_onnx
 from .models.base import ModelAdapter, VideoShape, family_sources
 from .models.loading import ModelBundle
-from .pictures import video_strips, write_report
+from .pictures import video_strips
 from .prune import PruningPlan, apply_plan, load_pruned, make_plan, parameter_count, save_pruned
-from .recipe import Recipe
+from .recipe import AUTO_RATIO, Recipe
+from .search import choose_ratio
 from .report import console
 from .validate import (compare_engine, export_gates, gates_json, golden_samples, pruning_fidelity, pruning_gates,
                        save_goldens)
@@ -186,8 +187,12 @@ def calibrate_scores(ctx: StageContext) -> StageOutput:
 
 
 def plan_heads(ctx: StageContext) -> StageOutput:
+    """The heads to remove; with ratio = "auto", the ratio too, by sampling held-out runs (search.py), the one
+    case the plan loads the model."""
     scores = Scores.from_json(json.loads((ctx.root / "scores.json").read_text()))
-    plan = make_plan(scores, ctx.recipe.pruning)
+    r = ctx.recipe
+    plan = choose_ratio(ctx.adapter, ctx.model.bundle, ctx.shape, scores, r.pruning, r.validation) \
+        if r.pruning.ratio == AUTO_RATIO else make_plan(scores, r.pruning)
     path = ctx.root / "plan.json"
     write_json(path, plan.to_json())
     return [path], plan.to_json()["summary"]
@@ -262,10 +267,7 @@ def validate_engines(ctx: StageContext) -> StageOutput:
     if fidelity.videos:
         pictures.append(ctx.root / "samples.png")
         video_strips(pictures[-1], fidelity.videos)
-    page = ctx.root / "report.md"
-    write_report(page, f"{ctx.recipe.name}: validation", summary["gates"], metrics["pruning"],
-                 [p.name for p in pictures])
-    files += [*pictures, page]
+    files += pictures
     return files, summary
 
 
@@ -274,8 +276,11 @@ STAGES = (
     Stage("calibrate", calibrate_scores, sections=("calibration",), model_files=("network", "sampling"),
           input_files=("calibration",), shapes=("latent",),
           libraries=("torch", "diffusers", "transformers", "f3export")),
-    Stage("plan", plan_heads, upstream=("calibrate",), sections=("pruning",), libraries=("f3export",),
-          needs_model=False),
+    # plan: what a ratio = "auto" search reads (validation's runs and gates) as well; a given ratio reads
+    # only scores.json and [pruning], and rewrites the same plan.json when the rest changes
+    Stage("plan", plan_heads, upstream=("calibrate",), sections=("pruning", "validation"),
+          model_files=("network", "sampling"), input_files=("validation",), shapes=("latent",),
+          libraries=("torch", "diffusers", "transformers", "f3export"), needs_model=False),
     Stage("prune", prune_model, upstream=("plan",), model_files=("network",), libraries=("torch", "f3export")),
     # export: the contract records the profile ranges and the conventions files (the scheduler)
     Stage("export", export_models, upstream=("prune",), sections=("export",), model_files=("network", "conventions"),

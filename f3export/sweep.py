@@ -11,6 +11,7 @@ criterion against the ratio and against the measured speedup, and the table goes
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +23,9 @@ from .build import Build
 from .calibrate import Scores
 from .errors import CheckError
 from .weights import read_json
+from .pictures import shown_metrics, write_report
 from .report import console, table
 from .validate import pruning_fidelity
-
-# What the table and the plot show of a row's fidelity, in order of preference: video, task, latents.
-SHOWN = ("video_psnr_mean", "video_ssim_mean", "task_direction_accuracy", "latent_psnr_min", "step_cosine_min",
-         "logit_cosine_mean", "top1_agreement_min")
-
 
 def fidelity_row(fidelity) -> dict[str, float]:
     row = dict(fidelity.summary)
@@ -77,12 +74,8 @@ class Sweep:
         result = {"criteria": criteria, "ratios": ratios, "rows": rows}
         write_json(self.root / "sweep.json", result)
         plot(rows, self.root / "sweep.png", f"{recipe.name}: criteria compared on held-out runs")
+        write_report(self.root, f"{recipe.name}: validation")
         return result
-
-
-def shown_metrics(rows: list[dict[str, Any]]) -> list[str]:
-    present = set.intersection(*(set(r["fidelity"]) for r in rows))
-    return [m for m in SHOWN if m in present][:3]
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -93,15 +86,27 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
     metrics = shown_metrics(rows)
     fig, axes = plt.subplots(2, len(metrics), figsize=(4.5 * len(metrics), 7), squeeze=False)
+    # An infinite PSNR (a pruned video identical to the original's: no head removed) is drawn on a dotted
+    # line above every finite value, so the curve does not silently start at the first finite point.
+    ceilings = {}
+    for metric in metrics:
+        finite = [r["fidelity"][metric] for r in rows if math.isfinite(r["fidelity"][metric])]
+        low, high = (min(finite), max(finite)) if finite else (0.0, 1.0)
+        ceilings[metric] = high + 0.15 * ((high - low) or 1.0)
     for criterion in dict.fromkeys(r["criterion"] for r in rows):
         mine = [r for r in rows if r["criterion"] == criterion]
         for column, metric in enumerate(metrics):
-            values = [r["fidelity"][metric] for r in mine]
+            values = [v if math.isfinite(v) else ceilings[metric] for v in (r["fidelity"][metric] for r in mine)]
             axes[0, column].plot([r["ratio"] for r in mine], values, "o-", label=criterion)
             axes[1, column].plot([r["measured_speedup"] for r in mine], values, "o-", label=criterion)
     for column, metric in enumerate(metrics):
         axes[0, column].set(xlabel="pruning ratio (temporal heads removed)", ylabel=metric)
         axes[1, column].set(xlabel="measured speedup (ONNX Runtime, median)", ylabel=metric)
+        if any(not math.isfinite(r["fidelity"][metric]) for r in rows):
+            for ax in axes[:, column]:
+                ax.axhline(ceilings[metric], linestyle=":", color="grey")
+                ax.annotate("inf (identical)", (0.01, ceilings[metric]), xycoords=("axes fraction", "data"),
+                            va="bottom", fontsize=8, color="grey")
     axes[0, 0].legend()
     fig.suptitle(title)
     fig.tight_layout()
@@ -118,8 +123,13 @@ def print_sweep(result: dict[str, Any]) -> None:
                           *(f"{r['fidelity'][m]:.4g}" for m in metrics), f"{r['ideal_speedup']:.3f}x",
                           f"{r['measured_speedup']:.3f}x"] for r in rows]))
     for metric in metrics:
-        means = {c: float(np.mean([r["fidelity"][metric] for r in rows if r["criterion"] == c]))
-                 for c in result["criteria"]}
+        # over the ratios where every criterion's value is finite (at ratio 0 every PSNR is infinite)
+        ratios = [ratio for ratio in result["ratios"] if all(math.isfinite(r["fidelity"][metric]) for r in rows
+                                                             if r["ratio"] == ratio)]
+        if not ratios:
+            continue
+        means = {c: float(np.mean([r["fidelity"][metric] for r in rows
+                                   if r["criterion"] == c and r["ratio"] in ratios])) for c in result["criteria"]}
         best = max(means, key=means.get)
-        console.print(f"{metric}: mean over ratios " + ", ".join(f"{c} {v:.4g}" for c, v in means.items())
-                      + f"; best {best}", highlight=False)
+        console.print(f"{metric}: mean over ratios {', '.join(f'{x:g}' for x in ratios)}: "
+                      + ", ".join(f"{c} {v:.4g}" for c, v in means.items()) + f"; best {best}", highlight=False)

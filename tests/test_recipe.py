@@ -21,7 +21,7 @@ def test_the_shipped_recipe_loads():
 
 @pytest.mark.parametrize("edit, message", [
     (("ratio = 0.5", "ratio = 1.5"), r"\[pruning\]\.ratio = 1\.5 is out of range \[0\.0, 1\.0\]"),
-    (("ratio = 0.5", "ratio = \"half\""), r"\[pruning\]\.ratio: expected a number, got str 'half'"),
+    (("ratio = 0.5", "ratio = \"half\""), r"\[pruning\]\.ratio = 'half': expected a number or 'auto'"),
     (("ratio = 0.5", "ratoi = 0.5"), r"\[pruning\]: unknown key 'ratoi'"),
     (("[pruning]", "[prunning]"), r"unknown section \[prunning\]"),
     (("steps = 3\n\n[pruning]", "steps = -1\n\n[pruning]"), r"\[calibration\]\.steps = -1 is out of range"),

@@ -141,9 +141,10 @@ def test_a_recipe_change_changes_exactly_the_keys_declaring_what_it_alters(folde
 
 
 def test_the_shape_is_in_the_key_of_every_stage_that_runs_the_network_at_it(folder_build):
-    """Calibration, export and validation run the network at the recipe's shape; plan and prune never do."""
+    """Calibration, export and validation run the network at the recipe's shape, and so does the plan's search
+    of ratio = "auto"; prune never does."""
     shaped = keys(folder_build.recipe.source, ["model.latent_height=12"])
-    assert changed_keys(keys_of(folder_build), shaped) == {"calibrate", "export", "validate"}
+    assert changed_keys(keys_of(folder_build), shaped) == {"calibrate", "plan", "export", "validate"}
 
 
 @pytest.mark.parametrize("file, change, changed", FILE_CHANGES, ids=[f for f, *_ in FILE_CHANGES])

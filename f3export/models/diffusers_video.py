@@ -89,6 +89,9 @@ class DiffusersFolder(PipelineFolder):
             self.build(config, str(path))
         return config
 
+    def save_network(self, model, config, folder):
+        model.inner.save_pretrained(folder / self.component, safe_serialization=True)
+
     def load_folder(self, folder):
         component = self._component_dir(folder)
         cls = diffusers_class(self.class_name)

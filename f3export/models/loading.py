@@ -118,6 +118,11 @@ class PipelineFolder(CheckpointFormat):
     def conventions_files(self, folder):
         return scheduler_files(folder)
 
+    @abstractmethod
+    def save_network(self, model: nn.Module, config: dict[str, Any], folder: Path) -> None:
+        """Write the network's own folder of a pipeline folder, as ``load_folder`` reads it (a model trained
+        here, saved in the family's real format)."""
+
 
 MODEL_SUFFIXES = (".json", ".safetensors", ".bin")  # configs and weights of a from_pretrained folder
 TOKENIZER_SUFFIXES = (".json", ".txt")  # tokenizer configs and vocabularies (vocab.json, merges.txt, ...)

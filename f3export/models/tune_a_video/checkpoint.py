@@ -4,7 +4,8 @@
 
 from __future__ import annotations
 
-from ...weights import find_weights, load_into, load_state_dict, read_json
+from ...artifacts import write_json
+from ...weights import find_weights, load_into, load_state_dict, read_json, save_state_dict
 from ..loading import PipelineFolder
 from .network import TuneAVideoConfig, TuneAVideoUNet
 
@@ -34,6 +35,12 @@ class TuneAVideoFolder(PipelineFolder):
     def folder_config(self, folder):
         config_path = folder / UNET / "config.json"
         return TuneAVideoConfig.from_dict(read_json(config_path), str(config_path)).to_dict()
+
+    def save_network(self, model, config, folder):
+        """``unet/`` as Tune-A-Video's released folders hold it: diffusers' UNet3DConditionModel config."""
+        (folder / UNET).mkdir(parents=True, exist_ok=True)
+        write_json(folder / UNET / "config.json", {"_class_name": "UNet3DConditionModel", **config})
+        save_state_dict(model, folder / UNET / "diffusion_pytorch_model.safetensors")
 
     def load_folder(self, folder):
         """The UNet of the folder's config with its weights, loaded strictly."""

@@ -1,0 +1,85 @@
+"""``[pruning] ratio = "auto"``: the largest ratio whose held-out fidelity passes every pruning gate.
+
+One calibration fixes the ranking, so the candidates are its prefixes: remove the k lowest-ranked heads,
+k = 0..N (ratio k/N). Each candidate tried is pruned in PyTorch and samples the held-out runs of
+[validation] against the original model's trajectories of them, computed once, and is judged by the same
+pruning gates as the build's validation. A binary search over k finds the largest passing prefix in about
+log2(N) + 1 candidates. It assumes that removing more heads never passes where removing fewer fails; the
+plan records every candidate tried with its fidelity and gates, so a case where that does not hold shows.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+from .calibrate import Scores
+from .models.base import ModelAdapter, VideoShape
+from .models.loading import ModelBundle
+from .prune import PruningPlan, apply_plan, make_plan
+from .recipe import PruningSection, ValidationSection
+from .report import console
+from .validate import pruning_fidelity, pruning_gates
+
+
+def fidelity_budget(adapter: ModelAdapter, section: ValidationSection) -> list[str]:
+    """The [validation] keys of the pruning gates the recipe sets: what an automatic ratio must pass."""
+    return [gate.recipe_key for gate in adapter.fidelity_gates if getattr(section, gate.recipe_key) is not None]
+
+
+class RatioSearch:
+    """Candidates by the number of heads removed, each tried once."""
+
+    def __init__(self, adapter: ModelAdapter, bundle: ModelBundle, shape: VideoShape, scores: Scores,
+                 pruning: PruningSection, validation: ValidationSection):
+        self.adapter, self.bundle, self.shape, self.scores = adapter, bundle, shape, scores
+        self.pruning, self.validation = pruning, validation
+        self.heads = sum(module.heads for module in scores.modules.values())
+        self.references = [adapter.trajectory(bundle, bundle.model, run, shape)
+                           for run in adapter.protocol.runs(validation)]
+        self.trials: dict[int, dict[str, Any]] = {}
+
+    def plan(self, removed: int) -> PruningPlan:
+        return make_plan(self.scores, dataclasses.replace(self.pruning, ratio=removed / self.heads))
+
+    def passes(self, removed: int) -> bool:
+        plan = self.plan(removed)
+        pruned = copy.deepcopy(self.bundle.model)
+        apply_plan(pruned, self.adapter.structure.temporal_sites(pruned), plan.kept_heads)
+        fidelity = pruning_fidelity(self.adapter, self.bundle, pruned, self.shape, self.validation, self.references)
+        gates = pruning_gates(self.adapter, fidelity, self.validation)
+        passed = all(g.passed for g in gates)
+        self.trials[removed] = {"ratio": plan.ratio, "removed_heads": plan.removed_heads, "passed": passed,
+                                "gates": {g.metric: g.value for g in gates}, "fidelity": fidelity.summary,
+                                **({"task": fidelity.task["pruned"]} if fidelity.task else {})}
+        shown = ", ".join(f"{g.metric} {g.value:.4g} ({'>=' if g.kind == 'min' else '<='} {g.limit:g})"
+                          for g in gates)
+        console.print(f"auto ratio: {plan.ratio:.4g} ({plan.removed_heads} of {self.heads} heads) "
+                      f"{'passes' if passed else 'fails'}: {shown}", highlight=False)
+        return passed
+
+    def run(self) -> PruningPlan:
+        """The plan of the largest passing prefix, its search recorded in ``plan.search``."""
+        passing, failing = 0, self.heads + 1  # k = 0 removes nothing; N + 1 stands for "none fails"
+        while failing - passing > 1:
+            middle = (passing + failing) // 2
+            if self.passes(middle):
+                passing = middle
+            else:
+                failing = middle
+        if passing == 0:
+            self.passes(0)  # measured like any choice (the original itself, unless a gate cannot pass)
+        plan = self.plan(passing)
+        plan.search = {
+            "budget": {key: getattr(self.validation, key) for key in fidelity_budget(self.adapter, self.validation)},
+            "chosen": self.trials[passing],
+            "next": self.trials.get(failing),  # None when removing every head passes
+            "tried": [self.trials[k] for k in sorted(self.trials)],
+        }
+        return plan
+
+
+def choose_ratio(adapter: ModelAdapter, bundle: ModelBundle, shape: VideoShape, scores: Scores,
+                 pruning: PruningSection, validation: ValidationSection) -> PruningPlan:
+    return RatioSearch(adapter, bundle, shape, scores, pruning, validation).run()
