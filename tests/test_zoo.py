@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from transformers import CLIPTokenizer
 
 from f3export.models import get_adapter
 from f3export.tasks.shapes import HELD_OUT_CAPTIONS
@@ -23,6 +24,9 @@ def test_the_training_script_writes_the_family_folder_with_its_record(tmp_path, 
     assert {k: config[k] for k in trainee.config} == trainee.config  # the family's own config file, complete
     assert adapter.latent_channels(bundle.model) == 3 and bundle.encode_text is not None  # pixel space, CLIP text
     assert bundle.scheduler_config["_class_name"] == "DDIMScheduler"
+    tokenizer = CLIPTokenizer.from_pretrained(tmp_path / "model" / "tokenizer")
+    assert tokenizer.tokenize("a red circle moves left slowly") == [  # the grammar's words: one token each
+        "a</w>", "red</w>", "circle</w>", "moves</w>", "left</w>", "slowly</w>"]
     assert len(record["loss_curve"]["mean_loss"]) == 2 and record["arguments"]["seed"] == 0
     assert record["family"] == family
     assert json.loads((tmp_path / "model" / "training.json").read_text()) == record

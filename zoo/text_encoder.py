@@ -1,6 +1,7 @@
 """A small CLIP text encoder with a character-level tokenizer, in diffusers' folder layout.
 
-Trained reference models use it frozen at its seeded initialisation (the denoiser learns to read it);
+Trained reference models use it frozen at its seeded initialisation (the denoiser learns to read it), with
+their task's words as single tokens;
 tests use it as a real ``text_encoder/`` + ``tokenizer/`` without any download.
 """
 
@@ -21,17 +22,30 @@ def byte_alphabet() -> list[str]:
     return [chr(c) for c in visible] + [chr(256 + i) for i in range(len(extra))]
 
 
-def write_char_clip(folder: Path, width: int, seed: int | None = None):
+def word_merges(words: tuple[str, ...]) -> list[tuple[str, str]]:
+    """BPE merges that join each of ``words`` into one token, left to right ("l e", "le f", "lef t</w>")."""
+    merges = []
+    for word in words:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merges.append((pieces[0], pieces[1]))
+            pieces = [pieces[0] + pieces[1], *pieces[2:]]
+    return list(dict.fromkeys(merges))
+
+
+def write_char_clip(folder: Path, width: int, seed: int | None = None, words: tuple[str, ...] = ()):
     """Write ``tokenizer/`` and ``text_encoder/`` (2 layers, 4 heads, ``width`` wide) into ``folder``;
-    return the tokenizer and the encoder. ``seed`` seeds the encoder's weights (None: the global RNG)."""
+    return the tokenizer and the encoder. ``seed`` seeds the encoder's weights (None: the global RNG);
+    ``words`` become one token each (a task's vocabulary), any other text is read character by character."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     chars = byte_alphabet()
-    vocab = {token: i for i, token in enumerate(chars + [c + "</w>" for c in chars] +
-                                                ["<|startoftext|>", "<|endoftext|>"])}
+    merges = word_merges(words)
+    tokens = chars + [c + "</w>" for c in chars] + [a + b for a, b in merges]
+    vocab = {token: i for i, token in enumerate([*dict.fromkeys(tokens), "<|startoftext|>", "<|endoftext|>"])}
     (folder / "tokenizer").mkdir(parents=True, exist_ok=True)
     (folder / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "tokenizer" / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     tokenizer = CLIPTokenizer(str(folder / "tokenizer" / "vocab.json"), str(folder / "tokenizer" / "merges.txt"),
                               model_max_length=TEXT_TOKENS)
     tokenizer.save_pretrained(folder / "tokenizer")

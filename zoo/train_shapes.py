@@ -1,7 +1,7 @@
 """Train a reference model on the moving-shapes task, on a CPU, into its family's real folder format.
 
-    python -m zoo.train_shapes tune-a-video           # the committed model: zoo/tav-shapes/
-    python -m zoo.train_shapes latte                  # zoo/latte-shapes/
+    python -m zoo.train_shapes tune-a-video           # into zoo/tav-shapes/
+    python -m zoo.train_shapes latte                  # into zoo/latte-shapes/
     python -m zoo.train_shapes latte --steps 3 --out /tmp/check   # a smoke run
 
 Each network is one f3export loads (``[model].family``), at a small width, in pixel space: 16x16 RGB frames
@@ -9,11 +9,11 @@ need no autoencoder, and a learned one would put its own reconstruction error be
 fidelity figure measured on it. Tune-A-Video: f3export's inflated SD-1.x UNet (sparse-causal spatial
 attention, temporal attention in every transformer block), with attention at 8x8 and 4x4 only (at 16x16 it
 tripled the step time). Latte: diffusers' ``LatteTransformer3DModel`` (alternating spatial and temporal
-blocks, sinusoidal frame positions, adaLN-single). The text conditioning is a small CLIP text encoder with a
-character-level tokenizer, frozen at its seeded initialisation (the network learns to read it), saved as
-``text_encoder/`` and ``tokenizer/`` beside the network, with the DDIM ``scheduler/`` sampling uses. Loss:
-v-prediction under DDPM's linear schedule (see SCHEDULE), captions dropped 10% of the time for
-classifier-free guidance.
+blocks, sinusoidal frame positions, adaLN-single). The text conditioning is a small CLIP text encoder whose
+tokenizer reads the caption grammar's words as single tokens (WORDS), frozen at its seeded initialisation (the
+network learns to read it), saved as ``text_encoder/`` and ``tokenizer/`` beside the network, with the DDIM
+``scheduler/`` sampling uses. Loss: v-prediction under DDPM's linear schedule (see SCHEDULE), captions dropped
+10% of the time for classifier-free guidance. What each choice was measured against: zoo/README.md.
 
 Everything is seeded; the same arguments on the same library versions give the same weights. The loss
 curve, the arguments, the wall time and the library versions go to ``training.json`` and ``loss.png``.
@@ -39,10 +39,13 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from f3export.models import get_adapter
 from f3export.models.base import LatentVideoDiffusionAdapter
 from f3export.models.tune_a_video.network import TuneAVideoConfig
-from f3export.tasks.shapes import FRAMES, SIZE, TRAIN_CAPTIONS, render
+from f3export.tasks.shapes import COLOURS, DIRECTIONS, FRAMES, SHAPES, SIZE, SPEEDS, TRAIN_CAPTIONS, render
 from zoo.text_encoder import TEXT_TOKENS, write_char_clip
 
 TEXT_WIDTH = 32
+# The caption grammar's words, one token each: read character by character, a frozen encoder told captions
+# differing only in direction apart 3-10x less than captions differing in colour or shape.
+WORDS = ("a", *COLOURS, *SHAPES, "moves", *DIRECTIONS, *filter(None, SPEEDS))
 CAPTION_DROPOUT = 0.1
 # Pixel space: DDPM's linear schedule (Ho et al.), not SD's latent one, under which a 16x16 frame's shape stays
 # visible in its own noise until t ~ 900 and each frame's place is settled before the frames can agree on it;
@@ -96,7 +99,7 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
 
 def train(trainee: Trainee, out: Path, steps: int, batch: int, lr: float, seed: int, log_every: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer, encoder = write_char_clip(out, TEXT_WIDTH, seed)
+    tokenizer, encoder = write_char_clip(out, TEXT_WIDTH, seed, WORDS)
     captions = [c.text for c in TRAIN_CAPTIONS]
     text = embed(tokenizer, encoder, captions)
     empty = embed(tokenizer, encoder, [""])
