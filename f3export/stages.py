@@ -154,13 +154,20 @@ class Stage:
     shapes: tuple[str, ...] = ()  # of SHAPES: the shapes it runs the model at or records
     libraries: tuple[str, ...] = ()  # keys of build.library_versions(), or BACKENDS
     needs_model: bool = True  # load (and check) the weights before it starts
+    # inputs (``kind:name``) it reads only for some recipes: (whether a recipe makes it read them, the inputs)
+    conditional: tuple[Callable[[Recipe], bool], tuple[str, ...]] | None = None
 
     @property
     def inputs(self) -> list[str]:
-        """Everything the key hashes, as ``kind:name``."""
+        """What the key hashes for every recipe, as ``kind:name``."""
         return [*(f"stage:{s}" for s in self.upstream), *(f"section:{s}" for s in self.sections),
                 *(f"model:{m}" for m in self.model_files), *(f"files:{s}" for s in self.input_files),
                 *(f"shape:{s}" for s in self.shapes), *(f"library:{lib}" for lib in self.libraries)]
+
+    def inputs_for(self, recipe: Recipe) -> list[str]:
+        """What the key hashes for ``recipe``: ``inputs``, and the conditional ones where it reads them."""
+        more = self.conditional[1] if self.conditional is not None and self.conditional[0](recipe) else ()
+        return [*self.inputs, *more]
 
 
 def input_value(name: str, ctx: StageContext, versions: dict[str, str]) -> Any:
@@ -173,8 +180,9 @@ def input_value(name: str, ctx: StageContext, versions: dict[str, str]) -> Any:
 
 
 def stage_key(stage: Stage, ctx: StageContext, versions: dict[str, str]) -> str:
-    """The one place a cache key is made: the stage's name and the value of every input it declares."""
-    return content_key(stage.name, {name: input_value(name, ctx, versions) for name in stage.inputs})
+    """The one place a cache key is made: the stage's name and the value of every input it declares (for this
+    recipe)."""
+    return content_key(stage.name, {name: input_value(name, ctx, versions) for name in stage.inputs_for(ctx.recipe)})
 
 
 # -- the stage functions ----------------------------------------------------------------------------------
@@ -186,13 +194,17 @@ def calibrate_scores(ctx: StageContext) -> StageOutput:
     return [path], {"modules": len(scores.modules), "heads": heads, "samples": scores.samples}
 
 
+def searches_ratio(recipe: Recipe) -> bool:
+    return recipe.pruning.ratio == AUTO_RATIO
+
+
 def plan_heads(ctx: StageContext) -> StageOutput:
     """The heads to remove; with ratio = "auto", the ratio too, by sampling held-out runs (search.py), the one
     case the plan loads the model."""
     scores = Scores.from_json(json.loads((ctx.root / "scores.json").read_text()))
     r = ctx.recipe
     plan = choose_ratio(ctx.adapter, ctx.model.bundle, ctx.shape, scores, r.pruning, r.validation) \
-        if r.pruning.ratio == AUTO_RATIO else make_plan(scores, r.pruning)
+        if searches_ratio(r) else make_plan(scores, r.pruning)
     path = ctx.root / "plan.json"
     write_json(path, plan.to_json())
     return [path], plan.to_json()["summary"]
@@ -276,11 +288,12 @@ STAGES = (
     Stage("calibrate", calibrate_scores, sections=("calibration",), model_files=("network", "sampling"),
           input_files=("calibration",), shapes=("latent",),
           libraries=("torch", "diffusers", "transformers", "f3export")),
-    # plan: what a ratio = "auto" search reads (validation's runs and gates) as well; a given ratio reads
-    # only scores.json and [pruning], and rewrites the same plan.json when the rest changes
-    Stage("plan", plan_heads, upstream=("calibrate",), sections=("pruning", "validation"),
-          model_files=("network", "sampling"), input_files=("validation",), shapes=("latent",),
-          libraries=("torch", "diffusers", "transformers", "f3export"), needs_model=False),
+    # plan: a given ratio reads scores.json and [pruning] only; ratio = "auto" samples the held-out runs with
+    # the model (search.py), so then it reads what validation's runs read
+    Stage("plan", plan_heads, upstream=("calibrate",), sections=("pruning",), libraries=("f3export",),
+          needs_model=False, conditional=(searches_ratio, (
+              "section:validation", "model:network", "model:sampling", "files:validation", "shape:latent",
+              "library:torch", "library:diffusers", "library:transformers"))),
     Stage("prune", prune_model, upstream=("plan",), model_files=("network",), libraries=("torch", "f3export")),
     # export: the contract records the profile ranges and the conventions files (the scheduler)
     Stage("export", export_models, upstream=("prune",), sections=("export",), model_files=("network", "conventions"),

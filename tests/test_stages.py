@@ -26,7 +26,8 @@ from f3export.stages import BACKENDS, STAGES, stage_key
 
 from conftest import COGVIDEO_TOKENS_RECIPE, FAST_RECIPE, ORIGINAL_STYLE_CONFIG, TAV, write_checkpoint, write_clip
 
-DECLARED = {name for stage in STAGES for name in stage.inputs}
+DECLARED = {name for stage in STAGES for name in [*stage.inputs, *(stage.conditional[1] if stage.conditional else ())]}
+AUTO = "pruning.ratio='auto'"  # the plan searches the ratio: it reads its conditional inputs too
 
 
 
@@ -119,8 +120,10 @@ LIBRARIES = sorted({name.removeprefix("library:") for name in DECLARED if name.s
 FILE_SECTIONS = ["calibration", "validation"]  # their token files
 
 
-def expected_reruns(changed: set[str]) -> set[str]:
-    return {stage.name for stage in STAGES if changed & set(stage.inputs)}
+def expected_reruns(changed: set[str], recipe=None) -> set[str]:
+    """The stages whose key reads one of ``changed``, for ``recipe`` (None: a recipe giving a ratio)."""
+    return {stage.name for stage in STAGES
+            if changed & set(stage.inputs_for(recipe) if recipe is not None else stage.inputs)}
 
 
 def changed_keys(before: dict[str, str], after: dict[str, str]) -> set[str]:
@@ -141,25 +144,38 @@ def test_a_recipe_change_changes_exactly_the_keys_declaring_what_it_alters(folde
 
 
 def test_the_shape_is_in_the_key_of_every_stage_that_runs_the_network_at_it(folder_build):
-    """Calibration, export and validation run the network at the recipe's shape, and so does the plan's search
-    of ratio = "auto"; prune never does."""
+    """Calibration, export and validation run the network at the recipe's shape; plan and prune never do."""
     shaped = keys(folder_build.recipe.source, ["model.latent_height=12"])
-    assert changed_keys(keys_of(folder_build), shaped) == {"calibrate", "plan", "export", "validate"}
+    assert changed_keys(keys_of(folder_build), shaped) == {"calibrate", "export", "validate"}
+
+
+@pytest.mark.parametrize("override, changed", RECIPE_CHANGES, ids=[o for o, _ in RECIPE_CHANGES])
+def test_with_ratio_auto_the_plan_keys_on_what_its_search_reads_as_well(folder_build, override, changed):
+    """ratio = "auto" samples the held-out runs with the model: the plan then reads [validation], the model's
+    files and its shape, and a change to them re-plans (with a given ratio it does not, above)."""
+    source = folder_build.recipe.source
+    auto = load_recipe(source, [AUTO])
+    assert changed_keys(keys(source, [AUTO]), keys(source, [AUTO, override])) == expected_reruns(changed, auto)
+    assert "plan" in expected_reruns({"section:validation", "model:sampling", "shape:latent"}, auto)
 
 
 @pytest.mark.parametrize("file, change, changed", FILE_CHANGES, ids=[f for f, *_ in FILE_CHANGES])
+@pytest.mark.parametrize("overrides", [[], [AUTO]], ids=["ratio given", "ratio auto"])
 def test_a_model_file_change_changes_exactly_the_keys_declaring_that_file_class(folder_recipe, file, change,
-                                                                              changed):
-    before = keys(folder_recipe)
+                                                                              changed, overrides):
+    before = keys(folder_recipe, overrides)
     change(folder_recipe.parent / "model" / file)
-    assert changed_keys(before, keys(folder_recipe)) == expected_reruns(changed)
+    assert changed_keys(before, keys(folder_recipe, overrides)) == \
+        expected_reruns(changed, load_recipe(folder_recipe, overrides))
 
 
 @pytest.mark.parametrize("section", FILE_SECTIONS)
-def test_a_token_file_overwritten_in_place_changes_exactly_the_keys_reading_it(token_recipe, section):
-    before = keys(token_recipe)
+@pytest.mark.parametrize("overrides", [[], [AUTO]], ids=["ratio given", "ratio auto"])
+def test_a_token_file_overwritten_in_place_changes_exactly_the_keys_reading_it(token_recipe, section, overrides):
+    before = keys(token_recipe, overrides)
     np.save(token_recipe.parent / f"{section}.npy", np.random.default_rng(7).integers(0, 256, (1, 328)))
-    assert changed_keys(before, keys(token_recipe)) == expected_reruns({f"files:{section}"})
+    assert changed_keys(before, keys(token_recipe, overrides)) == \
+        expected_reruns({f"files:{section}"}, load_recipe(token_recipe, overrides))
 
 
 @pytest.mark.parametrize("library", LIBRARIES)
