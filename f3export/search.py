@@ -20,7 +20,7 @@ from .models.loading import ModelBundle
 from .prune import PruningPlan, apply_plan, make_plan
 from .recipe import PruningSection, ValidationSection
 from .report import console
-from .validate import pruning_fidelity, pruning_gates
+from .validate import original_trajectories, pruning_fidelity, pruning_gates
 
 
 def fidelity_budget(adapter: ModelAdapter, section: ValidationSection) -> list[str]:
@@ -36,8 +36,7 @@ class RatioSearch:
         self.adapter, self.bundle, self.shape, self.scores = adapter, bundle, shape, scores
         self.pruning, self.validation = pruning, validation
         self.heads = sum(module.heads for module in scores.modules.values())
-        self.references = [adapter.trajectory(bundle, bundle.model, run, shape)
-                           for run in adapter.protocol.runs(validation)]
+        self.references = original_trajectories(adapter, bundle, shape, validation)
         self.trials: dict[int, dict[str, Any]] = {}
 
     def plan(self, removed: int) -> PruningPlan:

@@ -25,7 +25,8 @@ from .errors import CheckError
 from .weights import read_json
 from .pictures import shown_metrics, write_report
 from .report import console, table
-from .validate import pruning_fidelity
+from .validate import original_trajectories, pruning_fidelity
+
 
 def fidelity_row(fidelity) -> dict[str, float]:
     row = dict(fidelity.summary)
@@ -53,8 +54,7 @@ class Sweep:
         feeds = {k: v.numpy() for k, v in spec.inputs.items()}
         base_flops, _ = count_flops(original, spec.inputs, [])
         # The original's held-out trajectories, once: every pruned model is compared against the same ones.
-        references = [bench.adapter.trajectory(source.bundle, original, run, bench.shape)
-                      for run in bench.adapter.protocol.runs(recipe.validation)]
+        references = original_trajectories(bench.adapter, source.bundle, bench.shape, recipe.validation)
         rows = []
         for criterion in criteria:
             for ratio in ratios:

@@ -157,6 +157,14 @@ def pruning_fidelity(adapter: ModelAdapter, bundle: ModelBundle, pruned: nn.Modu
     return PruningFidelity(summary, per_run, task_scores(section, runs, videos), shown)
 
 
+@torch.no_grad()
+def original_trajectories(adapter: ModelAdapter, bundle: ModelBundle, shape: VideoShape,
+                          section: ValidationSection) -> list:
+    """The original model's trajectories of the held-out runs, for callers comparing several pruned models
+    against them (``pruning_fidelity(..., references=)``)."""
+    return [adapter.trajectory(bundle, bundle.model, run, shape) for run in adapter.protocol.runs(section)]
+
+
 def check_task_prompts(section: ValidationSection) -> None:
     """Refuse, before any run, held-out prompts the recipe's task ([validation].task) cannot score."""
     name = getattr(section, "task", None)
