@@ -7,7 +7,11 @@ import shutil
 
 from click.testing import CliRunner
 
+from f3export.bench import count_flops
 from f3export.cli import main
+from f3export.models import get_adapter
+from f3export.models.base import VideoShape
+from f3export.prune import apply_plan
 
 
 
@@ -39,3 +43,16 @@ def test_bench_refuses_ratios_outside_zero_one(built):
     _, root, _ = built
     result = CliRunner().invoke(main, ["bench", str(root), "--ratios", "0.5,2"])
     assert result.exit_code == 2 and "ratios lie in [0, 1]" in result.output
+
+
+def test_flops_are_counted_where_a_diffusers_temporal_attention_lost_every_head():
+    """A Latte whose temporal attention is pruned away (RemovedAttention) is counted like any model: torch's
+    module tracker refused the parameter view it returned (bench and sweep failed at ratio 1)."""
+    adapter = get_adapter("latte")
+    bundle = adapter.checkpoint.load_preset("tiny", 0)
+    sites = adapter.structure.temporal_sites(bundle.model)
+    spec = adapter.export_spec(bundle.model, VideoShape(8, 16, 16), 2, [], seed=1)
+    total, temporal = count_flops(bundle.model, spec.inputs, [s.attention for s in sites])
+    apply_plan(bundle.model, sites, {s.attention: [] for s in sites})
+    pruned_total, pruned_temporal = count_flops(bundle.model, spec.inputs, [s.attention for s in sites])
+    assert temporal > 0 and pruned_temporal == 0 and pruned_total == total - temporal

@@ -168,9 +168,10 @@ class RemovedAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         shape = (*hidden_states.shape[:-1], self.out_features)
-        if self.bias is None:
-            return hidden_states.new_zeros(shape)
-        return self.bias.expand(shape)
+        zeros = hidden_states.new_zeros(shape)
+        # an operation, not a view of the parameter: a view made under no_grad would require grad with no
+        # gradient function, which torch's module tracker (FlopCounterMode, so bench and sweep) refuses
+        return zeros if self.bias is None else zeros + self.bias
 
 
 class DiffusersAttentionHeads(AttentionHeads):

@@ -30,7 +30,7 @@ class Run(ABC):
 
     def caption(self) -> str:
         """The run in a few words, under its pictures."""
-        return ", ".join(f"{k} {v}" for k, v in self.label().items())
+        return ", ".join(f"{k}: {v}" for k, v in self.label().items())  # "prompt: a dog, seed: 1000"
 
 
 @dataclass(frozen=True)
