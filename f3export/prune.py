@@ -18,6 +18,7 @@ output-projection columns zeroed (``mask_heads``), to float tolerance.
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import math
 from dataclasses import asdict, dataclass
@@ -144,6 +145,13 @@ def apply_plan(model: nn.Module, sites: list[TemporalSite], kept: KeptHeads) -> 
             heads.keep(keep)
         else:
             remove_site(model, site)
+
+
+def pruned_copy(adapter: ModelAdapter, model: nn.Module, kept: KeptHeads) -> nn.Module:
+    """A copy of ``model`` keeping only the listed heads; the model itself is left whole."""
+    pruned = copy.deepcopy(model)
+    apply_plan(pruned, adapter.structure.temporal_sites(pruned), kept)
+    return pruned
 
 
 @torch.no_grad()

@@ -10,14 +10,13 @@ plan records every candidate tried with its fidelity and gates, so a case where 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Any
 
 from .calibrate import Scores
 from .models.base import ModelAdapter, VideoShape
 from .models.loading import ModelBundle
-from .prune import PruningPlan, apply_plan, make_plan
+from .prune import PruningPlan, make_plan, pruned_copy
 from .recipe import PruningSection, ValidationSection
 from .report import console
 from .validate import original_trajectories, pruning_fidelity, pruning_gates
@@ -44,8 +43,7 @@ class RatioSearch:
 
     def passes(self, removed: int) -> bool:
         plan = self.plan(removed)
-        pruned = copy.deepcopy(self.bundle.model)
-        apply_plan(pruned, self.adapter.structure.temporal_sites(pruned), plan.kept_heads)
+        pruned = pruned_copy(self.adapter, self.bundle.model, plan.kept_heads)
         fidelity = pruning_fidelity(self.adapter, self.bundle, pruned, self.shape, self.validation, self.references)
         gates = pruning_gates(self.adapter, fidelity, self.validation)
         passed = all(g.passed for g in gates)

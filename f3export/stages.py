@@ -8,7 +8,6 @@ and the tests that prove it read the same declarations.
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -26,7 +25,7 @@ from .export import ContractTerms, export_onnx
 from .models.base import ModelAdapter, VideoShape, family_sources
 from .models.loading import ModelBundle
 from .pictures import video_strips
-from .prune import PruningPlan, apply_plan, load_pruned, make_plan, parameter_count, save_pruned
+from .prune import PruningPlan, load_pruned, make_plan, parameter_count, pruned_copy, save_pruned
 from .recipe import AUTO_RATIO, Recipe
 from .search import choose_ratio
 from .report import console
@@ -213,8 +212,7 @@ def plan_heads(ctx: StageContext) -> StageOutput:
 def prune_model(ctx: StageContext) -> StageOutput:
     plan = PruningPlan.from_json(json.loads((ctx.root / "plan.json").read_text()))
     original = ctx.model.bundle.model
-    pruned = copy.deepcopy(original)
-    apply_plan(pruned, ctx.adapter.structure.temporal_sites(pruned), plan.kept_heads)
+    pruned = pruned_copy(ctx.adapter, original, plan.kept_heads)
     files = save_pruned(ctx.adapter, ctx.model.bundle.config, pruned, plan.kept_heads, ctx.root / "pruned")
     before, after = parameter_count(original), parameter_count(pruned)
     return files, {"parameters_original": before, "parameters_pruned": after, "parameters_removed": before - after}
