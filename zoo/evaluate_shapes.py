@@ -17,9 +17,22 @@ from f3export.models import get_adapter
 from f3export.models.base import VideoShape
 from f3export.models.protocols import DiffusionRun
 from f3export.pictures import video_strips
-from f3export.tasks.shapes import FRAMES, HELD_OUT_CAPTIONS, SIZE, TRAIN_CAPTIONS, Caption, score
+from f3export.tasks.shapes import (COLOURS, DIRECTIONS, FRAMES, HELD_OUT_CAPTIONS, SHAPES, SIZE, SPEEDS,
+                                   TRAIN_CAPTIONS, Caption, score)
 
 CHANCE = {"direction_accuracy": 0.25}
+
+
+def training_sample() -> list[Caption]:
+    """Eight training captions, one per direction and speed, colours and shapes in turn (a held-out
+    combination swaps its shape): the training side of the evaluation, balanced like the held-out one."""
+    chosen = []
+    for i, (direction, speed) in enumerate((d, v) for d in DIRECTIONS for v in SPEEDS):
+        colour, shape = list(COLOURS)[i % len(COLOURS)], SHAPES[i // len(COLOURS) % len(SHAPES)]
+        chosen.append(next(c for c in (Caption(colour, shape, direction, speed),
+                                       Caption(colour, SHAPES[1 - SHAPES.index(shape)], direction, speed))
+                           if c in TRAIN_CAPTIONS))
+    return chosen
 
 
 def sample(folder: Path, family: str, captions: list[Caption], seeds: list[int], steps: int, guidance: float):
@@ -33,7 +46,7 @@ def sample(folder: Path, family: str, captions: list[Caption], seeds: list[int],
 
 def evaluate(folder: Path, family: str, seeds: list[int], steps: int, guidance: float) -> dict:
     result = {"sampling": {"steps": steps, "guidance_scale": guidance, "seeds": seeds}, "chance": CHANCE}
-    for split, captions in (("held_out", HELD_OUT_CAPTIONS), ("train", TRAIN_CAPTIONS[::7])):
+    for split, captions in (("held_out", HELD_OUT_CAPTIONS), ("train", training_sample())):
         samples = sample(folder, family, list(captions), seeds, steps, guidance)
         result[split] = {"captions": len(captions), **score([v for *_, v in samples], [c for c, *_ in samples])
                          .as_dict()}

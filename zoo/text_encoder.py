@@ -33,10 +33,17 @@ def word_merges(words: tuple[str, ...]) -> list[tuple[str, str]]:
     return list(dict.fromkeys(merges))
 
 
-def write_char_clip(folder: Path, width: int, seed: int | None = None, words: tuple[str, ...] = ()):
-    """Write ``tokenizer/`` and ``text_encoder/`` (2 layers, 4 heads, ``width`` wide) into ``folder``;
-    return the tokenizer and the encoder. ``seed`` seeds the encoder's weights (None: the global RNG);
-    ``words`` become one token each (a task's vocabulary), any other text is read character by character."""
+def write_char_clip(folder: Path, width: int, seed: int | None = None, words: tuple[str, ...] = (),
+                    max_tokens: int = TEXT_TOKENS, word_vector_scale: float | None = None):
+    """Write ``tokenizer/`` and ``text_encoder/`` (2 layers, 4 heads, ``width`` wide, ``max_tokens`` long) into
+    ``folder``; return the tokenizer and the encoder. ``seed`` seeds the encoder's weights (None: the global
+    RNG); ``words`` become one token each (a task's vocabulary), any other text is read character by character.
+
+    ``word_vector_scale``: None keeps CLIP's initialisation, under which every output position is a blend of
+    the caption so far at a small scale. A number draws the token embeddings from N(0, 1), far above the
+    position embeddings and the layers' updates, so each position's output is mostly its own word, and scales
+    the output by that number: a frozen encoder of distinct word vectors a denoiser can read from its first
+    steps (see zoo/README.md, run 8)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     chars = byte_alphabet()
@@ -47,14 +54,18 @@ def write_char_clip(folder: Path, width: int, seed: int | None = None, words: tu
     (folder / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
     (folder / "tokenizer" / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     tokenizer = CLIPTokenizer(str(folder / "tokenizer" / "vocab.json"), str(folder / "tokenizer" / "merges.txt"),
-                              model_max_length=TEXT_TOKENS)
+                              model_max_length=max_tokens)
     tokenizer.save_pretrained(folder / "tokenizer")
     config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width,
-                            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=TEXT_TOKENS,
+                            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=max_tokens,
                             bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
                             pad_token_id=vocab["<|endoftext|>"])
     if seed is not None:
         torch.manual_seed(seed)
     encoder = CLIPTextModel(config).eval()
+    if word_vector_scale is not None:
+        with torch.no_grad():
+            encoder.get_input_embeddings().weight.normal_(0.0, 1.0)
+            encoder.final_layer_norm.weight.mul_(word_vector_scale)
     encoder.save_pretrained(folder / "text_encoder")
     return tokenizer, encoder

@@ -10,10 +10,11 @@ fidelity figure measured on it. Tune-A-Video: f3export's inflated SD-1.x UNet (s
 attention, temporal attention in every transformer block), with attention at 8x8 and 4x4 only (at 16x16 it
 tripled the step time). Latte: diffusers' ``LatteTransformer3DModel`` (alternating spatial and temporal
 blocks, sinusoidal frame positions, adaLN-single). The text conditioning is a small CLIP text encoder whose
-tokenizer reads the caption grammar's words as single tokens (WORDS), frozen at its seeded initialisation (the
-network learns to read it), saved as ``text_encoder/`` and ``tokenizer/`` beside the network, with the DDIM
-``scheduler/`` sampling uses. Loss: v-prediction under DDPM's linear schedule (see SCHEDULE), captions dropped
-10% of the time for classifier-free guidance. What each choice was measured against: zoo/README.md.
+tokenizer reads the caption grammar's words as single tokens (WORDS), frozen as distinct word vectors
+(WORD_VECTOR_SCALE; the network learns to read them), saved as ``text_encoder/`` and ``tokenizer/`` beside
+the network, with the DDIM ``scheduler/`` sampling uses. Loss: v-prediction under DDPM's linear schedule (see
+SCHEDULE), captions dropped 10% of the time for classifier-free guidance. What each choice was measured
+against: zoo/README.md.
 
 Everything is seeded; the same arguments on the same library versions give the same weights. The loss
 curve, the arguments, the wall time and the library versions go to ``training.json`` and ``loss.png``.
@@ -40,12 +41,19 @@ from f3export.models import get_adapter
 from f3export.models.base import LatentVideoDiffusionAdapter
 from f3export.models.tune_a_video.network import TuneAVideoConfig
 from f3export.tasks.shapes import COLOURS, DIRECTIONS, FRAMES, SHAPES, SIZE, SPEEDS, TRAIN_CAPTIONS, render
-from zoo.text_encoder import TEXT_TOKENS, write_char_clip
+from zoo.text_encoder import write_char_clip
 
 TEXT_WIDTH = 32
 # The caption grammar's words, one token each: read character by character, a frozen encoder told captions
 # differing only in direction apart 3-10x less than captions differing in colour or shape.
 WORDS = ("a", *COLOURS, *SHAPES, "moves", *DIRECTIONS, *filter(None, SPEEDS))
+# Start, the longest caption's 6 words, end: SD's 77 would add 69 padding keys to every cross-attention (8 or
+# 77 made no difference to what the network learned, zoo/README.md; 8 is cheaper).
+TEXT_TOKENS = 8
+# Frozen word vectors at 10x CLIP's output scale: at CLIP's own initialisation the caption reaches the network
+# too weakly for it to learn that a direction word moves the shape (a product of caption, frame and place);
+# it learned colour (which needs no frame) and nothing else (zoo/README.md, run 8).
+WORD_VECTOR_SCALE = 10.0
 CAPTION_DROPOUT = 0.1
 # Pixel space: DDPM's linear schedule (Ho et al.), not SD's latent one, under which a 16x16 frame's shape stays
 # visible in its own noise until t ~ 900 and each frame's place is settled before the frames can agree on it;
@@ -79,13 +87,14 @@ TRAINEES = {
         "sample_size": SIZE, "patch_size": 2, "norm_type": "ada_norm_single", "caption_channels": TEXT_WIDTH,
         "cross_attention_dim": 64, "video_length": FRAMES, "activation_fn": "gelu-approximate",
         "norm_elementwise_affine": False, "norm_eps": 1e-6,
-    }, "latte-shapes", steps=2500, lr=1e-3),
+    }, "latte-shapes", steps=4500, lr=1e-3),
 }
 
 
 @torch.no_grad()
 def embed(tokenizer: CLIPTokenizer, encoder: CLIPTextModel, texts: list[str]) -> torch.Tensor:
-    ids = tokenizer(texts, padding="max_length", max_length=TEXT_TOKENS, truncation=True, return_tensors="pt")
+    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt")
     return encoder(ids.input_ids)[0]
 
 
@@ -99,7 +108,7 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
 
 def train(trainee: Trainee, out: Path, steps: int, batch: int, lr: float, seed: int, log_every: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer, encoder = write_char_clip(out, TEXT_WIDTH, seed, WORDS)
+    tokenizer, encoder = write_char_clip(out, TEXT_WIDTH, seed, WORDS, TEXT_TOKENS, WORD_VECTOR_SCALE)
     captions = [c.text for c in TRAIN_CAPTIONS]
     text = embed(tokenizer, encoder, captions)
     empty = embed(tokenizer, encoder, [""])

@@ -147,8 +147,9 @@ def clip_text_encoder_files(folder: Path) -> list[Path]:
         component_files(folder / "text_encoder", MODEL_SUFFIXES)
 
 
-def load_clip_text_encoder(folder: Path, tokens: int = 77) -> Callable[[list[str]], torch.Tensor] | None:
-    """CLIP text encoder + tokenizer from ``text_encoder/`` and ``tokenizer/``, if the folder has them."""
+def load_clip_text_encoder(folder: Path) -> Callable[[list[str]], torch.Tensor] | None:
+    """CLIP text encoder + tokenizer from ``text_encoder/`` and ``tokenizer/``, if the folder has them. Prompts
+    are padded to the tokenizer's ``model_max_length``, as diffusers' pipelines do (77 for SD's CLIP)."""
     if not (folder / "text_encoder").is_dir():
         return None
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -161,7 +162,7 @@ def load_clip_text_encoder(folder: Path, tokens: int = 77) -> Callable[[list[str
 
     @torch.no_grad()
     def encode(prompts: list[str]) -> torch.Tensor:
-        ids = tokenizer(prompts, padding="max_length", max_length=tokens, truncation=True,
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids
         return encoder(ids)[0]
 
