@@ -4,14 +4,19 @@ steps here: the full training is not repeated in CI)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from transformers import CLIPTokenizer
 
+from f3export.cli import main
 from f3export.models import get_adapter
-from f3export.tasks.shapes import HELD_OUT_CAPTIONS
-from zoo.evaluate_shapes import evaluate
-from zoo.train_shapes import TRAINEES, train
+from f3export.models.loading import load_clip_text_encoder
+from f3export.tasks.shapes import DIRECTIONS, HELD_OUT_CAPTIONS, SPEEDS, TRAIN_CAPTIONS, score
+from zoo.evaluate_shapes import evaluate, sample, training_sample
+from zoo.text_encoder import write_char_clip
+from zoo.train_shapes import TEXT_TOKENS, TEXT_WIDTH, TRAINEES, WORDS, train
 
 
 @pytest.mark.parametrize("family", TRAINEES)
@@ -27,6 +32,7 @@ def test_the_training_script_writes_the_family_folder_with_its_record(tmp_path, 
     tokenizer = CLIPTokenizer.from_pretrained(tmp_path / "model" / "tokenizer")
     assert tokenizer.tokenize("a red circle moves left slowly") == [  # the grammar's words: one token each
         "a</w>", "red</w>", "circle</w>", "moves</w>", "left</w>", "slowly</w>"]
+    assert bundle.encode_text(["a red circle moves left"]).shape == (1, TEXT_TOKENS, TEXT_WIDTH)
     assert len(record["loss_curve"]["mean_loss"]) == 2 and record["arguments"]["seed"] == 0
     assert record["family"] == family
     assert json.loads((tmp_path / "model" / "training.json").read_text()) == record
@@ -41,3 +47,75 @@ def test_the_evaluation_scores_held_out_and_training_captions_apart(tmp_path):
     assert result["held_out"]["captions"] == len(HELD_OUT_CAPTIONS) == 8 and result["train"]["captions"] == 8
     assert set(result["held_out"]) >= {"direction_accuracy", "smoothness", "identity", "found"}
     assert (tmp_path / "model" / "samples.png").stat().st_size > 0
+
+
+def test_prompts_are_padded_to_the_tokenizers_own_length_as_diffusers_pipelines_do(tmp_path):
+    write_char_clip(tmp_path / "short", 16, seed=0, max_tokens=8)
+    write_char_clip(tmp_path / "clip", 16, seed=0)
+    assert load_clip_text_encoder(tmp_path / "short")(["a red circle"]).shape == (1, 8, 16)
+    assert load_clip_text_encoder(tmp_path / "clip")(["a red circle"]).shape == (1, 77, 16)  # SD's CLIP length
+    config = tmp_path / "short" / "tokenizer" / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "model_max_length": 1000}))
+    assert load_clip_text_encoder(tmp_path / "short")(["a red circle"]).shape == (1, 8, 16)  # the encoder's table
+
+
+def test_word_vectors_carry_the_direction_word_as_loudly_as_the_colour_and_far_above_clips_initialisation(
+        tmp_path):
+    def change_per_position(folder):
+        encode = load_clip_text_encoder(folder)
+        red_left, red_right, blue_left = encode(["a red circle moves left", "a red circle moves right",
+                                                 "a blue circle moves left"])
+        return (red_left - red_right).norm(dim=-1), (red_left - blue_left).norm(dim=-1)
+
+    write_char_clip(tmp_path / "clip", TEXT_WIDTH, 0, WORDS, TEXT_TOKENS)
+    write_char_clip(tmp_path / "words", TEXT_WIDTH, 0, WORDS, TEXT_TOKENS, word_vector_scale=10.0)
+    direction, colour = change_per_position(tmp_path / "clip")  # CLIP's initialisation: faint
+    assert direction[5] < 2 and colour[2] < 4
+    direction, colour = change_per_position(tmp_path / "words")  # each position is its own word, 10x louder
+    assert direction[:5].max() == 0 and direction[5] > 5 * direction[6:].max()
+    assert 0.7 < direction[5] / colour[2] < 1.4 and direction[5] > 50
+
+
+def test_the_training_side_of_the_evaluation_covers_every_direction_and_speed_twice_over():
+    sample = training_sample()
+    assert all(caption in TRAIN_CAPTIONS for caption in sample)
+    assert sorted((c.direction, c.speed) for c in sample) == sorted((d, v) for d in DIRECTIONS for v in SPEEDS)
+
+
+COMMITTED = Path(__file__).parent.parent / "zoo" / "latte-shapes"
+
+
+def test_the_committed_latte_does_the_task_on_held_out_captions():
+    """The reference model proves something only if the original does the task: held-out captions, seed 1000,
+    the recipe's sampling (20 DDIM steps, guidance 3.0); measured 0.875 / 0.80 / 1.00 / 1.00."""
+    scores = score([video for *_, video in sample(COMMITTED, "latte", list(HELD_OUT_CAPTIONS), [1000], 20, 3.0)],
+                   list(HELD_OUT_CAPTIONS))
+    assert scores.direction_accuracy >= 0.75  # chance: 0.25
+    assert scores.smoothness <= 1.2 and scores.identity >= 0.95 and scores.found >= 0.95
+
+
+def test_the_committed_model_is_small_and_carries_its_training_record():
+    weights = sum(f.stat().st_size for f in COMMITTED.rglob("*.safetensors"))
+    assert weights < 3_000_000  # 2.2 MB: transformer + frozen text encoder
+    record = json.loads((COMMITTED / "training.json").read_text())
+    assert record["family"] == "latte" and record["arguments"] == {"steps": 4500, "batch": 8, "lr": 0.001,
+                                                                  "seed": 0, "log_every": 50}
+    assert record["versions"]["torch"].startswith("2.13.0") and record["wall_seconds"] < 25 * 60
+    curve = record["loss_curve"]["mean_loss"]
+    assert len(curve) == 90 and curve[-1] < 0.1 * curve[0]
+    assert (COMMITTED / "loss.png").stat().st_size > 0 and (COMMITTED / "samples.png").stat().st_size > 0
+    config = json.loads((COMMITTED / "transformer" / "config.json").read_text())
+    assert {k: config[k] for k in TRAINEES["latte"].config} == TRAINEES["latte"].config  # the script's network
+
+
+def test_the_recipe_on_the_committed_model_chooses_a_ratio_that_keeps_the_task(tmp_path):
+    """`f3export build recipes/latte-shapes.toml`: ratio "auto" under the recipe's video-space budget; measured
+    here: 6 of 16 heads (ratio 0.375), video PSNR min 23.9 dB, direction accuracy 0.875 as the original's."""
+    result = CliRunner().invoke(main, ["build", "recipes/latte-shapes.toml", "--set", f"output.dir={tmp_path}"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads((tmp_path / "latte-shapes" / "plan.json").read_text())
+    chosen = plan["search"]["chosen"]
+    assert 4 <= chosen["removed_heads"] <= 8 and not plan["search"]["next"]["passed"]
+    assert chosen["fidelity"]["video_psnr_min"] >= 20 and chosen["task"]["direction_accuracy"] >= 0.75
+    validation = json.loads((tmp_path / "latte-shapes" / "validation.json").read_text())
+    assert validation["passed"]

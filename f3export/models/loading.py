@@ -149,7 +149,8 @@ def clip_text_encoder_files(folder: Path) -> list[Path]:
 
 def load_clip_text_encoder(folder: Path) -> Callable[[list[str]], torch.Tensor] | None:
     """CLIP text encoder + tokenizer from ``text_encoder/`` and ``tokenizer/``, if the folder has them. Prompts
-    are padded to the tokenizer's ``model_max_length``, as diffusers' pipelines do (77 for SD's CLIP)."""
+    are padded to the tokenizer's ``model_max_length``, as diffusers' pipelines do (77 for SD's CLIP), at most
+    the encoder's position table (a tokenizer that sets no length reads as 10^30)."""
     if not (folder / "text_encoder").is_dir():
         return None
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -160,9 +161,11 @@ def load_clip_text_encoder(folder: Path) -> Callable[[list[str]], torch.Tensor] 
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{folder}: cannot load the CLIP text encoder ({str(exc).splitlines()[0]})") from None
 
+    tokens = min(tokenizer.model_max_length, encoder.config.max_position_embeddings)
+
     @torch.no_grad()
     def encode(prompts: list[str]) -> torch.Tensor:
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+        ids = tokenizer(prompts, padding="max_length", max_length=tokens, truncation=True,
                         return_tensors="pt").input_ids
         return encoder(ids)[0]
 
