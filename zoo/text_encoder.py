@@ -34,9 +34,9 @@ def word_merges(words: tuple[str, ...]) -> list[tuple[str, str]]:
 
 
 def write_char_clip(folder: Path, width: int, seed: int | None = None, words: tuple[str, ...] = (),
-                    max_tokens: int = TEXT_TOKENS, word_vector_scale: float | None = None):
+                    max_tokens: int = TEXT_TOKENS, word_vector_scale: float | None = None) -> None:
     """Write ``tokenizer/`` and ``text_encoder/`` (2 layers, 4 heads, ``width`` wide, ``max_tokens`` long) into
-    ``folder``; return the tokenizer and the encoder. ``seed`` seeds the encoder's weights (None: the global
+    ``folder``. ``seed`` seeds the encoder's weights (None: the global
     RNG); ``words`` become one token each (a task's vocabulary), any other text is read character by character.
 
     ``word_vector_scale``: None keeps CLIP's initialisation, under which every output position is a blend of
@@ -68,4 +68,3 @@ def write_char_clip(folder: Path, width: int, seed: int | None = None, words: tu
             encoder.get_input_embeddings().weight.normal_(0.0, 1.0)
             encoder.final_layer_norm.weight.mul_(word_vector_scale)
     encoder.save_pretrained(folder / "text_encoder")
-    return tokenizer, encoder

@@ -35,10 +35,10 @@ import diffusers
 import torch
 import transformers
 from diffusers import DDIMScheduler, DDPMScheduler
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from f3export.models import get_adapter
 from f3export.models.base import LatentVideoDiffusionAdapter
+from f3export.models.loading import load_clip_text_encoder
 from f3export.models.tune_a_video.network import TuneAVideoConfig
 from f3export.tasks.shapes import COLOURS, DIRECTIONS, FRAMES, SHAPES, SIZE, SPEEDS, TRAIN_CAPTIONS, render
 from zoo.text_encoder import write_char_clip
@@ -91,13 +91,6 @@ TRAINEES = {
 }
 
 
-@torch.no_grad()
-def embed(tokenizer: CLIPTokenizer, encoder: CLIPTextModel, texts: list[str]) -> torch.Tensor:
-    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt")
-    return encoder(ids.input_ids)[0]
-
-
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     """Linear warm-up, then cosine decay to a tenth of the peak."""
     if step < warmup:
@@ -108,10 +101,11 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
 
 def train(trainee: Trainee, out: Path, steps: int, batch: int, lr: float, seed: int, log_every: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer, encoder = write_char_clip(out, TEXT_WIDTH, seed, WORDS, TEXT_TOKENS, WORD_VECTOR_SCALE)
+    write_char_clip(out, TEXT_WIDTH, seed, WORDS, TEXT_TOKENS, WORD_VECTOR_SCALE)
+    encode = load_clip_text_encoder(out)  # the folder's own text conditioning, exactly as sampling reads it
     captions = [c.text for c in TRAIN_CAPTIONS]
-    text = embed(tokenizer, encoder, captions)
-    empty = embed(tokenizer, encoder, [""])
+    text = encode(captions)
+    empty = encode([""])
     noise_scheduler = DDPMScheduler.from_config(trainee.schedule)
     alphas = noise_scheduler.alphas_cumprod
 
