@@ -20,18 +20,18 @@ from f3export.pictures import video_strips
 from f3export.tasks.shapes import (COLOURS, DIRECTIONS, FRAMES, HELD_OUT_CAPTIONS, SHAPES, SIZE, SPEEDS,
                                    TRAIN_CAPTIONS, Caption, score)
 
-CHANCE = {"direction_accuracy": 0.25}
+CHANCE = {"direction_accuracy": 1 / len(DIRECTIONS)}  # a direction picked at random
 
 
 def training_sample() -> list[Caption]:
     """Eight training captions, one per direction and speed, colours and shapes in turn (a held-out
-    combination swaps its shape): the training side of the evaluation, balanced like the held-out one."""
+    combination takes the first shape that is not held out): the training side of the evaluation, balanced
+    like the held-out one."""
     chosen = []
     for i, (direction, speed) in enumerate((d, v) for d in DIRECTIONS for v in SPEEDS):
         colour, shape = list(COLOURS)[i % len(COLOURS)], SHAPES[i // len(COLOURS) % len(SHAPES)]
-        chosen.append(next(c for c in (Caption(colour, shape, direction, speed),
-                                       Caption(colour, SHAPES[1 - SHAPES.index(shape)], direction, speed))
-                           if c in TRAIN_CAPTIONS))
+        chosen.append(next(c for s in (shape, *SHAPES)
+                           if (c := Caption(colour, s, direction, speed)) in TRAIN_CAPTIONS))
     return chosen
 
 

@@ -1,8 +1,7 @@
 """A small CLIP text encoder with a character-level tokenizer, in diffusers' folder layout.
 
-Trained reference models use it frozen at its seeded initialisation (the denoiser learns to read it), with
-their task's words as single tokens;
-tests use it as a real ``text_encoder/`` + ``tokenizer/`` without any download.
+Trained reference models use it frozen, with their task's words as single tokens and distinct word vectors (the
+denoiser learns to read it); tests use it as a real ``text_encoder/`` + ``tokenizer/`` without any download.
 """
 
 from __future__ import annotations
@@ -36,8 +35,8 @@ def word_merges(words: tuple[str, ...]) -> list[tuple[str, str]]:
 def write_char_clip(folder: Path, width: int, seed: int | None = None, words: tuple[str, ...] = (),
                     max_tokens: int = TEXT_TOKENS, word_vector_scale: float | None = None) -> None:
     """Write ``tokenizer/`` and ``text_encoder/`` (2 layers, 4 heads, ``width`` wide, ``max_tokens`` long) into
-    ``folder``. ``seed`` seeds the encoder's weights (None: the global
-    RNG); ``words`` become one token each (a task's vocabulary), any other text is read character by character.
+    ``folder``. ``seed`` seeds the encoder's weights (None: the global RNG); ``words`` become one token each (a
+    task's vocabulary), any other text is read character by character.
 
     ``word_vector_scale``: None keeps CLIP's initialisation, under which every output position is a blend of
     the caption so far at a small scale. A number draws the token embeddings from N(0, 1), far above the
