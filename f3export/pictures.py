@@ -118,7 +118,9 @@ def write_report(root: Path, title: str) -> None:
                   *_markdown_table(["model", *names], [[model, *(_value(scores[n]) for n in names)]
                                                        for model, scores in task.items()])]
     if (root / "samples.png").is_file():
-        lines += ["", "## Original vs pruned, same noise", "", "![original vs pruned](samples.png)"]
+        lines += ["", "## Original vs pruned, from the same inputs", "",
+                  "Each held-out run's videos: from the same noise, or each model's DDIM inversion of the same "
+                  "source clip (shown above them).", "", "![original vs pruned](samples.png)"]
     if (root / "sweep.json").is_file():
         lines += _sweep_lines(json.loads((root / "sweep.json").read_text()), (root / "sweep.png").is_file())
     with atomic_path(root / "report.md") as tmp:

@@ -187,10 +187,16 @@ class Recipe:
         return {name: self.section(name) for name in SECTIONS}
 
     def input_files(self, name: str) -> dict[str, str]:
-        """The files section ``name`` sets that the build reads (keys declared ``input_file``), by key."""
+        """The files section ``name`` sets that the build reads (keys declared ``input_file``), by key (a list's
+        items as ``key[i]``)."""
         section = getattr(self, name)
-        return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)
-                if f.metadata["input_file"] and getattr(section, f.name) is not None}
+        files = {}
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if f.metadata["input_file"] and value is not None:
+                files.update({f"{f.name}[{i}]": v for i, v in enumerate(value)} if isinstance(value, list)
+                             else {f.name: value})
+        return files
 
     @classmethod
     def from_dict(cls, source: Path, data: dict[str, Any]) -> "Recipe":
@@ -484,4 +490,7 @@ def _check_model_family(recipe: Recipe) -> None:
         for key, value in recipe.input_files(name).items():
             if not Path(value).is_file():
                 raise RecipeError(f"{recipe.source.name}: [{name}].{key} = {value!r}: file not found")
+    for name in ("calibration", "validation"):
+        FAMILIES[model.family].protocol.check_section(getattr(recipe, name), f"{recipe.source.name}: [{name}]",
+                                                      model.frames)
 

@@ -32,6 +32,7 @@ from .models.loading import ModelBundle
 from .recipe import ValidationSection
 from .report import progress
 from .tasks import TASKS
+from .videos import read_video
 
 @dataclass(frozen=True)
 class Comparison:
@@ -152,9 +153,15 @@ def pruning_fidelity(adapter: ModelAdapter, bundle: ModelBundle, pruned: nn.Modu
         values = [v for m in metrics for v in np.atleast_1d(m[name])]
         summary[f"{name}_min"], summary[f"{name}_mean"] = float(np.min(values)), float(np.mean(values))
     per_run = [{**run.label(), **m} for run, m in zip(runs, metrics)]
-    shown = [(run.caption(), {model: videos[model][i] for model in videos}) for i, run in enumerate(runs)
-             if videos["original"][i] is not None]
+    shown = [(run.caption(), {**source_row(run), **{model: videos[model][i] for model in videos}})
+             for i, run in enumerate(runs) if videos["original"][i] is not None]
     return PruningFidelity(summary, per_run, task_scores(section, runs, videos), shown)
+
+
+def source_row(run) -> dict[str, torch.Tensor]:
+    """The source clip of a run that edits one, shown above the models' videos (what the edit started from)."""
+    source = getattr(run, "source", None)
+    return {"source": read_video(Path(source))} if source else {}
 
 
 @torch.no_grad()

@@ -22,7 +22,9 @@ import torch
 from diffusers import DDIMScheduler
 from torch import nn
 
+from ..errors import RecipeError
 from ..recipe import RecipeKey, family_key
+from ..videos import read_video
 from . import memory
 from .loading import CheckpointFormat, ModelBundle
 from .protocols import DiffusionProtocol, EvaluationProtocol, Run, Trajectory
@@ -292,16 +294,31 @@ class LatentVideoDiffusionAdapter(ModelAdapter):
         channels = self.latent_channels(bundle.model)  # the model's I/O: a pruned or wrapped copy shares it
         latent_shape = (1, channels, shape.frames, shape.latent_height, shape.latent_width)
         context = self.encode_prompts(bundle, ["", run.prompt])
+        source = self.source_latents(bundle, Path(run.source), latent_shape) if run.source else None
         result = self.protocol.trajectory(model, run, self.scheduler(bundle), context, latent_shape, channels,
-                                          on_step)
+                                          on_step, source)
         result.video = self.video(bundle, result.latents)
         return result
+
+    def source_latents(self, bundle: ModelBundle, path: Path, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        """The clean latents [1, C, F, h, w] of a source video file: encoded by the folder's VAE, or the frames
+        themselves for a pixel-space (3-channel) model. RecipeError naming the file where it does not fit."""
+        video = read_video(path)[None]
+        if bundle.vae is None and latent_shape[1] != 3:
+            raise RecipeError(f"{path}: this model's latents are not frames and its folder has no vae/ to encode "
+                              "a source video into them")
+        scale = bundle.vae.scale if bundle.vae is not None else 1
+        frames, height, width = latent_shape[2], latent_shape[3] * scale, latent_shape[4] * scale
+        if tuple(video.shape[2:]) != (frames, height, width):
+            raise RecipeError(f"{path}: {video.shape[2]} frames of {video.shape[4]}x{video.shape[3]}, the model "
+                              f"runs {frames} frames of {width}x{height}")
+        return bundle.vae.encode(video) if bundle.vae is not None else video
 
     def video(self, bundle: ModelBundle, latents: torch.Tensor) -> torch.Tensor | None:
         """RGB frames [3, F, H, W] in [-1, 1] of one run's final latents [1, C, F, h, w]: decoded by the folder's
         VAE, or the latents themselves for a pixel-space (3-channel) model; None for latents nothing decodes."""
-        if bundle.decode is not None:
-            return bundle.decode(latents)[0]
+        if bundle.vae is not None:
+            return bundle.vae.decode(latents)[0]
         return latents[0].clamp(-1, 1) if latents.shape[1] == 3 else None
 
     def fidelity(self, reference, candidate):

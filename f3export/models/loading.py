@@ -31,7 +31,7 @@ class ModelBundle:
     random_weights: bool
     encode_text: Callable[[list[str]], torch.Tensor] | None = None
     scheduler_config: dict[str, Any] = field(default_factory=dict)
-    decode: Callable[[torch.Tensor], torch.Tensor] | None = None  # latents -> RGB frames, by the folder's VAE
+    vae: VideoAutoencoder | None = None  # the folder's: latents <-> RGB frames
 
 
 class CheckpointFormat(ABC):
@@ -109,7 +109,7 @@ class PipelineFolder(CheckpointFormat):
     def bundle(self, folder: Path, model: nn.Module, config: dict[str, Any]) -> ModelBundle:
         return ModelBundle(model, config, f"checkpoint {folder}", random_weights=False,
                            encode_text=load_clip_text_encoder(folder), scheduler_config=read_scheduler_config(folder),
-                           decode=load_vae_decoder(folder))
+                           vae=load_vae(folder))
 
     def sampling_files(self, folder):
         return scheduler_files(folder) + clip_text_encoder_files(folder) + \
@@ -175,25 +175,51 @@ def load_clip_text_encoder(folder: Path) -> Callable[[list[str]], torch.Tensor] 
 VAE = "vae"
 
 
-def load_vae_decoder(folder: Path) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """Decoding of final latents [B, C, F, h, w] into RGB frames [B, 3, F, H, W] by the folder's ``vae/``
-    (diffusers ``AutoencoderKL``, frame by frame, latents divided by its scaling factor), if it has one."""
+@dataclass(frozen=True)
+class VideoAutoencoder:
+    """A folder's ``vae/`` (diffusers ``AutoencoderKL``) applied to videos frame by frame, latents scaled by its
+    ``scaling_factor`` as the pipelines do."""
+
+    vae: nn.Module
+
+    @property
+    def scale(self) -> int:
+        """Pixels per latent position along height and width (diffusers pipelines' ``vae_scale_factor``)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents [B, C, F, h, w] -> RGB frames [B, 3, F, H, W] in [-1, 1]."""
+        images = self.vae.decode(_frames(latents) / self.vae.config.scaling_factor).sample.clamp(-1, 1)
+        return _videos(images, latents)
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """RGB frames [B, 3, F, H, W] in [-1, 1] -> latents [B, C, F, h, w]: the mode of the latent
+        distribution (Tune-A-Video draws a sample; the mode makes a source's inversion reproducible)."""
+        return _videos(self.vae.encode(_frames(video)).latent_dist.mode() * self.vae.config.scaling_factor, video)
+
+
+def _frames(videos: torch.Tensor) -> torch.Tensor:
+    """[B, C, F, H, W] -> [B * F, C, H, W]."""
+    return videos.permute(0, 2, 1, 3, 4).flatten(0, 1)
+
+
+def _videos(frames: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[B * F, C, H, W] -> [B, C, F, H, W] with ``like``'s batch and frames."""
+    return frames.unflatten(0, like.shape[:1] + like.shape[2:3]).permute(0, 2, 1, 3, 4)
+
+
+def load_vae(folder: Path) -> VideoAutoencoder | None:
+    """The folder's ``vae/``, if it has one."""
     if not (folder / VAE).is_dir():
         return None
     from diffusers import AutoencoderKL
 
     try:
-        vae = AutoencoderKL.from_pretrained(folder / VAE, local_files_only=True).eval()
+        return VideoAutoencoder(AutoencoderKL.from_pretrained(folder / VAE, local_files_only=True).eval())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{folder / VAE}: cannot load the VAE ({str(exc).splitlines()[0]})") from None
-
-    @torch.no_grad()
-    def decode(latents: torch.Tensor) -> torch.Tensor:
-        frames = latents.permute(0, 2, 1, 3, 4).flatten(0, 1) / vae.config.scaling_factor
-        images = vae.decode(frames).sample.clamp(-1, 1)
-        return images.unflatten(0, latents.shape[:1] + latents.shape[2:3]).permute(0, 2, 1, 3, 4)
-
-    return decode
 
 
 SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"

@@ -13,12 +13,13 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMInverseScheduler, DDIMScheduler
 from torch import nn
 
 from ..errors import RecipeError
 from ..recipe import RecipeKey, family_key
 from ..tasks import TASKS
+from ..videos import read_video
 
 
 class Run(ABC):
@@ -48,6 +49,13 @@ class PromptRun(Run):
 class DiffusionRun(PromptRun):
     steps: int
     guidance_scale: float
+    source: str | None = None  # a video file whose DDIM inversion is the initial latents (else the seed's noise)
+
+    def label(self):
+        return {"prompt": self.prompt, **({"source": self.source} if self.source else {"seed": self.seed})}
+
+    def caption(self):
+        return f"{self.prompt}, from {Path(self.source).name}" if self.source else super().caption()
 
 
 @dataclass(frozen=True, eq=False)  # an array field: compared by identity
@@ -88,6 +96,10 @@ class EvaluationProtocol(ABC):
     recipe_keys: ClassVar[tuple[RecipeKey, ...]] = ()  # the [calibration]/[validation] keys its runs read
     batch: ClassVar[int] = 1  # batch of every network call in a run
 
+    def check_section(self, section: Any, where: str, frames: int) -> None:
+        """Refuse (RecipeError naming the key; ``where`` is "<file>: [section]") a [calibration] or [validation]
+        section whose runs cannot be made, before anything is loaded; ``frames``: the recipe's clip length."""
+
     @abstractmethod
     def runs(self, section: Any) -> list[Run]:
         """The runs a [calibration] or [validation] section asks for."""
@@ -98,41 +110,89 @@ class EvaluationProtocol(ABC):
 
 
 class DiffusionProtocol(EvaluationProtocol):
-    """Every prompt with every seed, each a DDIM trajectory with classifier-free guidance."""
+    """Every prompt with every seed, each a DDIM trajectory with classifier-free guidance; or, with
+    ``source_videos``, Tune-A-Video's editing protocol: every prompt sampled from the DDIM inversion of its
+    source clip (under the empty prompt, as Tune-A-Video's ``ddim_inversion``), which carries the source's
+    layout and motion into the video the prompt describes."""
 
     recipe_keys = (*_both_sections("steps", int, 10, low=1, high=1000),
                    *_both_sections("guidance_scale", float, 7.5, low=0.0),
+                   # one animated image per prompt, or one for every prompt: runs start from its DDIM inversion
+                   *_both_sections("source_videos", list[str], [], input_file=True),
                    # a task metric scoring the held-out videos of both models (f3export/tasks)
                    family_key("validation", "task", str | None, None, choices=tuple(TASKS)))
-    batch = 2  # the unconditional and the conditional row together
+    batch = 2  # the unconditional and the conditional row together (inversion too: one batch for every call)
+
+    def check_section(self, section, where, frames):
+        sources, prompts = section.source_videos, section.prompts
+        if not sources:
+            return
+        if len(sources) not in (1, len(prompts)):
+            raise RecipeError(f"{where}.source_videos: {len(sources)} videos for {len(prompts)} prompts (give one "
+                              "per prompt, or one for every prompt)")
+        if len(section.seeds) > 1:
+            raise RecipeError(f"{where}.seeds = {section.seeds}: runs from source_videos draw no noise (DDIM "
+                              "inversion is deterministic), so more seeds would repeat them; give one")
+        for i, path in enumerate(sources):
+            found = read_video(Path(path)).shape[1]
+            if found != frames:
+                raise RecipeError(f"{where}.source_videos[{i}] = {path!r}: {found} frames, the recipe's clips have "
+                                  f"{frames} ([model].frames)")
 
     def runs(self, section):
+        if section.source_videos:
+            sources = section.source_videos * len(section.prompts) if len(section.source_videos) == 1 \
+                else section.source_videos
+            return [DiffusionRun(prompt, section.seeds[0], section.steps, section.guidance_scale, source)
+                    for prompt, source in zip(section.prompts, sources, strict=True)]
         return [DiffusionRun(prompt, seed, section.steps, section.guidance_scale)
                 for prompt in section.prompts for seed in section.seeds]
 
     def calls(self, section):
-        return section.steps
+        return section.steps * (2 if section.source_videos else 1)  # the inversion's steps, then the sampling's
 
     @torch.no_grad()
     def trajectory(self, model: nn.Module, run: DiffusionRun, scheduler: DDIMScheduler, context: torch.Tensor,
                    latent_shape: tuple[int, ...], noise_channels: int,
-                   on_step: Callable[[int], None] | None = None) -> Denoising:
+                   on_step: Callable[[int], None] | None = None, source: torch.Tensor | None = None) -> Denoising:
         """``context``: the empty prompt's and the run's text conditioning, stacked; ``noise_channels``: the
-        output channels that are the noise (more are a learned variance, as in Latte)."""
+        output channels that are the noise (more are a learned variance, as in Latte); ``source``: the clean
+        latents of the run's source video, inverted into the initial latents (else the seed's noise)."""
+        inverted: list[int] = []
+        if source is not None:
+            latents, inverted = self.invert(model, run.steps, scheduler, context[:1], source, noise_channels, on_step)
+        else:
+            latents = torch.randn(latent_shape, generator=torch.Generator().manual_seed(run.seed))
         scheduler.set_timesteps(run.steps)
-        latents = torch.randn(latent_shape, generator=torch.Generator().manual_seed(run.seed)) \
-            * scheduler.init_noise_sigma
+        latents = latents * scheduler.init_noise_sigma
         noise_preds = []
         for i, t in enumerate(scheduler.timesteps):
             if on_step is not None:
-                on_step(i)
+                on_step(len(inverted) + i)
             model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
             noise = model(model_input, t.float().expand(2), context)[:, :noise_channels]
             uncond, cond = noise.chunk(2)
             guided = uncond + run.guidance_scale * (cond - uncond)
             noise_preds.append(guided)
             latents = scheduler.step(guided, t, latents).prev_sample
-        return Denoising([int(t) for t in scheduler.timesteps], noise_preds, latents)
+        return Denoising(inverted + [int(t) for t in scheduler.timesteps], noise_preds, latents)
+
+    @staticmethod
+    def invert(model: nn.Module, steps: int, scheduler: DDIMScheduler, empty: torch.Tensor, latents: torch.Tensor,
+               noise_channels: int, on_step: Callable[[int], None] | None) -> tuple[torch.Tensor, list[int]]:
+        """DDIM inversion of clean ``latents`` under the empty prompt's conditioning ``empty`` (no guidance), with
+        diffusers' ``DDIMInverseScheduler`` on the sampler's schedule: Tune-A-Video's ``ddim_inversion``, which
+        steps t -> t + T/steps over the sampler's own timesteps in reverse. Returns the final (noisiest) latents
+        and the timesteps of its network calls."""
+        inverse = DDIMInverseScheduler.from_config(scheduler.config)
+        inverse.set_timesteps(steps)
+        for i, t in enumerate(inverse.timesteps):
+            if on_step is not None:
+                on_step(i)
+            # both rows the same input, so that every call of a run has the sampler's batch of 2
+            noise = model(torch.cat([latents, latents]), t.float().expand(2), torch.cat([empty, empty]))
+            latents = inverse.step(noise[:1, :noise_channels], t, latents).prev_sample
+        return latents, [int(t) for t in inverse.timesteps]
 
 
 class TokenProtocol(EvaluationProtocol):
