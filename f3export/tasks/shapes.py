@@ -64,6 +64,18 @@ TRAIN_CAPTIONS = tuple(c for c in ALL_CAPTIONS if not held_out(c))
 HELD_OUT_CAPTIONS = tuple(c for c in ALL_CAPTIONS if held_out(c))
 
 
+def training_sample() -> list[Caption]:
+    """Eight training captions, one per direction and speed, colours and shapes in turn (a held-out
+    combination takes the first shape that is not held out): the training side of the evaluation, balanced
+    like the held-out one."""
+    chosen = []
+    for i, (direction, speed) in enumerate((d, v) for d in DIRECTIONS for v in SPEEDS):
+        colour, shape = list(COLOURS)[i % len(COLOURS)], SHAPES[i // len(COLOURS) % len(SHAPES)]
+        chosen.append(next(c for s in (shape, *SHAPES)
+                           if (c := Caption(colour, s, direction, speed)) in TRAIN_CAPTIONS))
+    return chosen
+
+
 def render(caption: Caption, seed: int, frames: int = FRAMES, size: int = SIZE) -> torch.Tensor:
     """The clip of ``caption``: RGB in [-1, 1], [3, frames, size, size]. The seed places the path: where
     across the frame it runs and where along its direction it starts, always inside the frame."""
