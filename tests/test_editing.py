@@ -79,9 +79,10 @@ def test_a_latent_model_encodes_its_source_with_the_folders_vae_at_the_vaes_scal
         TAV.source_latents(bundle, tmp_path / "small.gif", (1, 4, 4, 8, 8))
 
 
-def edit_recipe(folder, sources: list[str], seeds: str = "[0]") -> str:
+def edit_recipe(model: str, sources: list[str], seeds: str = "[0]") -> str:
+    """The fast recipe with ``model`` (its [model] source line) calibrated on edits of ``sources``."""
     listed = ", ".join(f'"{s}"' for s in sources)
-    return FAST_RECIPE.replace('preset = "tiny"', f'path = "{folder}"').replace(
+    return FAST_RECIPE.replace('preset = "tiny"', model).replace(
         'prompts = ["a man is skiing"]\nseeds = [0]', f'prompts = ["a man is skiing"]\nseeds = {seeds}\n'
                                                      f'source_videos = [{listed}]')
 
@@ -89,7 +90,7 @@ def edit_recipe(folder, sources: list[str], seeds: str = "[0]") -> str:
 def test_a_build_calibrates_and_validates_on_edits_and_shows_the_source(write_recipe, tmp_path):
     folder = pixel_folder(tmp_path / "pixel")
     write_gif(tmp_path / "source.gif", clip())
-    recipe = edit_recipe(folder, [str(tmp_path / "source.gif")]).replace(
+    recipe = edit_recipe(f'path = "{folder}"', [str(tmp_path / "source.gif")]).replace(
         'prompts = ["a dog is running"]', f'prompts = ["a dog is running", "a cat is running"]\n'
                                           f'source_videos = ["{tmp_path / "source.gif"}"]')
     result = run("build", write_recipe(recipe))
@@ -109,22 +110,20 @@ def test_a_build_calibrates_and_validates_on_edits_and_shows_the_source(write_re
 @pytest.mark.parametrize("case, message", [
     ("two sources, one prompt", "[calibration].source_videos: 2 videos for 1 prompts"),
     ("two seeds", "[calibration].seeds = [0, 1]: runs from source_videos draw no noise"),
-    ("wrong length", "[calibration].source_videos[0] = '{gif}': 8 frames, the recipe's clips have 4"),
+    ("wrong length", "[calibration].source_videos[0] = '{long}': 8 frames, the recipe's clips have 4"),
     ("not a video", "{bad}: not a video file Pillow can read"),
     ("missing", "[calibration].source_videos[0] = '{missing}': file not found"),
 ])
 def test_source_videos_that_cannot_make_runs_are_refused_before_anything_runs(write_recipe, tmp_path, case,
                                                                               message):
-    gif, bad, missing = tmp_path / "clip.gif", tmp_path / "notes.gif", tmp_path / "missing.gif"
-    write_gif(gif, clip(frames=8))
+    gif, long, bad, missing = (tmp_path / name for name in ("clip.gif", "long.gif", "notes.gif", "missing.gif"))
+    write_gif(gif, clip())
+    write_gif(long, clip(frames=8))
     bad.write_text("not an image")
-    sources, seeds = {"two sources, one prompt": ([gif, gif], "[0]"), "two seeds": ([gif], "[0, 1]"),
-                      "wrong length": ([gif], "[0]"), "not a video": ([bad], "[0]"),
-                      "missing": ([missing], "[0]")}[case]
-    if case != "wrong length":
-        write_gif(gif, clip())
-    result = run("build", write_recipe(edit_recipe(tmp_path / "nowhere", [str(s) for s in sources], seeds)
-                                       .replace(f'path = "{tmp_path / "nowhere"}"', 'preset = "tiny"')))
+    sources = {"two sources, one prompt": [gif, gif], "two seeds": [gif], "wrong length": [long],
+               "not a video": [bad], "missing": [missing]}[case]
+    seeds = "[0, 1]" if case == "two seeds" else "[0]"
+    result = run("build", write_recipe(edit_recipe('preset = "tiny"', [str(s) for s in sources], seeds)))
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert message.format(gif=gif, bad=bad, missing=missing) in result.output
+    assert message.format(long=long, bad=bad, missing=missing) in result.output
     assert not (tmp_path / "artifacts").exists()

@@ -47,15 +47,15 @@ def sample(folder: Path, family: str, captions: list[Caption], seeds: list[int],
 def evaluate(folder: Path, family: str, seeds: list[int], steps: int, guidance: float, edit: bool = False) -> dict:
     """The task metric of samples from noise (top level) and, with ``edit``, of edits of source clips."""
     result = {"sampling": {"steps": steps, "guidance_scale": guidance, "seeds": seeds}, "chance": CHANCE}
-    for protocol in (False, True) if edit else (False,):
-        scored = result.setdefault("edit", {"sources": "zoo/sources.py"}) if protocol else result
+    for editing in (False, True) if edit else (False,):
+        scored = result.setdefault("edit", {"sources": "zoo/sources.py"}) if editing else result
         for split, captions in (("held_out", HELD_OUT_CAPTIONS), ("train", training_sample())):
-            samples = sample(folder, family, list(captions), seeds, steps, guidance, protocol)
+            samples = sample(folder, family, list(captions), seeds, steps, guidance, editing)
             scored[split] = {"captions": len(captions),
                              **score([v for _, v in samples], [Caption.parse(r.prompt) for r, _ in samples]).as_dict()}
             if split == "held_out":
-                video_strips(folder / ("samples-edit.png" if protocol else "samples.png"),
-                             [(run.caption(), {**({"source": read_video(Path(run.source))} if protocol else {}),
+                video_strips(folder / ("samples-edit.png" if editing else "samples.png"),
+                             [(run.caption(), {**({"source": read_video(Path(run.source))} if editing else {}),
                                                "sample": video}) for run, video in samples])
     return result
 

@@ -16,7 +16,6 @@ from pathlib import Path
 from f3export.tasks.shapes import (ALL_CAPTIONS, COLOURS, HELD_OUT_CAPTIONS, SHAPES, TRAIN_CAPTIONS, Caption, render,
                                    training_sample)
 from f3export.videos import write_gif
-from f3export.tasks.shapes import training_sample
 
 SOURCES = Path(__file__).parent / "sources"
 
