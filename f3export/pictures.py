@@ -117,6 +117,10 @@ def write_report(root: Path, title: str) -> None:
         lines += ["", "## Task metric (held-out prompts)", "",
                   *_markdown_table(["model", *names], [[model, *(_value(scores[n]) for n in names)]
                                                        for model, scores in task.items()])]
+        chance = pruning.get("task_chance") or {}
+        lines += [f"\n**The original scores {name} {_value(task['original'][name])}, no better than chance "
+                  f"({_value(level)}): it does not do this part of the task, so this metric cannot show what pruning "
+                  "costs.**" for name, level in chance.items() if task["original"][name] <= level]
     if (root / "samples.png").is_file():
         lines += ["", "## Original vs pruned, from the same inputs", "",
                   "Each held-out run's videos: from the same noise, or each model's DDIM inversion of the same "

@@ -118,10 +118,12 @@ class PruningFidelity:
     summary: dict[str, float]  # <metric>_min and <metric>_mean over every value of every run
     per_run: list[dict[str, Any]]
     task: dict[str, dict[str, float]] | None = None  # the task metric of each model's videos, by model
+    task_chance: dict[str, float] | None = None  # what the task's metrics read for a model not doing it
     videos: list[tuple[str, dict[str, torch.Tensor]]] = field(default_factory=list)  # per run: label, videos
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.summary, "per_run": self.per_run, **({"task": self.task} if self.task else {})}
+        return {**self.summary, "per_run": self.per_run,
+                **({"task": self.task, "task_chance": self.task_chance} if self.task else {})}
 
 
 @torch.no_grad()
@@ -155,7 +157,8 @@ def pruning_fidelity(adapter: ModelAdapter, bundle: ModelBundle, pruned: nn.Modu
     per_run = [{**run.label(), **m} for run, m in zip(runs, metrics)]
     shown = [(run.caption(), {**source_row(run), **{model: videos[model][i] for model in videos}})
              for i, run in enumerate(runs) if videos["original"][i] is not None]
-    return PruningFidelity(summary, per_run, task_scores(section, runs, videos), shown)
+    task = task_scores(section, runs, videos)
+    return PruningFidelity(summary, per_run, task, TASKS[section.task].chance if task else None, shown)
 
 
 def source_row(run) -> dict[str, torch.Tensor]:

@@ -72,6 +72,7 @@ def test_validation_reports_video_fidelity_and_the_task_metric_of_both_models(tm
     assert pruning["video_ssim_min"] <= pruning["video_ssim_mean"] <= 1.0
     assert set(pruning["task"]) == {"original", "pruned"}
     assert set(pruning["task"]["original"]) == {"direction_accuracy", "smoothness", "identity", "found"}
+    assert pruning["task_chance"] == {"direction_accuracy": 0.25}
     gated = {g["metric"] for g in report["gates"]}
     assert {"pruning.video_psnr_min", "pruning.video_ssim_min"} <= gated
     # Something to look at: a strip of frames per model per held-out run, and a page that shows it.
@@ -81,6 +82,9 @@ def test_validation_reports_video_fidelity_and_the_task_metric_of_both_models(tm
     page = (root / "report.md").read_text()
     assert "| pruning.video_psnr_min |" in page and "## Task metric" in page and "![original vs pruned](samples.png)" \
         in page
+    # random weights do not do the task: the page says the task metric cannot show pruning's cost
+    assert pruning["task"]["original"]["direction_accuracy"] <= 0.25
+    assert "**The original scores direction_accuracy" in page and "no better than chance (0.25)" in page
 
 
 def test_a_video_gate_on_a_model_without_frames_is_a_clear_error(write_recipe):

@@ -19,11 +19,9 @@ from f3export.models import get_adapter
 from f3export.models.base import VideoShape
 from f3export.models.protocols import DiffusionRun
 from f3export.pictures import video_strips
-from f3export.tasks.shapes import DIRECTIONS, FRAMES, HELD_OUT_CAPTIONS, SIZE, Caption, score, training_sample
+from f3export.tasks.shapes import CHANCE, FRAMES, HELD_OUT_CAPTIONS, SIZE, Caption, score, training_sample
 from f3export.videos import read_video
 from zoo.sources import edit_source, source_path
-
-CHANCE = {"direction_accuracy": 1 / len(DIRECTIONS)}  # a direction picked at random
 
 
 def runs(captions: list[Caption], seeds: list[int], steps: int, guidance: float, edit: bool) -> list[DiffusionRun]:

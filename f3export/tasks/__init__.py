@@ -19,6 +19,7 @@ from . import shapes
 class Task:
     score: Callable[[list[torch.Tensor], list[str]], dict[str, float]]  # (clips [3, F, H, W], prompts) -> scores
     prompt_problem: Callable[[str], str | None]  # why a prompt is not one this task can score, or None
+    chance: dict[str, float]  # what a metric reads for videos that ignore the prompt (a model not doing the task)
 
 
 def _prompt_problem(parse: Callable[[str], object]) -> Callable[[str], str | None]:
@@ -34,5 +35,5 @@ def _prompt_problem(parse: Callable[[str], object]) -> Callable[[str], str | Non
 
 TASKS: dict[str, Task] = {
     "moving-shapes": Task(lambda clips, prompts: shapes.score(clips, [shapes.Caption.parse(p) for p in prompts])
-                          .as_dict(), _prompt_problem(shapes.Caption.parse)),
+                          .as_dict(), _prompt_problem(shapes.Caption.parse), shapes.CHANCE),
 }

@@ -23,6 +23,7 @@ COLOURS = {"red": (1.0, 0.1, 0.1), "green": (0.1, 0.9, 0.1), "blue": (0.15, 0.3,
 SHAPES = ("circle", "square")
 DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}  # (dx, dy), y down
 SPEEDS = {"slowly": 1.0, "": 1.5}  # pixels per frame; the caption says "slowly" or nothing
+CHANCE = {"direction_accuracy": 1 / len(DIRECTIONS)}  # a direction picked at random
 
 FRAMES, SIZE, RADIUS = 8, 16, 2.5  # clip length, frame side, shape half-size (pixels)
 
