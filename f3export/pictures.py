@@ -16,6 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .artifacts import atomic_path
+from .videos import uint8_frames
 
 SCALE = 4  # pixels per video pixel: small videos stay visible, sharp-edged
 GAP = 2
@@ -23,8 +24,7 @@ GAP = 2
 
 def _rgb(video: torch.Tensor) -> np.ndarray:
     """[3, F, H, W] in [-1, 1] -> [F, H*SCALE, W*SCALE, 3] uint8."""
-    frames = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
-    return frames.repeat(SCALE, axis=1).repeat(SCALE, axis=2)
+    return uint8_frames(video).repeat(SCALE, axis=1).repeat(SCALE, axis=2)
 
 
 def video_strips(path: Path, rows: list[tuple[str, dict[str, torch.Tensor]]]) -> None:

@@ -28,10 +28,14 @@ def read_video(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.stack(frames)).permute(3, 0, 1, 2).float() / 127.5 - 1
 
 
+def uint8_frames(video: torch.Tensor) -> np.ndarray:
+    """``video`` ([3, F, H, W] in [-1, 1]) as 8-bit RGB frames [F, H, W, 3], as image files hold them."""
+    return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+
+
 def write_gif(path: Path, video: torch.Tensor) -> None:
     """``video`` ([3, F, H, W] in [-1, 1]) as a looping GIF, written atomically."""
-    pixels = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
-    frames = [Image.fromarray(frame) for frame in pixels]
+    frames = [Image.fromarray(frame) for frame in uint8_frames(video)]
     with atomic_path(path) as tmp:
         frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=FRAME_MILLISECONDS,
                        loop=0)
