@@ -224,8 +224,11 @@ def summary_tables(result: BuildResult, manifest: Manifest) -> list:
     plan = manifest.doc["stages"]["plan"]["data"]
     chosen = f" (ratio {plan['ratio']:.4g}, chosen by the held-out fidelity budget)" \
         if manifest.doc["recipe"]["pruning"]["ratio"] == AUTO_RATIO else ""
-    numbers.caption = (f"{plan['removed_heads']} of {plan['total_heads']} temporal heads removed{chosen}, "
-                       f"{len(plan['modules_removed'])} modules removed entirely")
+    if plan.get("action") == "frame-local":
+        numbers.caption = f"{plan['removed_heads']} of {plan['total_heads']} heads made frame-local{chosen}"
+    else:
+        numbers.caption = (f"{plan['removed_heads']} of {plan['total_heads']} temporal heads removed{chosen}, "
+                           f"{len(plan['modules_removed'])} modules removed entirely")
     return [stages, numbers, gates_table("validation gates", result.gates)]
 
 

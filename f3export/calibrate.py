@@ -107,7 +107,9 @@ class TemporalStatsRecorder:
             residual_norm = self._residual_norm.pop(site.attention, None)
             if residual_norm is None:
                 residual_norm = hidden_states.detach().norm(dim=-1)
-            per_criterion, tokens = site.access(attn).statistics(hidden_states.detach(), residual_norm, *args[1:])
+            named = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            per_criterion, tokens = site.access(attn).statistics(hidden_states.detach(), residual_norm, *args[1:],
+                                                                 **named)
             sums = self.sums[site.attention]
             for criterion in self.criteria:
                 sums[criterion][self.step] += per_criterion[criterion]

@@ -135,10 +135,12 @@ def _numbers(text: str, option: str) -> list[float]:
 @click.option("--ratios", default="0,0.25,0.5,0.75,1", show_default=True, help="Pruning ratios to compare.")
 @click.option("--criteria", default="contribution,mixing,magnitude,random", show_default=True,
               help="Criteria to compare (each a [pruning].criterion).")
+@click.option("--actions", default="", help="Actions to compare, e.g. frame-local,remove (each a "
+              "[pruning].action); default: the build's.")
 @click.option("--runs", default=10, show_default=True, help="Timed runs per engine (after warm-up).")
 @click.option("--warmup", default=2, show_default=True, help="Untimed runs per engine first.")
 @user_errors
-def sweep(artifact_dir: Path, ratios: str, criteria: str, runs: int, warmup: int) -> None:
+def sweep(artifact_dir: Path, ratios: str, criteria: str, actions: str, runs: int, warmup: int) -> None:
     """Compare pruning criteria at several ratios on a build's calibration: fidelity on the held-out runs
     (video PSNR/SSIM, task metric) and measured speedup. Writes sweep.json and sweep.png."""
     from .criteria import CRITERIA
@@ -148,7 +150,12 @@ def sweep(artifact_dir: Path, ratios: str, criteria: str, runs: int, warmup: int
     unknown = [c for c in names if c not in CRITERIA]
     if unknown or not names:
         raise click.BadParameter(f"{criteria!r}: criteria are {', '.join(CRITERIA)}", param_hint="--criteria")
-    result = Sweep(artifact_dir, runs, warmup).run(names, _numbers(ratios, "--ratios") or [0.5])
+    from .recipe import ACTIONS
+
+    chosen = [a.strip() for a in actions.split(",") if a.strip()]
+    if any(a not in ACTIONS for a in chosen):
+        raise click.BadParameter(f"{actions!r}: actions are {', '.join(ACTIONS)}", param_hint="--actions")
+    result = Sweep(artifact_dir, runs, warmup).run(names, _numbers(ratios, "--ratios") or [0.5], chosen)
     print_sweep(result)
     console.print(f"written: {artifact_dir / 'sweep.json'}, {artifact_dir / 'sweep.png'}", highlight=False)
 

@@ -13,6 +13,9 @@ Two kinds of scorer:
   the scorer sums its quantity over the observed tokens, and calibration
   averages the sums per step and overall.
 * ``WeightScorer``: from the head's weights alone (``HeadProjections``), data-free.
+
+``mixing`` is the design's ``cross_frame_mass``: for a temporal-only attention every key but the query's own
+is another frame's; for a joint 3D attention the keys of other frames (not the query's frame, not the text).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class HeadObservation:
     output_norm: torch.Tensor  # ||W_o[:, h] (A_h V_h)||: what head h writes into the residual stream
     residual_norm: torch.Tensor  # ||x||: the residual stream entering the module, at the same tokens
     cross_frame_mass: torch.Tensor  # the head's attention probability mass on other frames' keys
+    cross_output_norm: torch.Tensor  # ||W_o[:, h] ((A_h * M_cross) V_h)||: what its cross-frame part writes
 
     @property
     def tokens(self) -> int:
@@ -71,6 +75,12 @@ def mixing(observed: HeadObservation) -> torch.Tensor:
     return sum_over_tokens(observed.cross_frame_mass)
 
 
+def temporal_contribution(observed: HeadObservation) -> torch.Tensor:
+    """||W_o[:, h] ((A_h * M_cross) V_h)|| / ||x||: what the head's reading of other frames writes into the
+    residual stream, the part of ``contribution`` that frame-local attention takes away."""
+    return sum_over_tokens(observed.cross_output_norm / observed.residual_norm.clamp_min(1e-12))
+
+
 def magnitude(projections: "HeadProjections") -> torch.Tensor:
     """The norm of the head's weights: its q, k and v rows and its output-projection columns."""
     heads = projections.heads
@@ -93,6 +103,7 @@ def random_baseline(projections: "HeadProjections") -> torch.Tensor:
 CRITERIA: dict[str, TokenScorer | WeightScorer] = {
     "contribution": TokenScorer(contribution),
     "mixing": TokenScorer(mixing),
+    "temporal_contribution": TokenScorer(temporal_contribution),
     "magnitude": WeightScorer(magnitude),
     "random": WeightScorer(random_baseline),
 }

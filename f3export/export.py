@@ -23,6 +23,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime
 import torch
 from torch import nn
+from torch.onnx import symbolic_helper
 
 from .artifacts import staged_model
 from .contract import engine_contract, name_axes, write_contract
@@ -30,6 +31,27 @@ from .errors import RecipeError
 from .models.base import ExportSpec
 
 PROTOBUF_LIMIT = 2**31
+
+
+@symbolic_helper.parse_args("v", "is", "v", "v")
+def _rms_norm(g, x, normalized_shape, weight, eps):
+    """``aten::rms_norm`` (torch.nn.RMSNorm: Wan's q/k norms), which the TorchScript exporter has no symbolic
+    for at any opset: x / sqrt(mean(x^2 over the normalized dims) + eps) * weight, in standard ops."""
+    eps = symbolic_helper._maybe_get_const(eps, "f")
+    if eps is None or symbolic_helper._is_none(eps):
+        eps = torch.finfo(torch.float32).eps  # torch's default for a float32 input
+    axes = list(range(-len(normalized_shape), 0))
+    square = g.op("Mul", x, x)
+    if g.opset < 18:  # ReduceMean takes its axes as an attribute before opset 18, as an input from it
+        mean_square = g.op("ReduceMean", square, axes_i=axes, keepdims_i=1)
+    else:
+        mean_square = g.op("ReduceMean", square, g.op("Constant", value_t=torch.tensor(axes)), keepdims_i=1)
+    rms = g.op("Sqrt", g.op("Add", mean_square, g.op("Constant", value_t=torch.tensor(eps, dtype=torch.float32))))
+    normed = g.op("Div", x, rms)
+    return normed if symbolic_helper._is_none(weight) else g.op("Mul", normed, weight)
+
+
+torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm, 17)
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 
 

@@ -88,8 +88,8 @@ def _sweep_lines(sweep: dict[str, Any], picture: bool) -> list[str]:
     rows = sweep["rows"]
     metrics = shown_metrics(rows)
     lines = ["", "## Criteria compared (`f3export sweep`)", "",
-             *_markdown_table(["criterion", "ratio", "heads removed", *metrics, "measured speedup"],
-                              [[r["criterion"], f"{r['ratio']:g}", str(r["removed_heads"]),
+             *_markdown_table(["criterion", "ratio", "heads pruned", *metrics, "measured speedup"],
+                              [[r.get("series", r["criterion"]), f"{r['ratio']:g}", str(r["removed_heads"]),
                                 *(_value(r["fidelity"][m]) for m in metrics), f"{r['measured_speedup']:.3f}x"]
                                for r in rows])]
     return lines + (["", "![criteria compared](sweep.png)"] if picture else [])

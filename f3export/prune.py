@@ -7,13 +7,18 @@ projection, then sets the module's head count (each family's
 head is replaced by its constant remainder (the output bias) and its own norm
 by the identity.
 
-A plan is structure plus provenance: which heads each module keeps
-(``KeptHeads``, all that pruning, masking and reloading read) and the recipe
-choices that produced it (recorded in plan.json). The saved pruned model
-records the kept heads in its config, so a reload rebuilds exactly those.
+The plan's ``action`` says what happens to the heads ranked below the ratio:
+``remove`` (F3) as above, or ``frame-local`` (joint 3D attention,
+``models/joint_attention.py``): they keep their weights and attend within their
+own frame. A plan is structure plus provenance: which heads each module keeps
+(``KeptHeads``) and which of them are frame-local (``LocalHeads``), all that
+pruning, masking and reloading read, and the recipe choices that produced it
+(recorded in plan.json). The saved pruned model records both in its config, so
+a reload rebuilds exactly those.
 
 Exactness: the pruned model equals the original with the removed heads'
-output-projection columns zeroed (``mask_heads``), to float tolerance.
+output-projection columns zeroed and the frame-local heads' cross-frame scores
+at -inf (``mask_heads``), to float tolerance.
 """
 
 from __future__ import annotations
@@ -41,11 +46,13 @@ PRUNED_CONFIG = "config.json"
 PRUNED_WEIGHTS = "model.safetensors"
 
 KeptHeads = dict[str, list[int]]  # temporal module -> ascending indices of its original heads that stay
+LocalHeads = dict[str, list[int]]  # temporal module -> ascending indices of its heads made frame-local
 
 
 @dataclass
 class PruningPlan:
-    """Which heads go (``heads``, ``removed``; applied as ``kept_heads``) and why (the rest: provenance)."""
+    """Which heads are pruned (``heads``, ``removed``: the heads ranked below the ratio, removed or made
+    frame-local by ``action``; applied as ``kept_heads`` and ``local_heads``) and why (the rest: provenance)."""
 
     criterion: str
     scope: str
@@ -55,6 +62,7 @@ class PruningPlan:
     heads: dict[str, int]  # module -> heads before pruning
     removed: dict[str, list[int]]  # module -> indices of removed heads (sorted)
     search: dict[str, Any] | None = None  # how ratio = "auto" chose ``ratio`` (search.py), None when given
+    action: str = "remove"
 
     @property
     def total_heads(self) -> int:
@@ -66,8 +74,14 @@ class PruningPlan:
 
     @property
     def kept_heads(self) -> KeptHeads:
-        """The plan's structure: every module's kept heads."""
-        return {m: [h for h in range(n) if h not in self.removed.get(m, [])] for m, n in self.heads.items()}
+        """Every module's kept heads (all of them, when the pruned heads go frame-local)."""
+        gone = self.removed if self.action == "remove" else {}
+        return {m: [h for h in range(n) if h not in gone.get(m, [])] for m, n in self.heads.items()}
+
+    @property
+    def local_heads(self) -> LocalHeads:
+        """Every module's frame-local heads (none, when the pruned heads are removed)."""
+        return dict(self.removed) if self.action == "frame-local" else {}
 
     def head_counts(self) -> dict[str, int]:
         return {m: len(kept) for m, kept in self.kept_heads.items()}
@@ -79,6 +93,7 @@ class PruningPlan:
             "total_heads": self.total_heads,
             "removed_heads": self.removed_heads,
             "modules_removed": sorted(m for m, n in self.head_counts().items() if n == 0),
+            "action": self.action,
         }
         return data
 
@@ -124,7 +139,8 @@ def make_plan(scores: Scores, section: PruningSection) -> PruningPlan:
         for module in heads:
             take(candidates([module]), _round_half_up(section.ratio * heads[module]))
     return PruningPlan(section.criterion, section.scope, section.ratio, section.min_heads_per_module,
-                       list(section.keep), heads, {m: sorted(v) for m, v in removed.items() if v})
+                       list(section.keep), heads, {m: sorted(v) for m, v in removed.items() if v},
+                       action=section.action or "remove")
 
 
 def remove_site(model: nn.Module, site: TemporalSite) -> None:
@@ -134,10 +150,14 @@ def remove_site(model: nn.Module, site: TemporalSite) -> None:
         model.set_submodule(site.own_norm, nn.Identity())
 
 
-def apply_plan(model: nn.Module, sites: list[TemporalSite], kept: KeptHeads) -> None:
-    """Physically keep only the listed heads of each module (a module not listed keeps all), in place."""
+def apply_plan(model: nn.Module, sites: list[TemporalSite], kept: KeptHeads, local: LocalHeads | None = None
+               ) -> None:
+    """Physically keep only the listed heads of each module (a module not listed keeps all) and make the
+    ``local`` heads frame-local, in place."""
     for site in sites:
         heads = site.heads_of(model)
+        if local and local.get(site.attention):
+            heads.localize(local[site.attention])
         keep = kept.get(site.attention)
         if keep is None or len(keep) == heads.heads:
             continue
@@ -147,21 +167,25 @@ def apply_plan(model: nn.Module, sites: list[TemporalSite], kept: KeptHeads) -> 
             remove_site(model, site)
 
 
-def pruned_copy(adapter: ModelAdapter, model: nn.Module, kept: KeptHeads) -> nn.Module:
-    """A copy of ``model`` keeping only the listed heads; the model itself is left whole."""
+def pruned_copy(adapter: ModelAdapter, model: nn.Module, plan: PruningPlan) -> nn.Module:
+    """A copy of ``model`` pruned by ``plan``; the model itself is left whole."""
     pruned = copy.deepcopy(model)
-    apply_plan(pruned, adapter.structure.temporal_sites(pruned), kept)
+    apply_plan(pruned, adapter.structure.temporal_sites(pruned), plan.kept_heads, plan.local_heads)
     return pruned
 
 
 @torch.no_grad()
-def mask_heads(model: nn.Module, sites: list[TemporalSite], kept: KeptHeads) -> None:
-    """Zero the output-projection columns of every head not kept (the reference for exactness)."""
+def mask_heads(model: nn.Module, sites: list[TemporalSite], kept: KeptHeads, local: LocalHeads | None = None
+               ) -> None:
+    """Zero the output-projection columns of every head not kept and mask the cross-frame scores of the
+    ``local`` heads (the reference for exactness)."""
     for site in sites:
         heads = site.heads_of(model)
         gone = [h for h in range(heads.heads) if h not in kept.get(site.attention, range(heads.heads))]
         if gone:
             heads.mask(gone)
+        if local and local.get(site.attention):
+            heads.mask_cross_frame(local[site.attention])
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -169,13 +193,14 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def save_pruned(adapter: ModelAdapter, config: dict[str, Any], model: nn.Module, kept: KeptHeads,
-                folder: Path) -> list[Path]:
-    """A self-contained pruned model: weights + the family config + the heads each temporal module kept."""
+                folder: Path, local: LocalHeads | None = None) -> list[Path]:
+    """A self-contained pruned model: weights + the family config + the heads each temporal module kept and
+    those it made frame-local."""
     folder.mkdir(parents=True, exist_ok=True)
     weights, config_path = folder / PRUNED_WEIGHTS, folder / PRUNED_CONFIG
     save_state_dict(model, weights)
     write_json(config_path, {"family": adapter.family, "adapter_options": adapter.options(), "config": config,
-                             "kept_heads": kept})
+                             "kept_heads": kept, "local_heads": local or {}})
     return [weights, config_path]
 
 
@@ -187,21 +212,24 @@ def load_pruned(folder: Path) -> tuple[ModelAdapter, dict[str, Any], nn.Module]:
         if meta["family"] not in FAMILIES:
             raise KeyError(f"family {meta['family']!r}")
         adapter = get_adapter(meta["family"], meta.get("adapter_options"))
-        config, kept = meta["config"], meta["kept_heads"]
+        config, kept, local = meta["config"], meta["kept_heads"], meta.get("local_heads", {})
     except KeyError as exc:
         raise CheckpointError(f"{path}: missing or unknown {exc}") from None
     model = adapter.checkpoint.build(config).eval()
     sites = adapter.structure.temporal_sites(model)
     heads = {s.attention: s.heads_of(model).heads for s in sites}
-    unknown = sorted(set(kept) - set(heads))
-    if unknown:
-        raise CheckpointError(f"{path}: unknown temporal module {unknown[0]!r}")
-    for module, indices in kept.items():
-        if not (isinstance(indices, list) and all(type(h) is int for h in indices)
-                and indices == sorted(set(indices)) and set(indices) <= set(range(heads[module]))):
-            raise CheckpointError(f"{path}: kept_heads[{module!r}] = {indices!r} is not an ascending list of "
-                                  f"distinct head indices in [0, {heads[module] - 1}]")
-    apply_plan(model, sites, kept)
+    for key, listed in (("kept_heads", kept), ("local_heads", local)):
+        unknown = sorted(set(listed) - set(heads))
+        if unknown:
+            raise CheckpointError(f"{path}: unknown temporal module {unknown[0]!r}")
+        for module, indices in listed.items():
+            if not (isinstance(indices, list) and all(type(h) is int for h in indices)
+                    and indices == sorted(set(indices)) and set(indices) <= set(range(heads[module]))):
+                raise CheckpointError(f"{path}: {key}[{module!r}] = {indices!r} is not an ascending list of "
+                                      f"distinct head indices in [0, {heads[module] - 1}]")
+    if local and "frame-local" not in adapter.structure.actions:
+        raise CheckpointError(f"{path}: local_heads given, but {adapter.family} heads cannot go frame-local")
+    apply_plan(model, sites, kept, local)
     weights = folder / PRUNED_WEIGHTS
     load_into(model, load_state_dict(weights), weights)
     return adapter, config, model

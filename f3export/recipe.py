@@ -84,6 +84,9 @@ class CalibrationSection:
     seeds: list[int] = spec([0], nonempty=True)
 
 
+ACTIONS = ("remove", "frame-local")  # [pruning].action; a family allows those its structure can do
+
+
 @dataclass(frozen=True)
 class PruningSection:
     criterion: str = spec("contribution", choices=CRITERIA)  # the registry itself: a criterion added is a choice
@@ -92,6 +95,9 @@ class PruningSection:
     ratio: float | str = spec(0.5, low=0.0, high=1.0, words=(AUTO_RATIO,))
     min_heads_per_module: int = spec(0, low=0)
     keep: list[str] = spec([])  # module names (glob patterns) never pruned
+    # what happens to the heads ranked below the ratio: "remove" (F3), or "frame-local" (joint 3D attention:
+    # they attend within their own frame); unset: the family's default (its first)
+    action: str | None = spec(None, choices=ACTIONS)
 
 
 @dataclass(frozen=True)
@@ -384,6 +390,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raise RecipeError(f"{path.name}: [output].dir/name = {_shown(str(recipe.artifact_dir))} is not a usable "
                           f"path ({problem})")
     _check_model_family(recipe)
+    recipe = _with_family_action(recipe)
     _check_engine(recipe)
     _check_backend_keys(recipe, set(raw.get("engine", {})))
     _check_allowed_roots(recipe)
@@ -472,6 +479,20 @@ def _check_engine(recipe: Recipe) -> None:
         if not values[0] <= recipe.export_shape[axis] <= values[2]:
             raise RecipeError(f"{where}.profile_{axis} = {values} does not contain the export shape's "
                               f"{axis} = {recipe.export_shape[axis]}")
+
+
+def _with_family_action(recipe: Recipe) -> Recipe:
+    """The recipe with [pruning].action resolved to the family's default, or refused where its heads cannot."""
+    from .models import get_adapter
+
+    actions = get_adapter(recipe.model.family, recipe.model.adapter_options).structure.actions
+    action = recipe.pruning.action
+    if action is None:
+        return dataclasses.replace(recipe, pruning=dataclasses.replace(recipe.pruning, action=actions[0]))
+    if action not in actions:
+        raise RecipeError(f"{recipe.source.name}: [pruning].action = {action!r}: the heads of a "
+                          f"{recipe.model.family} model can only be {' or '.join(map(repr, actions))}")
+    return recipe
 
 
 def _check_model_family(recipe: Recipe) -> None:

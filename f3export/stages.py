@@ -212,8 +212,9 @@ def plan_heads(ctx: StageContext) -> StageOutput:
 def prune_model(ctx: StageContext) -> StageOutput:
     plan = PruningPlan.from_json(json.loads((ctx.root / "plan.json").read_text()))
     original = ctx.model.bundle.model
-    pruned = pruned_copy(ctx.adapter, original, plan.kept_heads)
-    files = save_pruned(ctx.adapter, ctx.model.bundle.config, pruned, plan.kept_heads, ctx.root / "pruned")
+    pruned = pruned_copy(ctx.adapter, original, plan)
+    files = save_pruned(ctx.adapter, ctx.model.bundle.config, pruned, plan.kept_heads, ctx.root / "pruned",
+                        plan.local_heads)
     before, after = parameter_count(original), parameter_count(pruned)
     return files, {"parameters_original": before, "parameters_pruned": after, "parameters_removed": before - after}
 

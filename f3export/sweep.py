@@ -1,7 +1,8 @@
 """``f3export sweep``: pruning criteria compared on one calibration, by what the pruned videos show.
 
 From a finished build (its ``scores.json`` holds every criterion's scores of one calibration), for every
-criterion and ratio: plan and prune as the build does, build the pruned ONNX Runtime engine, time it
+action (``frame-local`` or ``remove``, where the family's heads can do both), criterion and ratio: plan and
+prune as the build does, build the pruned ONNX Runtime engine, time it
 against the build's original engine (interleaved, median), and run validation's pruning fidelity on the
 held-out runs (same prompts, seeds and noise): latent metrics, video PSNR / SSIM where there are frames,
 the task metric where the recipe names one. ``sweep.json`` holds every number, ``sweep.png`` one line per
@@ -28,6 +29,11 @@ from .report import console, table
 from .validate import original_trajectories, pruning_fidelity
 
 
+def series(row: dict[str, Any], actions: list[str]) -> str:
+    """A row's line in the table and the plot: its criterion, and its action where several are compared."""
+    return row["criterion"] if len(actions) == 1 else f"{row['criterion']} / {row['action']}"
+
+
 def fidelity_row(fidelity) -> dict[str, float]:
     row = dict(fidelity.summary)
     if fidelity.task:
@@ -40,8 +46,13 @@ class Sweep:
         self.bench = Bench(root, runs, warmup)  # the same untrusted-folder checks and engine timing
         self.root = root
 
-    def run(self, criteria: list[str], ratios: list[float]) -> dict[str, Any]:
+    def run(self, criteria: list[str], ratios: list[float], actions: list[str] | None = None) -> dict[str, Any]:
         bench, recipe = self.bench, self.bench.recipe
+        actions = actions or [recipe.pruning.action]
+        allowed = bench.adapter.structure.actions
+        if any(a not in allowed for a in actions):
+            raise CheckError(f"--actions {','.join(actions)}: the heads of a {bench.adapter.family} model can only "
+                             f"be {' or '.join(map(repr, allowed))}")
         scored = Scores.from_json(read_json(self.root / "scores.json")).modules.values()
         missing = [c for c in criteria if any(c not in module.scores for module in scored)]
         if missing:
@@ -56,22 +67,23 @@ class Sweep:
         # The original's held-out trajectories, once: every pruned model is compared against the same ones.
         references = original_trajectories(bench.adapter, source.bundle, bench.shape, recipe.validation)
         rows = []
-        for criterion in criteria:
-            for ratio in ratios:
-                pruning = dataclasses.replace(recipe.pruning, criterion=criterion, ratio=ratio)
-                folder = self.root / "sweep" / criterion / f"{ratio:g}"
-                context = bench.pruned_engine(source, pruning, folder)
-                flops, _ = count_flops(context.pruned, spec.inputs, [])
-                fidelity = pruning_fidelity(bench.adapter, source.bundle, context.pruned, bench.shape,
-                                            recipe.validation, references)
-                engine = folder / context.records["engine"].data["pruned.onnxruntime"]["path"]
-                rows.append({"criterion": criterion, "ratio": ratio,
-                             "removed_heads": context.records["plan"].data["removed_heads"],
-                             "ideal_speedup": base_flops / flops, "engine": str(engine.relative_to(self.root)),
-                             "fidelity": fidelity_row(fidelity),
-                             **({"task_original": fidelity.task["original"]} if fidelity.task else {})})
+        for action, criterion, ratio in ((a, c, r) for a in actions for c in criteria for r in ratios):
+            pruning = dataclasses.replace(recipe.pruning, criterion=criterion, ratio=ratio, action=action)
+            folder = self.root / "sweep" / action / criterion / f"{ratio:g}"
+            context = bench.pruned_engine(source, pruning, folder)
+            flops, _ = count_flops(context.pruned, spec.inputs, [])
+            fidelity = pruning_fidelity(bench.adapter, source.bundle, context.pruned, bench.shape,
+                                        recipe.validation, references)
+            engine = folder / context.records["engine"].data["pruned.onnxruntime"]["path"]
+            rows.append({"action": action, "criterion": criterion, "ratio": ratio,
+                         "removed_heads": context.records["plan"].data["removed_heads"],
+                         "ideal_speedup": base_flops / flops, "engine": str(engine.relative_to(self.root)),
+                         "fidelity": fidelity_row(fidelity),
+                         **({"task_original": fidelity.task["original"]} if fidelity.task else {})})
         bench.time_engines(rows, feeds)
-        result = {"criteria": criteria, "ratios": ratios, "rows": rows}
+        for row in rows:
+            row["series"] = series(row, actions)
+        result = {"criteria": criteria, "actions": actions, "ratios": ratios, "rows": rows}
         write_json(self.root / "sweep.json", result)
         plot(rows, self.root / "sweep.png", f"{recipe.name}: criteria compared on held-out runs")
         write_report(self.root, f"{recipe.name}: validation")
@@ -93,14 +105,14 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         finite = [r["fidelity"][metric] for r in rows if math.isfinite(r["fidelity"][metric])]
         low, high = (min(finite), max(finite)) if finite else (0.0, 1.0)
         ceilings[metric] = high + 0.15 * ((high - low) or 1.0)
-    for criterion in dict.fromkeys(r["criterion"] for r in rows):
-        mine = [r for r in rows if r["criterion"] == criterion]
+    for criterion in dict.fromkeys(r["series"] for r in rows):
+        mine = [r for r in rows if r["series"] == criterion]
         for column, metric in enumerate(metrics):
             values = [v if math.isfinite(v) else ceilings[metric] for v in (r["fidelity"][metric] for r in mine)]
             axes[0, column].plot([r["ratio"] for r in mine], values, "o-", label=criterion)
             axes[1, column].plot([r["measured_speedup"] for r in mine], values, "o-", label=criterion)
     for column, metric in enumerate(metrics):
-        axes[0, column].set(xlabel="pruning ratio (temporal heads removed)", ylabel=metric)
+        axes[0, column].set(xlabel="pruning ratio (temporal heads pruned)", ylabel=metric)
         axes[1, column].set(xlabel="measured speedup (ONNX Runtime, median)", ylabel=metric)
         if any(not math.isfinite(r["fidelity"][metric]) for r in rows):
             for ax in axes[:, column]:
@@ -118,8 +130,8 @@ def print_sweep(result: dict[str, Any]) -> None:
     rows = result["rows"]
     metrics = shown_metrics(rows)
     console.print(table("criteria compared (pruned vs original, held-out runs)",
-                        ["criterion", "ratio", "heads removed", *metrics, "ideal", "measured"],
-                        [[r["criterion"], f"{r['ratio']:g}", str(r["removed_heads"]),
+                        ["criterion", "ratio", "heads pruned", *metrics, "ideal", "measured"],
+                        [[r["series"], f"{r['ratio']:g}", str(r["removed_heads"]),
                           *(f"{r['fidelity'][m]:.4g}" for m in metrics), f"{r['ideal_speedup']:.3f}x",
                           f"{r['measured_speedup']:.3f}x"] for r in rows]))
     for metric in metrics:
@@ -128,8 +140,8 @@ def print_sweep(result: dict[str, Any]) -> None:
                                                              if r["ratio"] == ratio)]
         if not ratios:
             continue
-        means = {c: float(np.mean([r["fidelity"][metric] for r in rows
-                                   if r["criterion"] == c and r["ratio"] in ratios])) for c in result["criteria"]}
+        means = {c: float(np.mean([r["fidelity"][metric] for r in rows if r["series"] == c and r["ratio"] in ratios]))
+                 for c in dict.fromkeys(r["series"] for r in rows)}
         best = max(means, key=means.get)
         console.print(f"{metric}: mean over ratios {', '.join(f'{x:g}' for x in ratios)}: "
                       + ", ".join(f"{c} {v:.4g}" for c, v in means.items()) + f"; best {best}", highlight=False)

@@ -63,13 +63,15 @@ def test_calibration_scores_every_head_overall_and_per_step(tiny_bundle):
     scores = calibrate(TAV, tiny_bundle, SMALL_SHAPE, section)
     assert len(scores.modules) == 7 and scores.samples == 2 and len(scores.timesteps) == 3
     for module in scores.modules.values():
-        assert set(module.scores) == {"contribution", "mixing", "magnitude", "random"}
+        assert set(module.scores) == {"contribution", "mixing", "temporal_contribution", "magnitude", "random"}
         assert all(len(v) == 8 for v in module.scores.values())
         assert len(module.per_step["contribution"]) == 3
         per_step_mean = torch.tensor(module.per_step["contribution"]).mean(0)
         assert torch.allclose(per_step_mean, torch.tensor(module.scores["contribution"]), rtol=1e-5)
         assert all(0.0 < m < 1.0 for m in module.scores["mixing"])
         assert all(c > 0.0 for c in module.scores["contribution"])
+        # the cross-frame part of what a head writes: every key but the query's own frame
+        assert all(0.0 < t < c for t, c in zip(module.scores["temporal_contribution"], module.scores["contribution"]))
 
 
 def test_a_registered_scorer_is_a_recipe_criterion_and_a_scores_column(monkeypatch, tiny_bundle, write_recipe):
@@ -78,8 +80,8 @@ def test_a_registered_scorer_is_a_recipe_criterion_and_a_scores_column(monkeypat
     recipe = load_recipe(write_recipe(FAST_RECIPE.replace("ratio = 0.5", 'ratio = 0.5\ncriterion = "contribution_again"')))
     assert recipe.pruning.criterion == "contribution_again"
     scores = calibrate(TAV, tiny_bundle, SMALL_SHAPE, recipe.calibration)
-    assert scores.to_json()["criteria"] == ["contribution", "mixing", "magnitude", "random", "contribution_again",
-                                            "magnitude_squared"]
+    assert scores.to_json()["criteria"] == ["contribution", "mixing", "temporal_contribution", "magnitude", "random",
+                                            "contribution_again", "magnitude_squared"]
     for module in scores.modules.values():
         assert module.scores["contribution_again"] == module.scores["contribution"]
         assert module.per_step["contribution_again"] == module.per_step["contribution"]

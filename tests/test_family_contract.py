@@ -1,8 +1,10 @@
-"""The contract every family keeps, written once and run over all six (diffusers' ModelTesterMixin, for pruning).
+"""The contract every family keeps, written once and run over all eight (diffusers' ModelTesterMixin, for pruning).
 
-1. Pruning is exact: the pruned model computes what the original computes with the removed heads masked.
+1. Pruning is exact: the pruned model computes what the original computes with the pruned heads masked (the
+   family's default action: removed heads' output columns zeroed, frame-local heads' cross-frame scores at -inf).
 2. Accounting is exact: torch loses the removed heads' parameters (plus the own norm of a module that loses
-   all of them), and the ONNX graph loses exactly those too, plus what a family's graph folds away on top.
+   all of them), and the ONNX graph loses exactly those too, plus what a family's graph folds away on top;
+   frame-local heads keep every parameter.
 3. The on-disk format round-trips: a saved pruned model reloads to the same function and head counts.
 4. Calibration scores are finite and deterministic.
 
@@ -66,7 +68,14 @@ FAMILY_CASES = {
     "latte": (preset("latte"), VideoShape(8, 8, 8), latte_adaln_rows),
     "cogvideo": (preset("cogvideo"), VideoShape(5, 8, 8), cogvideo_folded_bias),
     "diffusers": (custom_diffusers, VideoShape(4, 8, 8), None),
+    "cogvideox": (preset("cogvideox"), VideoShape(3, 8, 8), None),
+    "wan": (preset("wan"), VideoShape(3, 8, 8), None),
 }
+
+
+def default_plan(adapter, scores, ratio):
+    """The plan of a recipe that sets only the ratio: the family's default action."""
+    return make_plan(scores, PruningSection(ratio=ratio, action=adapter.structure.actions[0]))
 
 
 @pytest.fixture(scope="module", params=list(FAMILY_CASES))
@@ -87,7 +96,7 @@ def expected_torch_removal(model, sites, plan) -> int:
     fully pruned module leaves); per fully removed module: also its own norm."""
     total = 0
     for site in sites:
-        gone = plan.removed.get(site.attention, [])
+        gone = plan.removed.get(site.attention, []) if plan.action == "remove" else []
         if not gone:
             continue
         heads = site.heads_of(model)
@@ -103,11 +112,11 @@ def expected_torch_removal(model, sites, plan) -> int:
 def test_pruned_equals_masked_and_onnx_shrinks_by_exactly_the_removed_parameters(case, tmp_path, ratio):
     adapter, bundle, _, spec, original_onnx, onnx_folds = case
     model = bundle.model
-    plan = make_plan(scores_for(model, adapter=adapter), PruningSection(ratio=ratio))
+    plan = default_plan(adapter, scores_for(model, adapter=adapter), ratio)
     assert plan.removed_heads == round(ratio * plan.total_heads)
     pruned, masked = copy.deepcopy(model), copy.deepcopy(model)
-    apply_plan(pruned, adapter.structure.temporal_sites(pruned), plan.kept_heads)
-    mask_heads(masked, adapter.structure.temporal_sites(masked), plan.kept_heads)
+    apply_plan(pruned, adapter.structure.temporal_sites(pruned), plan.kept_heads, plan.local_heads)
+    mask_heads(masked, adapter.structure.temporal_sites(masked), plan.kept_heads, plan.local_heads)
     with torch.no_grad():
         out_pruned, out_masked, out_original = (m(**spec.inputs) for m in (pruned, masked, model))
     assert torch.allclose(out_pruned, out_masked, atol=1e-5, rtol=1e-5)
@@ -115,7 +124,7 @@ def test_pruned_equals_masked_and_onnx_shrinks_by_exactly_the_removed_parameters
 
     removed = parameter_count(model) - parameter_count(pruned)
     assert removed == expected_torch_removal(model, adapter.structure.temporal_sites(model), plan)
-    assert (removed > 0) == (ratio > 0)
+    assert (removed > 0) == (ratio > 0 and plan.action == "remove")
     if ratio == 0:
         return  # nothing removed: the model is the original (asserted above), so is its graph
     info = export_onnx(pruned, spec, tmp_path / "pruned.onnx", 17, "auto")
@@ -126,10 +135,10 @@ def test_pruned_equals_masked_and_onnx_shrinks_by_exactly_the_removed_parameters
 def test_a_pruned_model_round_trips_through_the_on_disk_format(case, tmp_path):
     adapter, bundle, _, spec, _, _ = case
     pruned = copy.deepcopy(bundle.model)
-    plan = make_plan(scores_for(pruned, adapter=adapter, seed=4), PruningSection(ratio=0.6))
+    plan = default_plan(adapter, scores_for(pruned, adapter=adapter, seed=4), 0.6)
     assert 0 < plan.removed_heads < plan.total_heads
-    apply_plan(pruned, adapter.structure.temporal_sites(pruned), plan.kept_heads)
-    save_pruned(adapter, bundle.config, pruned, plan.kept_heads, tmp_path / "pruned")
+    apply_plan(pruned, adapter.structure.temporal_sites(pruned), plan.kept_heads, plan.local_heads)
+    save_pruned(adapter, bundle.config, pruned, plan.kept_heads, tmp_path / "pruned", plan.local_heads)
     loaded_adapter, config, reloaded = load_pruned(tmp_path / "pruned")
     assert (loaded_adapter.family, loaded_adapter.options(), config) == (adapter.family, adapter.options(),
                                                                          bundle.config)

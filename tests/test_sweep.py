@@ -36,4 +36,4 @@ def test_a_sweep_compares_criteria_at_each_ratio_from_one_calibration(rebuildabl
 def test_a_sweep_refuses_an_unknown_criterion(built):
     _, root, _ = built
     result = CliRunner().invoke(main, ["sweep", str(root), "--criteria", "contribution,loudest"])
-    assert result.exit_code == 2 and "criteria are contribution, mixing, magnitude, random" in result.output
+    assert result.exit_code == 2 and "criteria are contribution, mixing, temporal_contribution, magnitude, random" in result.output

@@ -7,15 +7,17 @@ from typing import Any
 from .animatediff import AnimateDiffAdapter
 from .base import ModelAdapter
 from .cogvideo_stage1 import CogVideoAdapter
+from .cogvideox import CogVideoXAdapter
 from .custom import CustomDiffusersAdapter
 from .latte import LatteAdapter
 from .modelscope import ModelScopeAdapter
 from .tune_a_video import TuneAVideoAdapter
+from .wan import WanAdapter
 
 FAMILIES: dict[str, type[ModelAdapter]] = {
     cls.family: cls
     for cls in (TuneAVideoAdapter, ModelScopeAdapter, AnimateDiffAdapter, LatteAdapter, CogVideoAdapter,
-                CustomDiffusersAdapter)
+                CustomDiffusersAdapter, CogVideoXAdapter, WanAdapter)
 }
 
 

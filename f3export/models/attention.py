@@ -110,13 +110,14 @@ class AttentionHeads(ABC):
         """Where each head's q, k, v rows and output-projection columns are."""
 
     @abstractmethod
-    def observe(self, hidden_states: torch.Tensor, residual_norm: torch.Tensor, *inputs: torch.Tensor
-                ) -> Iterator[HeadObservation]:
+    def observe(self, hidden_states: torch.Tensor, residual_norm: torch.Tensor, *inputs: torch.Tensor,
+                **named: object) -> Iterator[HeadObservation]:
         """One call of the module seen head by head, over the query tokens the statistics count (in chunks).
 
         ``hidden_states`` is the module's input; ``residual_norm`` the norm of the residual stream
-        at the same tokens (its shape is the input's without the channel axis); ``inputs`` the module's
-        further positional inputs, for a module that takes some (CogVideo's key mask).
+        at the same tokens (its shape is the input's without the channel axis); ``inputs`` and ``named`` the
+        module's further inputs as its caller passed them (CogVideo's key mask, a joint attention's text and
+        rotary embedding).
         """
 
     @abstractmethod
@@ -132,13 +133,13 @@ class AttentionHeads(ABC):
         return None
 
     @torch.no_grad()
-    def statistics(self, hidden_states: torch.Tensor, residual_norm: torch.Tensor, *inputs: torch.Tensor
-                   ) -> HeadStatistics:
+    def statistics(self, hidden_states: torch.Tensor, residual_norm: torch.Tensor, *inputs: torch.Tensor,
+                   **named: object) -> HeadStatistics:
         """Every token criterion summed per head over the tokens of one call, and the token count."""
         scorers = token_scorers()
         sums = {name: torch.zeros(self.heads, dtype=torch.float64) for name in scorers}
         tokens = 0
-        for observed in self.observe(hidden_states, residual_norm, *inputs):
+        for observed in self.observe(hidden_states, residual_norm, *inputs, **named):
             for name, scorer in scorers.items():
                 sums[name] += scorer.score(observed).double()
             tokens += observed.tokens
@@ -196,7 +197,7 @@ class DiffusersAttentionHeads(AttentionHeads):
         return HeadProjections(self.heads, self.head_dim, ((attn.to_q, 1), (attn.to_k, 1), (attn.to_v, 1)),
                                attn.to_out[0])
 
-    def observe(self, hidden_states, residual_norm):
+    def observe(self, hidden_states, residual_norm, *inputs, **named):
         attn = self.module
         heads = attn.heads
         per_head_out = self.projections().output_per_head()  # [heads, d, C_out]
@@ -210,11 +211,13 @@ class DiffusersAttentionHeads(AttentionHeads):
             if attn.norm_k is not None:
                 k = attn.norm_k(k)
             probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.scale, dim=-1)
-            head_out = torch.einsum("nhfd,hdc->nhfc", probs @ v.float(), per_head_out.float())
-            head_out = head_out / attn.rescale_output_factor
+            cross = probs * (1.0 - torch.eye(frames))  # every key but the query's own frame
+            head_out, cross_out = (torch.einsum("nhfd,hdc->nhfc", p @ v.float(), per_head_out.float())
+                                   / attn.rescale_output_factor for p in (probs, cross))
             yield HeadObservation(output_norm=head_out.norm(dim=-1),  # [n, heads, frames]
                                   residual_norm=residual_norm[start:start + chunk, None, :].float(),
-                                  cross_frame_mass=1.0 - probs.diagonal(dim1=-2, dim2=-1))
+                                  cross_frame_mass=cross.sum(dim=-1),
+                                  cross_output_norm=cross_out.norm(dim=-1))
 
     def unsupported(self):
         attn = self.module

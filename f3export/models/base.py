@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, SchedulerMixin
 from torch import nn
 
 from ..errors import RecipeError
@@ -258,9 +258,11 @@ class LatentVideoDiffusionAdapter(ModelAdapter):
         width = self.text_width(bundle.model)
         return torch.cat([seeded_text_embedding(p, self.text_tokens, width) for p in prompts])
 
-    def scheduler(self, bundle: ModelBundle) -> DDIMScheduler:
-        """The sampler of calibration and validation: DDIM with the folder's schedule (else SD 1.x's)."""
-        return DDIMScheduler.from_config(bundle.scheduler_config or self.default_scheduler)
+    scheduler_class: ClassVar[type[SchedulerMixin]] = DDIMScheduler  # the sampler the family's pipeline uses
+
+    def scheduler(self, bundle: ModelBundle) -> SchedulerMixin:
+        """The sampler of calibration and validation: the family's, with the folder's schedule (else its default)."""
+        return self.scheduler_class.from_config(bundle.scheduler_config or self.default_scheduler)
 
     def conventions(self, bundle):
         scheduler = self.scheduler(bundle)

@@ -56,12 +56,13 @@ class DiffusersFolder(PipelineFolder):
     held as that ``component`` inside ``DiffusersVideoNet``."""
 
     def __init__(self, class_name: str, component: str = "unet", text_per_frame: bool = False,
-                 presets: dict[str, dict[str, Any]] | None = None):
+                 presets: dict[str, dict[str, Any]] | None = None, net: type[DiffusersVideoNet] = DiffusersVideoNet):
         self.class_name, self.component, self.text_per_frame = class_name, component, text_per_frame
         self.presets = presets or {}
+        self.net = net
 
     def wrap(self, model: nn.Module) -> DiffusersVideoNet:
-        return DiffusersVideoNet(self.component, model, self.text_per_frame).eval()
+        return self.net(self.component, model, self.text_per_frame).eval()
 
     def build(self, config, source: str = "config"):
         cls = diffusers_class(self.class_name)

@@ -123,10 +123,16 @@ class DiffusionProtocol(EvaluationProtocol):
                    family_key("validation", "task", str | None, None, choices=tuple(TASKS)))
     batch = 2  # the unconditional and the conditional row together (inversion too: one batch for every call)
 
+    def __init__(self, inversion: bool = True):
+        self.inversion = inversion  # whether the family's sampler is DDIM, whose inversion source_videos runs
+
     def check_section(self, section, where, frames):
         sources, prompts = section.source_videos, section.prompts
         if not sources:
             return
+        if not self.inversion:
+            raise RecipeError(f"{where}.source_videos: this family samples with another scheduler than DDIM, and "
+                              "runs from a source video need DDIM inversion")
         if len(sources) not in (1, len(prompts)):
             raise RecipeError(f"{where}.source_videos: {len(sources)} videos for {len(prompts)} prompts (give one "
                               "per prompt, or one for every prompt)")

@@ -6,15 +6,18 @@ A family says it once, as a ``TemporalStructure`` over its module tree; calibrat
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from ..errors import CheckpointError
 from .attention import AttentionHeads, DiffusersAttentionHeads
+from .joint_attention import JointAttentionHeads
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,9 @@ class TemporalSite:
 
 
 class TemporalStructure(ABC):
+    # what [pruning].action may do to the heads of its sites; the first is the family's default
+    actions: tuple[str, ...] = ("remove",)
+
     @abstractmethod
     def temporal_sites(self, model: nn.Module) -> list[TemporalSite]:
         """The temporal attention modules of ``model`` (loaded, pruned or a skeleton), in a stable order."""
@@ -62,15 +68,19 @@ def unmatched_pattern(key: str, patterns: list[str], names: list[str], what: str
 
 
 class AttentionPatterns(TemporalStructure):
-    """Temporal sites of a diffusers model: its ``Attention`` modules whose names match glob patterns, each
-    ``...attnN`` paired with its block's ``...normN``. ``prefix`` is where the diffusers model sits in ours."""
+    """Temporal sites of a diffusers model: its attention modules whose names match glob patterns, each
+    ``...attnN`` paired with its block's ``...normN``. ``prefix`` is where the diffusers model sits in ours;
+    ``access`` reads the heads of every site."""
+
+    kinds: tuple[type[nn.Module], ...] = (Attention,)  # the module classes that are attention
+    access: type[AttentionHeads] = DiffusersAttentionHeads
 
     def __init__(self, patterns: tuple[str, ...], prefix: str):
         self.patterns, self.prefix = patterns, prefix
 
     def attention_names(self, model: nn.Module) -> list[str]:
         inner = model.get_submodule(self.prefix)
-        return [name for name, module in inner.named_modules() if isinstance(module, Attention)]
+        return [name for name, module in inner.named_modules() if isinstance(module, self.kinds)]
 
     def temporal_sites(self, model):
         modules = dict(model.get_submodule(self.prefix).named_modules())
@@ -80,9 +90,21 @@ class AttentionPatterns(TemporalStructure):
                 parent, _, leaf = name.rpartition(".")
                 norm = f"{parent}.norm{leaf.removeprefix('attn')}" if leaf.startswith("attn") else None
                 norm_path = f"{self.prefix}.{norm}" if norm in modules else None
-                sites.append(TemporalSite(f"{self.prefix}.{name}", norm_path))
+                sites.append(TemporalSite(f"{self.prefix}.{name}", norm_path, access=self.access))
         return sites
 
     def unmatched(self, model: nn.Module, key: str) -> str | None:
         """Why a recipe's patterns (``key``) do not all name an ``Attention`` module of ``model``, or None."""
         return unmatched_pattern(key, list(self.patterns), self.attention_names(model), "Attention module")
+
+
+class JointAttentionPatterns(AttentionPatterns):
+    """The joint self-attention modules of a video transformer, whose every head attends over all frames: their
+    heads can go frame-local (the default) or be removed. Their norm feeds the rest of the block too."""
+
+    actions = ("frame-local", "remove")
+    kinds = (Attention, AttentionModuleMixin)  # CogVideoX's is the former, Wan's the latter
+    access = JointAttentionHeads
+
+    def temporal_sites(self, model):
+        return [dataclasses.replace(site, shared_norm=True) for site in super().temporal_sites(model)]

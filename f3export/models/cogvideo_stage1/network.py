@@ -274,7 +274,7 @@ class TemporalChannelHeads(AttentionHeads):
         channel = self.module
         return HeadProjections(self.heads, self.head_dim, ((channel.query_key_value, 3),), channel.dense)
 
-    def observe(self, hidden_states, residual_norm, keys):
+    def observe(self, hidden_states, residual_norm, keys, **named):
         """Over the tokens of frames 1 on: stage 1 does not train frame 0 and generates it with the channel off."""
         channel = self.module
         first = channel.text_len + channel.frame_len  # the first token of frame 1
@@ -284,9 +284,13 @@ class TemporalChannelHeads(AttentionHeads):
         head_out = torch.einsum("bhsd,hdc->bhsc", context, per_head) * (1 - channel.spatial_weight())
         frame = _frame_ids(channel.text_len, channel.frame_len, hidden_states.shape[1])
         other_frames = ((frame[None, :] >= 0) & (frame[None, :] != frame[first:, None])).to(probs.device)
+        cross_probs = probs * other_frames  # on other (earlier) frames
+        values = split_qkv(channel.query_key_value(hidden_states), channel.heads)[2]
+        cross_out = torch.einsum("bhsd,hdc->bhsc", cross_probs @ values, per_head) * (1 - channel.spatial_weight())
         yield HeadObservation(output_norm=head_out.norm(dim=-1),  # [B, H, S1]
                               residual_norm=residual_norm[:, None, first:],
-                              cross_frame_mass=(probs * other_frames).sum(dim=-1))  # on other (earlier) frames
+                              cross_frame_mass=cross_probs.sum(dim=-1),
+                              cross_output_norm=cross_out.norm(dim=-1))
 
     def keep(self, heads):
         channel = self.module

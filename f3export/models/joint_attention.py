@@ -1,0 +1,226 @@
+"""Joint 3D attention (CogVideoX, Wan): every head attends over all frames' tokens at once.
+
+There is no temporal module to remove; F3's idea applies per head (DESIGN.md, "Beyond the paper"). A head's
+temporal value is what it reads from *other* frames' keys; the heads ranked below the ratio are either made
+**frame-local** (they keep their weights and attend within their own frame, plus the text tokens a model
+concatenates into the sequence) or **removed** as F3 removes temporal heads.
+
+``FrameAttentionProcessor`` is the attention processor of every joint self-attention of these families, the
+original model's too: with no local heads it computes exactly what diffusers' own processor computes, in
+operations an export keeps shape-dynamic. Frame-local heads are a contiguous group at the end (the heads are
+permuted there, which does not change the function); the group runs as attention over
+``[batch, heads, frames, tokens per frame (+ text), head_dim]``, so it never builds an [S, S] matrix.
+A family supplies its ``JointStyle``: how its attention makes q, k and v of the sequence and what it returns.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..criteria import HeadObservation
+from .attention import (_CHUNK_ELEMENTS, AttentionHeads, HeadProjections, RemovedAttention, head_index, keep_columns,
+                        keep_rows)
+
+
+@dataclass
+class FrameLayout:
+    """How the sequence the network runs now splits into frames: set by the network's forward from its input's
+    shape, for every attention of the network to read (an export traces it with the input, frames stay dynamic)."""
+
+    tokens_per_frame: Any = 0  # an int (a traced size while exporting)
+
+
+class JointStyle(ABC):
+    """How a family's joint attention makes its q, k, v and returns its output."""
+
+    norm_across_heads: ClassVar[bool]  # q/k norms over every head's channels at once (Wan), not per head
+
+    @abstractmethod
+    def qkv(self, attn: nn.Module, head_dim: int, hidden_states: torch.Tensor,
+            encoder_hidden_states: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+            image_rotary_emb: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """q, k, v as [batch, heads, sequence, head_dim] (normed, rotated) and the count of context (text)
+        tokens that lead the sequence and belong to no frame."""
+
+    @abstractmethod
+    def output(self, attn: nn.Module, heads_out: torch.Tensor, context: int) -> Any:
+        """What the attention returns, from the heads' outputs [batch, sequence, heads * head_dim]."""
+
+    @abstractmethod
+    def removed_output(self, constant: Callable[[torch.Tensor], torch.Tensor], hidden_states: torch.Tensor,
+                       encoder_hidden_states: torch.Tensor | None) -> Any:
+        """What the attention returns once every head is gone (``constant``: its output for some tokens)."""
+
+
+def frame_ids(context: int, video_tokens: int, tokens_per_frame: int) -> torch.Tensor:
+    """The frame of every token of a joint sequence: -1 for the context tokens that lead it."""
+    return torch.cat([torch.full((context,), -1), torch.arange(video_tokens) // tokens_per_frame])
+
+
+def cross_frame_keys(frame: torch.Tensor, queries: slice) -> torch.Tensor:
+    """[queries, keys]: True where the key is a video token of another frame than the query's."""
+    query_frame = frame[queries, None]
+    return (query_frame >= 0) & (frame[None, :] >= 0) & (frame[None, :] != query_frame)
+
+
+def frame_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: int,
+                          tokens_per_frame: Any) -> torch.Tensor:
+    """Attention of heads that read only their own frame and the context tokens, [B, H, S, d] -> [B, H, S, d].
+
+    Video queries attend per frame over [context keys, own frame's keys] (scores [B, H, F, T, C + T]); context
+    queries belong to no frame and attend over every key, as in the original attention."""
+    scale = q.shape[-1] ** -0.5
+    frames = [x[:, :, context:].unflatten(2, (-1, tokens_per_frame)) for x in (q, k, v)]  # [B, H, F, T, d]
+    qf, kf, vf = frames
+    scores = (qf @ kf.transpose(-1, -2)) * scale
+    if not context:
+        return (scores.softmax(dim=-1) @ vf).flatten(2, 3)
+    kc, vc = k[:, :, None, :context], v[:, :, None, :context]  # [B, H, 1, C, d], broadcast over frames
+    probs = torch.cat([(qf @ kc.transpose(-1, -2)) * scale, scores], dim=-1).softmax(dim=-1)
+    video = (probs[..., :context] @ vc + probs[..., context:] @ vf).flatten(2, 3)
+    text = F.scaled_dot_product_attention(q[:, :, :context], k, v)
+    return torch.cat([text, video], dim=2)
+
+
+class FrameAttentionProcessor:
+    """The attention of a joint self-attention module with its heads in groups (see the module docstring).
+
+    ``local_heads``: the last heads attend within their frame; ``selected``: the q/k heads kept after a norm
+    over every head's channels (Wan's heads removed: their q and k still count in that norm, exactly);
+    ``masked``: the exactness reference, those heads' cross-frame scores at -inf in the full attention."""
+
+    def __init__(self, style: JointStyle, layout: FrameLayout, head_dim: int):
+        self.style, self.layout, self.head_dim = style, layout, head_dim
+        self.local_heads = 0
+        self.selected: list[int] | None = None
+        self.masked: list[int] | None = None
+
+    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None) -> Any:
+        if attention_mask is not None:
+            raise ValueError("joint self-attention with an attention mask is not supported")
+        q, k, v, context = self.style.qkv(attn, self.head_dim, hidden_states, encoder_hidden_states, None,
+                                          image_rotary_emb)
+        if self.selected is not None:
+            q, k = q[:, self.selected], k[:, self.selected]
+        out = self.attend(q, k, v, context)
+        return self.style.output(attn, out.transpose(1, 2).flatten(2, 3).type_as(q), context)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: int) -> torch.Tensor:
+        if self.masked is not None:
+            frame = frame_ids(context, q.shape[2] - context, self.layout.tokens_per_frame)
+            cross = cross_frame_keys(frame, slice(None)).to(q.device)
+            heads = torch.zeros(q.shape[1], dtype=torch.bool, device=q.device)
+            heads[self.masked] = True
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=~(heads[:, None, None] & cross))
+        if not self.local_heads:
+            return F.scaled_dot_product_attention(q, k, v)
+        full = q.shape[1] - self.local_heads
+        local = frame_local_attention(q[:, full:], k[:, full:], v[:, full:], context, self.layout.tokens_per_frame)
+        if not full:
+            return local
+        return torch.cat([F.scaled_dot_product_attention(q[:, :full], k[:, :full], v[:, :full]), local], dim=1)
+
+
+class RemovedJointAttention(RemovedAttention):
+    """A joint attention with every head pruned: its output bias for every token, in the family's return form."""
+
+    def __init__(self, out_features: int, bias: torch.Tensor | None, style: JointStyle):
+        super().__init__(out_features, bias)
+        self.style = style
+
+    def forward(self, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        return self.style.removed_output(super().forward, hidden_states, encoder_hidden_states)
+
+
+class JointAttentionHeads(AttentionHeads):
+    """The heads of a joint self-attention run by ``FrameAttentionProcessor``: separate to_q/to_k/to_v and
+    to_out.0, as diffusers' ``Attention`` and ``WanAttention`` both have them."""
+
+    @property
+    def processor(self) -> FrameAttentionProcessor:
+        return self.module.processor
+
+    @property
+    def head_dim(self) -> int:
+        return self.processor.head_dim
+
+    @property
+    def heads(self) -> int:
+        return self.module.to_out[0].in_features // self.head_dim
+
+    def unsupported(self):
+        if not isinstance(getattr(self.module, "processor", None), FrameAttentionProcessor):
+            return "joint attention without f3export's frame-aware processor"
+        return None
+
+    def projections(self):
+        attn = self.module
+        return HeadProjections(self.heads, self.head_dim, ((attn.to_q, 1), (attn.to_k, 1), (attn.to_v, 1)),
+                               attn.to_out[0])
+
+    def keep(self, heads):
+        attn, processor = self.module, self.processor
+        if processor.style.norm_across_heads:  # q and k stay whole: every head's channels enter their norm
+            attn.to_v = keep_rows(attn.to_v, head_index(self.head_dim, heads))
+            attn.to_out[0] = keep_columns(attn.to_out[0], head_index(self.head_dim, heads))
+            processor.selected = list(heads)
+            return
+        (attn.to_q, attn.to_k, attn.to_v), attn.to_out[0] = self.projections().kept(heads)
+        attn.heads = len(heads)
+
+    @torch.no_grad()
+    def localize(self, heads: list[int]) -> None:
+        """Make the listed heads frame-local, in place: permute them to the end (q/k/v rows, output columns and,
+        for a norm over every head's channels, its weights), then run them as the local group."""
+        attn = self.module
+        order = [h for h in range(self.heads) if h not in heads] + list(heads)
+        rows = head_index(self.head_dim, order)
+        (attn.to_q, attn.to_k, attn.to_v), attn.to_out[0] = self.projections().kept(order)
+        if self.processor.style.norm_across_heads:
+            for norm in (attn.norm_q, attn.norm_k):
+                norm.weight.copy_(norm.weight[rows])
+        self.processor.local_heads = len(heads)
+
+    def mask_cross_frame(self, heads: list[int]) -> None:
+        """The reference of frame-local heads: their cross-frame scores at -inf in the full attention."""
+        self.processor.masked = list(heads)
+
+    def removed(self):
+        out = self.module.to_out[0]
+        return RemovedJointAttention(out.out_features, out.bias, self.processor.style)
+
+    @torch.no_grad()
+    def observe(self, hidden_states, residual_norm, *inputs, **named):
+        """Over the video queries: context (text) queries belong to no frame. ``residual_norm`` is the video
+        tokens' [batch, video tokens]."""
+        processor = self.processor
+        q, k, v, context = processor.style.qkv(self.module, self.head_dim, hidden_states, *inputs, **named)
+        q, k, v = q.float(), k.float(), v.float()
+        if processor.selected is not None:
+            q, k = q[:, processor.selected], k[:, processor.selected]
+        per_head_out = self.projections().output_per_head().float()  # [heads, d, C_out]
+        batch, heads, sequence, _ = q.shape
+        frame = frame_ids(context, sequence - context, processor.layout.tokens_per_frame)
+        chunk = max(1, _CHUNK_ELEMENTS // (batch * heads * max(sequence, per_head_out.shape[2])))
+        for start in range(context, sequence, chunk):
+            queries = slice(start, min(start + chunk, sequence))
+            probs = torch.softmax((q[:, :, queries] @ k.transpose(-1, -2)) * self.head_dim ** -0.5, dim=-1)
+            cross = probs * cross_frame_keys(frame, queries).to(probs.device)
+            head_out, cross_out = (torch.einsum("bhsd,hdc->bhsc", p @ v, per_head_out) for p in (probs, cross))
+            yield HeadObservation(output_norm=head_out.norm(dim=-1),  # [batch, heads, queries]
+                                  residual_norm=residual_norm[:, None, queries.start - context:queries.stop - context],
+                                  cross_frame_mass=cross.sum(dim=-1), cross_output_norm=cross_out.norm(dim=-1))
+
+
+def install_processors(model: nn.Module, names: list[str], style: JointStyle, layout: FrameLayout) -> None:
+    """Give every listed joint self-attention of ``model`` a ``FrameAttentionProcessor`` reading ``layout``."""
+    for name in names:
+        attn = model.get_submodule(name)
+        attn.set_processor(FrameAttentionProcessor(style, layout, attn.to_q.out_features // attn.heads))
