@@ -80,7 +80,7 @@ def check_runnable(recipe: Recipe, adapter: ModelAdapter, skeleton: torch.nn.Mod
     cannot take (the export shape or either end of a validated range), a pattern key that matches no module,
     a forward that cannot fit in memory (all checked on the network's skeleton: its config, no weights)."""
     name = recipe.source.name
-    fixed = sorted(set(recipe.export.dynamic_axes) & set(adapter.fixed_axes))
+    fixed = sorted(set(recipe.export.dynamic_axes) & set(adapter.fixed_axes_of(skeleton)))
     if fixed:
         raise RecipeError(f"{name}: [export].dynamic_axes: {recipe.model.family} models cannot "
                           f"export {', '.join(map(repr, fixed))} as dynamic")

@@ -22,7 +22,7 @@ from .artifacts import write_json
 from .bench import Bench, count_flops
 from .build import Build
 from .calibrate import Scores
-from .errors import CheckError
+from .errors import CheckError, F3ExportError
 from .weights import read_json
 from .pictures import shown_metrics, write_report
 from .report import console, table
@@ -51,7 +51,7 @@ class Sweep:
         actions = actions or [recipe.pruning.action]
         allowed = bench.adapter.structure.actions
         if any(a not in allowed for a in actions):
-            raise CheckError(f"--actions {','.join(actions)}: the heads of a {bench.adapter.family} model can only "
+            raise F3ExportError(f"--actions {','.join(actions)}: the heads of a {bench.adapter.family} model can only "
                              f"be {' or '.join(map(repr, allowed))}")
         scored = Scores.from_json(read_json(self.root / "scores.json")).modules.values()
         missing = [c for c in criteria if any(c not in module.scores for module in scored)]

@@ -95,18 +95,32 @@ def test_frame_local_heads_keep_every_parameter_and_removed_heads_lose_theirs(fa
 def test_the_onnx_of_a_pruned_model_equals_pytorch_at_two_frame_counts(family, action, tmp_path):
     adapter, bundle = family
     _, pruned, _ = pruned_and_reference(adapter, bundle.model, 0.5, action)
-    dynamic = [a for a in ("batch", "frames") if a not in adapter.fixed_axes]
-    spec = adapter.export_spec(pruned, VideoShape(3, 8, 8), batch=2, dynamic=dynamic, seed=2)
+    assert "frames" not in adapter.fixed_axes_of(pruned)
+    spec = adapter.export_spec(pruned, VideoShape(3, 8, 8), batch=2, dynamic=["batch", "frames"], seed=2)
     info = export_onnx(pruned, spec, tmp_path / "pruned.onnx", 17, "auto")
     session = onnxruntime.InferenceSession(str(info.path), providers=["CPUExecutionProvider"])
-    frame_counts = (3, 5) if "frames" in dynamic else (3,)
-    assert frame_counts == ((3,) if adapter.family == "cogvideox" else (3, 5))  # CogVideoX's positions are traced
-    for frames in frame_counts:
+    for frames in (3, 5):
         x = inputs(adapter, pruned, frames, seed=frames)
         with torch.no_grad():
             expected = pruned(**x)
         out = session.run(None, {name: t.numpy() for name, t in x.items()})[0]
         assert relative_l2(torch.from_numpy(out), expected) <= 1e-4, frames
+
+
+def test_cogvideox_positions_are_the_pipelines_rotary_embedding_of_the_clip():
+    """The graph's rotary table, cut to the clip, is what CogVideoXPipeline computes for that many frames (Wan's
+    positions are diffusers' own WanRotaryPosEmbed, inside the transformer)."""
+    adapter = get_adapter("cogvideox")
+    net = adapter.checkpoint.load_preset("tiny", seed=0).model
+    assert net.inner.config.use_rotary_positional_embeddings
+    for frames in (2, 5):
+        x = inputs(adapter, net, frames)
+        rotary = net.rotary_embedding(frames, 8, 8)  # the pipeline's function at exactly this clip
+        net.layout.tokens_per_frame = 16
+        with torch.no_grad():
+            expected = net.inner(hidden_states=x["sample"].transpose(1, 2), encoder_hidden_states=x["encoder_hidden_states"],
+                                 timestep=x["timestep"], image_rotary_emb=rotary, return_dict=False)[0].transpose(1, 2)
+            assert torch.equal(net(**x), expected)
 
 
 class SquareScores(TorchDispatchMode):

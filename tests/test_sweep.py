@@ -37,3 +37,11 @@ def test_a_sweep_refuses_an_unknown_criterion(built):
     _, root, _ = built
     result = CliRunner().invoke(main, ["sweep", str(root), "--criteria", "contribution,loudest"])
     assert result.exit_code == 2 and "criteria are contribution, mixing, temporal_contribution, magnitude, random" in result.output
+
+
+def test_a_sweep_refuses_an_action_the_family_cannot_do(built):
+    _, root, _ = built
+    result = CliRunner().invoke(main, ["sweep", str(root), "--actions", "remove,frame-local"])
+    assert result.exit_code == 2
+    assert result.output.strip() == ("error: --actions remove,frame-local: the heads of a tune-a-video model can "
+                                     "only be 'remove'")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import DDPMScheduler
 from click.testing import CliRunner
 from transformers import CLIPTokenizer
 
@@ -37,7 +38,10 @@ def test_the_training_script_writes_the_family_folder_with_its_record(tmp_path, 
     stored = load_state_dict(adapter.checkpoint.weights_files(tmp_path / "model")[-1])
     assert {t.dtype for t in stored.values()} == {trainee.storage}  # read back as float32 either way
     assert {p.dtype for p in bundle.model.parameters()} == {torch.float32}
-    assert bundle.scheduler_config["_class_name"] == "DDIMScheduler"
+    # the family's sampler, on the training schedule's own noise levels
+    assert bundle.scheduler_config["_class_name"] == adapter.scheduler_class.__name__
+    assert torch.equal(adapter.scheduler(bundle).alphas_cumprod,
+                       DDPMScheduler.from_config(trainee.schedule).alphas_cumprod)
     tokenizer = CLIPTokenizer.from_pretrained(tmp_path / "model" / "tokenizer")
     assert tokenizer.tokenize("a red circle moves left slowly") == [  # the grammar's words: one token each
         "a</w>", "red</w>", "circle</w>", "moves</w>", "left</w>", "slowly</w>"]

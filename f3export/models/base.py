@@ -121,6 +121,10 @@ class ModelAdapter(ABC):
         """Refuse (RecipeError naming the key; ``where`` is the recipe's "<file>: [model]") options that cannot
         describe a model, before anything is loaded."""
 
+    def fixed_axes_of(self, model: nn.Module) -> tuple[str, ...]:
+        """The input axes the exported graph of ``model`` (a skeleton) cannot leave dynamic."""
+        return self.fixed_axes
+
     def options(self) -> dict[str, Any]:
         """Constructor arguments of this adapter, saved with a pruned model to rebuild it."""
         return {}

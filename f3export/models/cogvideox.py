@@ -4,8 +4,10 @@ positions (2B), per-head q/k LayerNorm; v-prediction sampled with ``CogVideoXDDI
 
 The pipeline holds latents as [B, F, C, H, W] and computes the rotary embedding from the latent grid
 (``CogVideoXPipeline._prepare_rotary_positional_embeddings``); ``CogVideoXNet`` does both inside the graph, from
-f3export's [B, C, F, H, W]. Positions are computed from the clip's shape when the graph is traced, so the
-exported graph runs the shape it was exported at (batch stays dynamic).
+f3export's [B, C, F, H, W]. A frame's rotary rows do not depend on the clip's length (frames are the outermost
+axis of the table), so the graph holds the table of ROPE_FRAMES frames and takes the clip's first rows: frames
+stay dynamic. Height and width do not (the grid is cropped to the model's base size at trace time), nor
+anything for CogVideoX-2B, whose sincos positions the patch embedding computes from the clip's shape.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ class CogVideoXStyle(JointStyle):
         return constant(hidden_states), constant(encoder_hidden_states)
 
 
+ROPE_FRAMES = 64  # token frames the graph's rotary table holds: the most a dynamic-frames engine can run
+
+
 class CogVideoXNet(JointVideoNet):
     style = CogVideoXStyle()
     self_attention = "transformer_blocks.*.attn1"
@@ -76,9 +81,13 @@ class CogVideoXNet(JointVideoNet):
                                        grid_type="slice", max_size=(base_height, base_width))
 
     def run(self, sample, timestep, encoder_hidden_states):
-        frames, height, width = (int(size) for size in sample.shape[2:])
-        rotary = self.rotary_embedding(frames, height, width) \
-            if self.inner.config.use_rotary_positional_embeddings else None
+        rotary = None
+        if self.inner.config.use_rotary_positional_embeddings:
+            frames, height, width = sample.shape[2:]  # traced sizes while exporting
+            table = self.rotary_embedding(max(ROPE_FRAMES * self.temporal_patch, int(frames)), int(height),
+                                          int(width))
+            rows = frames // self.temporal_patch * self.layout.tokens_per_frame
+            rotary = tuple(part[:rows] for part in table)
         out = self.inner(hidden_states=sample.transpose(1, 2), encoder_hidden_states=encoder_hidden_states,
                          timestep=timestep, image_rotary_emb=rotary, return_dict=False)[0]
         return out.transpose(1, 2)
@@ -109,7 +118,7 @@ class CogVideoXAdapter(JointVideoAdapter):
         "cogvideox-5b": _COGVIDEOX_5B,
     })
     structure = JointAttentionPatterns((CogVideoXNet.self_attention,), "transformer")
-    fixed_axes = ("frames", "height", "width")  # positions are computed from the clip's shape at trace time
+    fixed_axes = ("frames", "height", "width")  # sincos positions (2B) are computed from the clip's shape
     text_tokens = 226  # T5 tokens the pipeline pads every prompt to
     scheduler_class = CogVideoXDDIMScheduler
     default_scheduler = {  # THUDM/CogVideoX-2b scheduler/scheduler_config.json
@@ -120,6 +129,16 @@ class CogVideoXAdapter(JointVideoAdapter):
 
     def text_width(self, model):
         return model.inner.config.text_embed_dim
+
+    def fixed_axes_of(self, model):
+        if model.inner.config.use_rotary_positional_embeddings:
+            return ("height", "width")  # the rotary grid is cropped to the base size when traced
+        return self.fixed_axes
+
+    def shape_error(self, model, shape):
+        if model.inner.config.use_rotary_positional_embeddings and shape.frames > ROPE_FRAMES * model.temporal_patch:
+            return f"frames = {shape.frames}: the graph's rotary table holds {ROPE_FRAMES} token frames"
+        return super().shape_error(model, shape)
 
     def conventions(self, bundle):
         return {**super().conventions(bundle),
