@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from .artifacts import MODEL_VARIANTS, StageRecord, open_build, write_json
 from .build import Build
@@ -58,9 +58,16 @@ class Latency:
                    float(ms.min()), len(ms))
 
 
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of PyTorch's fused CPU attention kernel, which FlopCounterMode has no formula for (it would count
+    every scaled_dot_product_attention on the CPU as zero): the score and value products, as for the CUDA ones."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
 def count_flops(model: torch.nn.Module, inputs: dict[str, torch.Tensor], temporal: list[str]) -> tuple[int, int]:
     """(total FLOPs of one forward, FLOPs inside the listed temporal attention modules)."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    cpu_attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
         model(**inputs)
     per_module = counter.get_flop_counts()
     prefix = type(model).__name__ + "."

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import torch
 from click.testing import CliRunner
 
 from f3export.bench import count_flops
@@ -56,3 +57,14 @@ def test_flops_are_counted_where_a_diffusers_temporal_attention_lost_every_head(
     apply_plan(bundle.model, sites, {s.attention: [] for s in sites})
     pruned_total, pruned_temporal = count_flops(bundle.model, spec.inputs, [s.attention for s in sites])
     assert temporal > 0 and pruned_temporal == 0 and pruned_total == total - temporal
+
+
+def test_the_fused_cpu_attention_kernel_is_counted_as_its_score_and_value_products():
+    """FlopCounterMode has no formula for PyTorch's CPU flash-attention kernel and would count it as zero."""
+    class Attend(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    q, k, v = torch.randn(1, 2, 64, 8), torch.randn(1, 2, 96, 8), torch.randn(1, 2, 96, 8)
+    total, _ = count_flops(Attend(), {"q": q, "k": k, "v": v}, [])
+    assert total == 2 * (2 * 2 * 64 * 96 * 8)  # q k^T and p v: 2 FLOPs per multiply-add, 2 heads

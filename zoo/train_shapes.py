@@ -2,6 +2,7 @@
 
     python -m zoo.train_shapes tune-a-video           # into zoo/tav-shapes/
     python -m zoo.train_shapes latte                  # into zoo/latte-shapes/
+    python -m zoo.train_shapes cogvideox              # into zoo/cogvideox-shapes/
     python -m zoo.train_shapes latte --steps 3 --out /tmp/check   # a smoke run
 
 Each network is one f3export loads (``[model].family``), at a small width, in pixel space: 16x16 RGB frames
@@ -9,10 +10,13 @@ need no autoencoder, and a learned one would put its own reconstruction error be
 fidelity figure measured on it. Tune-A-Video: f3export's inflated SD-1.x UNet (sparse-causal spatial
 attention, temporal attention in every transformer block), with attention at 8x8 and 4x4 only (at 16x16 it
 tripled the step time). Latte: diffusers' ``LatteTransformer3DModel`` (alternating spatial and temporal
-blocks, sinusoidal frame positions, adaLN-single). The text conditioning is a small CLIP text encoder whose
-tokenizer reads the caption grammar's words as single tokens (WORDS), frozen as distinct word vectors
-(WORD_VECTOR_SCALE; the network learns to read them), saved as ``text_encoder/`` and ``tokenizer/`` beside
-the network, with the DDIM ``scheduler/`` sampling uses. Loss: v-prediction under DDPM's linear schedule (see
+blocks, sinusoidal frame positions, adaLN-single). CogVideoX: diffusers' ``CogVideoXTransformer3DModel`` in
+CogVideoX-5B's layout (text and video tokens in one joint 3D attention per block, 3D RoPE, per-head q/k
+LayerNorm), sampled with ``CogVideoXDDIMScheduler`` at SNR shift 1 (the training schedule's own alphas).
+The text conditioning is a small CLIP text encoder whose tokenizer reads the caption grammar's words as
+single tokens (WORDS), frozen as distinct word vectors (WORD_VECTOR_SCALE; the network learns to read them),
+saved as ``text_encoder/`` and ``tokenizer/`` beside the network, with the ``scheduler/`` sampling uses (the
+family's DDIM). Loss: v-prediction under DDPM's linear schedule (see
 SCHEDULE), captions dropped 10% of the time for classifier-free guidance. What each choice was measured
 against: zoo/README.md.
 
@@ -34,7 +38,7 @@ from typing import Any
 import diffusers
 import torch
 import transformers
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDPMScheduler
 
 from f3export.models import get_adapter
 from f3export.models.base import LatentVideoDiffusionAdapter
@@ -89,6 +93,14 @@ TRAINEES = {
         "cross_attention_dim": 64, "video_length": FRAMES, "activation_fn": "gelu-approximate",
         "norm_elementwise_affine": False, "norm_eps": 1e-6,
     }, "latte-shapes", steps=4500, lr=1e-3),
+    "cogvideox": Trainee("cogvideox", {
+        # heads of 32 channels: CogVideoX gives a quarter of a head's rotary channels to time, and at 16 those 4
+        # turn 1 and 0.01 rad per frame, so frames 0 and 6 look alike (run 1 of it: noisy first and last frames)
+        **get_adapter("cogvideox").checkpoint.presets["tiny"], "num_attention_heads": 4, "attention_head_dim": 32,
+        "in_channels": 3, "out_channels": 3, "time_embed_dim": 64, "text_embed_dim": TEXT_WIDTH, "num_layers": 4,
+        "sample_width": SIZE, "sample_height": SIZE, "max_text_seq_length": TEXT_TOKENS,
+    }, "cogvideox-shapes", steps=3000, lr=1e-3, schedule={**SCHEDULE, "snr_shift_scale": 1.0},
+        storage=torch.float16),  # 1.2 M parameters: 2.5 MB, not 4.9
 }
 
 
@@ -143,7 +155,7 @@ def train(trainee: Trainee, out: Path, steps: int, batch: int, lr: float, seed: 
                   f"{time.perf_counter() - started:.0f} s", flush=True)
 
     adapter.checkpoint.save_network(net.eval().to(trainee.storage), trainee.config, out)
-    DDIMScheduler.from_config(trainee.schedule).save_config(out / "scheduler")
+    adapter.scheduler_class.from_config(trainee.schedule).save_config(out / "scheduler")  # the family's sampler
     curve = [sum(losses[i:i + log_every]) / len(losses[i:i + log_every]) for i in range(0, steps, log_every)]
     record = {
         "family": trainee.family, "task": "moving shapes (f3export/tasks/shapes.py)", "frames": FRAMES, "size": SIZE,
