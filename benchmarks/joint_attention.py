@@ -68,7 +68,8 @@ def counted(adapter, config: dict, shape: VideoShape, batch: int) -> dict[float,
 
 
 def meta_counts() -> None:
-    print("| model | shape (latent frames x h x w, text) | ratio | TFLOPs per forward (CFG batch 2) | attention share | ideal speedup |")
+    print("| model | shape (latent frames x h x w, text) | ratio | TFLOPs per forward (CFG batch 2) "
+          "| attention share | ideal speedup |")
     print("|---|---|---|---|---|---|")
     for family, (preset, shape) in REAL_SHAPES.items():
         adapter = get_adapter(family)

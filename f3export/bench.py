@@ -277,7 +277,7 @@ class Bench:
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
         left.plot(ratios, [r["latency_ms"]["pruned"] for r in rows], "o-", label="pruned")
         left.plot(ratios, [r["latency_ms"]["original"] for r in rows], "s--", label="original (same runs)")
-        left.set(xlabel="pruning ratio (temporal heads removed)", ylabel="ms per denoising step",
+        left.set(xlabel="pruning ratio (temporal heads pruned)", ylabel="ms per denoising step",
                  title="ONNX Runtime latency")
         left.legend()
         right.plot(ratios, [r["ideal_speedup"] for r in rows], "o-", label="ideal (FLOPs ratio)")
@@ -319,6 +319,6 @@ def print_bench(result: dict[str, Any]) -> None:
                      f"{100 * b['measured_over_ideal']:.1f}% of ideal")
         console.print(t)
     if "ratios" in result:
-        console.print(table("ratio sweep (ONNX Runtime)", ["ratio", "heads removed", "ideal", "measured"], [
+        console.print(table("ratio sweep (ONNX Runtime)", ["ratio", "heads pruned", "ideal", "measured"], [
             [f"{r['ratio']:g}", str(r["removed_heads"]), f"{r['ideal_speedup']:.4f}x", f"{r['measured_speedup']:.4f}x"]
             for r in result["ratios"]]))

@@ -79,9 +79,9 @@ def _search_lines(search: dict[str, Any]) -> list[str]:
                else "removing every head passes")
     return ["", "## Ratio chosen for you", "",
             f"`ratio = \"auto\"` chose **{_value(search['chosen']['ratio'])}** "
-            f"({search['chosen']['removed_heads']} heads removed): the largest prefix of the ranking whose "
+            f"({search['chosen']['removed_heads']} heads pruned): the largest prefix of the ranking whose "
             f"held-out fidelity passes the budget ({budget}); {verdict}. Candidates tried:", "",
-            *_markdown_table(["ratio", "heads removed", *gates, "result"], rows)]
+            *_markdown_table(["ratio", "heads pruned", *gates, "result"], rows)]
 
 
 def _sweep_lines(sweep: dict[str, Any], picture: bool) -> list[str]:

@@ -91,7 +91,8 @@ ACTIONS = ("remove", "frame-local")  # [pruning].action; a family allows those i
 class PruningSection:
     criterion: str = spec("contribution", choices=CRITERIA)  # the registry itself: a criterion added is a choice
     scope: str = spec("global", choices=("global", "module"))
-    # fraction of temporal heads removed, or "auto": the largest that passes [validation]'s pruning gates
+    # fraction of temporal heads pruned (removed or made frame-local), or "auto": the largest that passes
+    # [validation]'s pruning gates
     ratio: float | str = spec(0.5, low=0.0, high=1.0, words=(AUTO_RATIO,))
     min_heads_per_module: int = spec(0, low=0)
     keep: list[str] = spec([])  # module names (glob patterns) never pruned

@@ -41,7 +41,7 @@ def test_auto_chooses_the_largest_passing_prefix_and_the_build_validates_it(writ
     for metric, value in chosen["gates"].items():
         assert abs(measured[metric] - value) <= 1e-6 * abs(value)
     report = (tmp_path / "artifacts" / "fast" / "report.md").read_text()
-    assert "## Ratio chosen for you" in report and f"({chosen['removed_heads']} heads removed)" in report
+    assert "## Ratio chosen for you" in report and f"({chosen['removed_heads']} heads pruned)" in report
 
 
 def test_a_budget_every_prefix_meets_removes_every_head(write_recipe, tmp_path):

@@ -118,8 +118,9 @@ def test_cogvideox_positions_are_the_pipelines_rotary_embedding_of_the_clip():
         rotary = net.rotary_embedding(frames, 8, 8)  # the pipeline's function at exactly this clip
         net.layout.tokens_per_frame = 16
         with torch.no_grad():
-            expected = net.inner(hidden_states=x["sample"].transpose(1, 2), encoder_hidden_states=x["encoder_hidden_states"],
-                                 timestep=x["timestep"], image_rotary_emb=rotary, return_dict=False)[0].transpose(1, 2)
+            expected = net.inner(hidden_states=x["sample"].transpose(1, 2),
+                                 encoder_hidden_states=x["encoder_hidden_states"], timestep=x["timestep"],
+                                 image_rotary_emb=rotary, return_dict=False)[0].transpose(1, 2)
             assert torch.equal(net(**x), expected)
 
 

@@ -211,7 +211,7 @@ class DiffusersAttentionHeads(AttentionHeads):
             if attn.norm_k is not None:
                 k = attn.norm_k(k)
             probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.scale, dim=-1)
-            cross = probs * (1.0 - torch.eye(frames))  # every key but the query's own frame
+            cross = probs * (1.0 - torch.eye(frames, device=probs.device))  # every key but the query's own frame
             head_out, cross_out = (torch.einsum("nhfd,hdc->nhfc", p @ v.float(), per_head_out.float())
                                    / attn.rescale_output_factor for p in (probs, cross))
             yield HeadObservation(output_norm=head_out.norm(dim=-1),  # [n, heads, frames]

@@ -76,8 +76,7 @@ def frame_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, con
     Video queries attend per frame over [context keys, own frame's keys] (scores [B, H, F, T, C + T]); context
     queries belong to no frame and attend over every key, as in the original attention."""
     scale = q.shape[-1] ** -0.5
-    frames = [x[:, :, context:].unflatten(2, (-1, tokens_per_frame)) for x in (q, k, v)]  # [B, H, F, T, d]
-    qf, kf, vf = frames
+    qf, kf, vf = (x[:, :, context:].unflatten(2, (-1, tokens_per_frame)) for x in (q, k, v))  # [B, H, F, T, d]
     scores = (qf @ kf.transpose(-1, -2)) * scale
     if not context:
         return (scores.softmax(dim=-1) @ vf).flatten(2, 3)

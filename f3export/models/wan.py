@@ -33,7 +33,8 @@ class WanStyle(JointStyle):
 
     def qkv(self, attn, head_dim, hidden_states, encoder_hidden_states=None, attention_mask=None,
             image_rotary_emb=None):
-        q, k, v = attn.norm_q(attn.to_q(hidden_states)), attn.norm_k(attn.to_k(hidden_states)), attn.to_v(hidden_states)
+        q, k = attn.norm_q(attn.to_q(hidden_states)), attn.norm_k(attn.to_k(hidden_states))
+        v = attn.to_v(hidden_states)
         q, k, v = (x.unflatten(2, (-1, head_dim)) for x in (q, k, v))  # [B, S, H, d]
         if image_rotary_emb is not None:
             q, k = rotate(q, *image_rotary_emb), rotate(k, *image_rotary_emb)
@@ -88,6 +89,7 @@ class WanAdapter(JointVideoAdapter):
 
     def shape_error(self, model, shape):
         limit = model.inner.config.rope_max_seq_len
-        if max(shape.frames, shape.latent_height // model.spatial_patch, shape.latent_width // model.spatial_patch) > limit:
+        patch = model.spatial_patch
+        if max(shape.frames, shape.latent_height // patch, shape.latent_width // patch) > limit:
             return f"frames or latent size beyond the rotary table's rope_max_seq_len = {limit} positions"
         return super().shape_error(model, shape)
