@@ -104,12 +104,17 @@ class FrameAttentionProcessor:
                  attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None) -> Any:
         if attention_mask is not None:
             raise ValueError("joint self-attention with an attention mask is not supported")
-        q, k, v, context = self.style.qkv(attn, self.head_dim, hidden_states, encoder_hidden_states, None,
-                                          image_rotary_emb)
-        if self.selected is not None:
-            q, k = q[:, self.selected], k[:, self.selected]
+        q, k, v, context = self.qkv(attn, hidden_states, encoder_hidden_states, None, image_rotary_emb)
         out = self.attend(q, k, v, context)
         return self.style.output(attn, out.transpose(1, 2).flatten(2, 3).type_as(q), context)
+
+    def qkv(self, attn: nn.Module, *inputs: Any, **named: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """The family's q, k, v of a call (``inputs``/``named``: the module's, as its caller passed them), the
+        heads that still have outputs only."""
+        q, k, v, context = self.style.qkv(attn, self.head_dim, *inputs, **named)
+        if self.selected is not None:
+            q, k = q[:, self.selected], k[:, self.selected]
+        return q, k, v, context
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: int) -> torch.Tensor:
         if self.masked is not None:
@@ -200,10 +205,8 @@ class JointAttentionHeads(AttentionHeads):
         """Over the video queries: context (text) queries belong to no frame. ``residual_norm`` is the video
         tokens' [batch, video tokens]."""
         processor = self.processor
-        q, k, v, context = processor.style.qkv(self.module, self.head_dim, hidden_states, *inputs, **named)
+        q, k, v, context = processor.qkv(self.module, hidden_states, *inputs, **named)
         q, k, v = q.float(), k.float(), v.float()
-        if processor.selected is not None:
-            q, k = q[:, processor.selected], k[:, processor.selected]
         per_head_out = self.projections().output_per_head().float()  # [heads, d, C_out]
         batch, heads, sequence, _ = q.shape
         frame = frame_ids(context, sequence - context, processor.layout.tokens_per_frame)
