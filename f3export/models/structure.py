@@ -6,7 +6,6 @@ A family says it once, as a ``TemporalStructure`` over its module tree; calibrat
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -74,6 +73,7 @@ class AttentionPatterns(TemporalStructure):
 
     kinds: tuple[type[nn.Module], ...] = (Attention,)  # the module classes that are attention
     access: type[AttentionHeads] = DiffusersAttentionHeads
+    shared_norm = False  # whether each site's norm feeds more than its attention
 
     def __init__(self, patterns: tuple[str, ...], prefix: str):
         self.patterns, self.prefix = patterns, prefix
@@ -90,7 +90,7 @@ class AttentionPatterns(TemporalStructure):
                 parent, _, leaf = name.rpartition(".")
                 norm = f"{parent}.norm{leaf.removeprefix('attn')}" if leaf.startswith("attn") else None
                 norm_path = f"{self.prefix}.{norm}" if norm in modules else None
-                sites.append(TemporalSite(f"{self.prefix}.{name}", norm_path, access=self.access))
+                sites.append(TemporalSite(f"{self.prefix}.{name}", norm_path, self.shared_norm, self.access))
         return sites
 
     def unmatched(self, model: nn.Module, key: str) -> str | None:
@@ -105,6 +105,4 @@ class JointAttentionPatterns(AttentionPatterns):
     actions = ("frame-local", "remove")
     kinds = (Attention, AttentionModuleMixin)  # CogVideoX's is the former, Wan's the latter
     access = JointAttentionHeads
-
-    def temporal_sites(self, model):
-        return [dataclasses.replace(site, shared_norm=True) for site in super().temporal_sites(model)]
+    shared_norm = True
