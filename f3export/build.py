@@ -27,9 +27,11 @@ from filelock import FileLock, Timeout
 from . import __version__
 from .artifacts import Manifest, StageRecord
 from .engines import make_backend
+from .distributed import Team
 from .errors import F3ExportError, RecipeError, activity
 from .models import get_adapter
 from .models.base import ModelAdapter, VideoShape
+from .models.memory import peak_rss_mib, reset_peak_rss, return_free_memory
 from .models.structure import unmatched_pattern
 from .pictures import write_report
 from .recipe import AUTO_RATIO, Recipe
@@ -60,6 +62,7 @@ class BuildResult:
     root: Path
     outcomes: list[StageOutcome] = field(default_factory=list)
     gates: list[Gate] = field(default_factory=list)
+    stopped_after: str | None = None  # the last stage run, when asked to stop before the end (``until``)
 
     @property
     def passed(self) -> bool:
@@ -80,6 +83,9 @@ def check_runnable(recipe: Recipe, adapter: ModelAdapter, skeleton: torch.nn.Mod
     cannot take (the export shape or either end of a validated range), a pattern key that matches no module,
     a forward that cannot fit in memory (all checked on the network's skeleton: its config, no weights)."""
     name = recipe.source.name
+    if recipe.calibration.device == "cuda" and not torch.cuda.is_available():
+        raise RecipeError(f"{name}: [calibration].device = 'cuda', but this PyTorch ({torch.__version__}) sees no "
+                          "CUDA device")
     fixed = sorted(set(recipe.export.dynamic_axes) & set(adapter.fixed_axes_of(skeleton)))
     if fixed:
         raise RecipeError(f"{name}: [export].dynamic_axes: {recipe.model.family} models cannot "
@@ -115,21 +121,43 @@ def check_runnable(recipe: Recipe, adapter: ModelAdapter, skeleton: torch.nn.Mod
 class Build:
     """One build of a recipe: checked before any stage, then STAGES run in order under the folder's lock."""
 
-    def __init__(self, recipe: Recipe, force: bool = False):
+    def __init__(self, recipe: Recipe, force: bool = False, team: Team | None = None, until: str | None = None):
         self.recipe = recipe
         self.force = force
+        self.team = team
+        self.until = until  # the last stage to run (e.g. calibrate on a cluster, the rest elsewhere)
+        self.peak_rss = 0  # MiB
         self.adapter = get_adapter(recipe.model.family, recipe.model.adapter_options)
         self.root = recipe.artifact_dir
         self.versions = library_versions()
         # Every backend asked for is set up now, so one that cannot run here fails before any work.
         backends = [make_backend(name, recipe, self.root) for name in recipe.engine.selected]
         self.model = SourceModel(recipe, self.adapter)
-        self.context = StageContext(recipe, self.adapter, self.root, self.model, backends)
+        self.context = StageContext(recipe, self.adapter, self.root, self.model, backends, team=team, frugal=True)
         self.result = BuildResult(self.root)
         confine_model_files(recipe, self.adapter)
         check_runnable(recipe, self.adapter, self.model.skeleton, self.context.validated_shapes)
 
     def run(self) -> BuildResult:
+        try:
+            return self._run()
+        finally:
+            if self.team is not None:
+                self.team.announce(None)  # the build stopped before calibrating, or reused it: nothing to share
+
+    def follow(self) -> bool:
+        """Under torchrun, on every rank but 0: lend this process to rank 0's calibration, if it runs one
+        (writing nothing: rank 0 holds the artifact folder and runs every other stage). Whether it did."""
+        shared = [stage for stage in STAGES if stage.shared]
+        for stage in shared:
+            key = stage_key(stage, self.context, self.versions)
+            if self.team.await_calibration(key):
+                self.context.keys[stage.name] = key
+                stage.run(self.context)
+                return True
+        return False
+
+    def _run(self) -> BuildResult:
         with activity(f"preparing the artifact folder {self.root}"):
             self.root.mkdir(parents=True, exist_ok=True)
             lock_path = self.root / ".lock"
@@ -161,20 +189,40 @@ class Build:
     def _run_stage(self, stage: Stage) -> StageRecord:
         """The stage's record: reused when its key and files are unchanged, else run and recorded."""
         key = stage_key(stage, self.context, self.versions)
+        self.context.keys[stage.name] = key
         record = None if self.force else self.manifest.reusable(stage.name, key)
+        announce = self.team.announce if stage.shared and self.team is not None else lambda key: None
         if record is not None:
+            announce(None)
             self.result.outcomes.append(StageOutcome(stage.name, True, 0.0, record))
             return record
         if stage.needs_model:
             self.model.bundle  # load (and check) the model before the stage announces itself
+        announce(key)  # the other processes join it
         start = time.perf_counter()
         console.print(f"[bold]{stage.name}[/] ...", highlight=False)
+        self._note_peak()
+        return_free_memory()  # what earlier stages freed, so this stage's peak is its own
+        reset_peak_rss()
         with activity(f"stage {stage.name}", self.root):
             files, data = stage.run(self.context)
         seconds = time.perf_counter() - start
+        self.manifest.doc.setdefault("stage_peak_rss_mb", {})[stage.name] = self._note_peak()
         record = self.manifest.complete(stage.name, key, files, data, seconds)
         self.result.outcomes.append(StageOutcome(stage.name, False, seconds, record))
         return record
+
+    def _note_peak(self) -> int | None:
+        """The resident high-water mark since the last reset, folded into the build's own (``peak_rss``)."""
+        peak = peak_rss_mib()
+        if peak is not None:
+            self.peak_rss = max(self.peak_rss, peak)
+        return peak
+
+    def build_peak_rss(self) -> int:
+        """MiB: the highest of the stages' peaks and of what ran between them (loading the model)."""
+        self._note_peak()
+        return self.peak_rss or round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # not Linux
 
     def _run_locked(self) -> BuildResult:
         r = self.recipe
@@ -183,13 +231,19 @@ class Build:
         records = self.context.records
         for stage in STAGES:
             records[stage.name] = self._run_stage(stage)
+            if stage.name == self.until and stage is not STAGES[-1]:
+                self.result.stopped_after = stage.name
+                self.manifest.doc["status"] = f"stopped after {stage.name}"
+                self.manifest.save()
+                return self.result
         prune, export, engine = records["prune"], records["export"], records["engine"]
         self.result.gates = [Gate(**{k: g[k] for k in ("metric", "value", "limit", "kind")})
                              for g in records["validate"].data["gates"]]
         self.manifest.doc.update({
             "status": "passed" if self.result.passed else "failed",
-            # High-water mark of this build process (stages reused from the cache cost nothing here).
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            # High-water mark of this build process (stages reused from the cache cost nothing here); not
+            # getrusage's, which the per-stage resets of the kernel's mark (``reset_peak_rss``) lower
+            "peak_rss_mb": self.build_peak_rss(),
             "parameters": {
                 "torch": {k.removeprefix("parameters_"): n for k, n in prune.data.items()},
                 "onnx": {"original": export.data["original"]["parameters"],
@@ -208,9 +262,16 @@ class Build:
         return self.result
 
 
+def stages_table(result: BuildResult, manifest: Manifest):
+    """Each stage's time and its own peak resident memory (the process's, from the stage's start)."""
+    peaks = manifest.doc.get("stage_peak_rss_mb", {})
+    return table("stages", ["stage", "status", "seconds", "peak MiB"],
+                 [[o.name, "cached" if o.cached else "built", f"{o.seconds:.1f}",
+                   "" if o.cached or peaks.get(o.name) is None else f"{peaks[o.name]:,}"] for o in result.outcomes])
+
+
 def summary_tables(result: BuildResult, manifest: Manifest) -> list:
-    stages = table("stages", ["stage", "status", "seconds"],
-                   [[o.name, "cached" if o.cached else "built", f"{o.seconds:.1f}"] for o in result.outcomes])
+    stages = stages_table(result, manifest)
     params = manifest.doc["parameters"]
     sizes = manifest.doc["stages"]["export"]["data"]
     numbers = table("model", ["", "original", "pruned", "removed"], [
@@ -234,6 +295,11 @@ def summary_tables(result: BuildResult, manifest: Manifest) -> list:
 
 def print_summary(result: BuildResult) -> None:
     manifest = Manifest(result.root)
+    if result.stopped_after is not None:
+        console.print(stages_table(result, manifest))
+        console.print(f"build stopped after {result.stopped_after}, as asked; artifacts so far in {result.root}; "
+                      "the same command without --until finishes it from there", highlight=False)
+        return
     for item in summary_tables(result, manifest):
         console.print(item)
     verdict = "[green]passed[/]" if result.passed else "[bold red]FAILED: a validation gate did not pass[/]"

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .artifacts import BUILD_STAGES as STAGE_NAMES
 from .errors import F3ExportError, activity_of
 
 EXIT_ENVIRONMENT = 2
@@ -82,13 +83,32 @@ def main(debug: bool) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override a recipe value (repeatable), e.g. --set pruning.ratio=0.25")
 @click.option("--force", is_flag=True, help="Rebuild every stage, ignoring the cache.")
+@click.option("--until", type=click.Choice(STAGE_NAMES), help="Stop after this stage (e.g. calibrate on a "
+              "cluster, finish elsewhere: a later build reuses what is done).")
 @user_errors
-def build(recipe: Path, overrides: tuple[str, ...], force: bool) -> None:
-    """Calibrate, prune, export, build engines and validate, as RECIPE says."""
+def build(recipe: Path, overrides: tuple[str, ...], force: bool, until: str | None) -> None:
+    """Calibrate, prune, export, build engines and validate, as RECIPE says.
+
+    Under torchrun (torchrun --nproc-per-node N -m f3export build RECIPE), the calibration runs are shared
+    among the N processes; rank 0 writes the artifacts.
+    """
     from .build import Build, print_summary
+    from .distributed import Team
     from .recipe import load_recipe
 
-    result = Build(load_recipe(recipe, list(overrides)), force=force).run()
+    loaded = load_recipe(recipe, list(overrides))
+    team = Team.join(loaded.calibration.device)
+    try:
+        build = Build(loaded, force=force, team=team, until=until)
+        if team is not None and not team.leader:
+            lent = "calibration runs done for rank 0" if build.follow() else \
+                "nothing to calibrate (rank 0 reused its calibration, or stopped before it)"
+            console.print(f"rank {team.rank} of {team.size}: {lent}; rank 0 writes the artifacts", highlight=False)
+            return
+        result = build.run()
+    finally:
+        if team is not None:
+            team.close()
     print_summary(result)
     if not result.passed:
         sys.exit(1)

@@ -231,5 +231,5 @@ def load_pruned(folder: Path) -> tuple[ModelAdapter, dict[str, Any], nn.Module]:
         raise CheckpointError(f"{path}: local_heads given, but {adapter.family} heads cannot go frame-local")
     apply_plan(model, sites, kept, local)
     weights = folder / PRUNED_WEIGHTS
-    load_into(model, load_state_dict(weights), weights)
+    load_into(model, load_state_dict(weights), weights, assign=True)  # no second copy of the weights
     return adapter, config, model

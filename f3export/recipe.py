@@ -82,6 +82,9 @@ class ModelSection:
 class CalibrationSection:
     prompts: list[str] = spec(["a man is surfing"], nonempty=True)
     seeds: list[int] = spec([0], nonempty=True)
+    # where the runs' forward passes run: "cuda" puts each torchrun process on its own GPU (LOCAL_RANK), and
+    # the processes then gather over NCCL instead of gloo; noise is drawn on the CPU either way
+    device: str = spec("cpu", choices=("cpu", "cuda"))
 
 
 ACTIONS = ("remove", "frame-local")  # [pruning].action; a family allows those its structure can do

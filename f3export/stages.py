@@ -9,6 +9,7 @@ and the tests that prove it read the same declarations.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -18,12 +19,14 @@ import torch
 
 from . import __version__
 from .artifacts import MODEL_VARIANTS, StageRecord, content_key, sha256_file, write_json
-from .calibrate import Scores, calibrate
+from .calibrate import RunStore, Scores, calibrate
+from .distributed import Team
 from .engines import Backend, profile_ranges, validated_shapes
 from .errors import RecipeError
 from .export import ContractTerms, export_onnx
 from .models.base import ModelAdapter, VideoShape, family_sources
 from .models.loading import ModelBundle
+from .models.memory import return_free_memory
 from .pictures import video_strips
 from .prune import PruningPlan, load_pruned, make_plan, parameter_count, pruned_copy, save_pruned
 from .recipe import AUTO_RATIO, Recipe
@@ -43,6 +46,7 @@ class SourceModel:
     def __init__(self, recipe: Recipe, adapter: ModelAdapter):
         self.recipe, self.adapter = recipe, adapter
         self._digests: dict[str, str] = {}
+        self._noted = False
 
     @cached_property
     def skeleton(self) -> torch.nn.Module:
@@ -63,11 +67,16 @@ class SourceModel:
                 raise RecipeError(f"{self.recipe.source.name}: {exc}") from None
         else:
             bundle = self.adapter.checkpoint.load_folder(Path(model.path))
-        if bundle.random_weights:
+        if bundle.random_weights and not self._noted:
+            self._noted = True
             console.print(f"[bold yellow]note:[/] {model.family} {bundle.description}: "
                           "RANDOM weights, so scores and fidelity say nothing about a trained model. "
                           "Set \\[model].path to a checkpoint folder for real results.", soft_wrap=True)
         return bundle
+
+    def release(self) -> None:
+        """Free the weights (the next ``bundle`` loads them again)."""
+        self.__dict__.pop("bundle", None)
 
     def digest(self, files: str) -> str:
         """Identity of one class of the model's files (MODEL_FILES), hashed once per build."""
@@ -107,6 +116,10 @@ class StageContext:
     backends: list[Backend]
     records: dict[str, StageRecord] = field(default_factory=dict)  # stages done (run or reused), by name
     variants: tuple[str, ...] = MODEL_VARIANTS  # a ratio sweep exports and builds the pruned model alone
+    keys: dict[str, str] = field(default_factory=dict)  # the key of every stage run or reused, by name
+    team: Team | None = None  # the torchrun processes a shared stage's work is dealt out to
+    # hold at most the models a step needs, loading them again when needed (a build); a sweep keeps them
+    frugal: bool = False
 
     @property
     def shape(self) -> VideoShape:
@@ -131,6 +144,18 @@ class StageContext:
         for variant in self.variants:
             yield variant, self.model.bundle.model if variant == "original" else self.pruned
 
+    def release(self, *variants: str) -> None:
+        """Frugal: free these models' weights (all without ``variants``), so that a build holds at most two
+        models (pruning fidelity's pair), never those and an engine or an export's working set as well."""
+        if not self.frugal:
+            return
+        for variant in variants or MODEL_VARIANTS:
+            if variant == "original":
+                self.model.release()
+            else:
+                self.__dict__.pop("pruned", None)
+        return_free_memory()
+
     def shape_value(self, name: str) -> Any:
         return {"latent": lambda: vars(self.shape), "contract_ranges": lambda: self.contract_ranges,
                 "validated_shapes": lambda: self.validated_shapes}[name]()
@@ -153,6 +178,7 @@ class Stage:
     shapes: tuple[str, ...] = ()  # of SHAPES: the shapes it runs the model at or records
     libraries: tuple[str, ...] = ()  # keys of build.library_versions(), or BACKENDS
     needs_model: bool = True  # load (and check) the weights before it starts
+    shared: bool = False  # its work is dealt out among torchrun's processes (StageContext.team)
     # inputs (``kind:name``) it reads only for some recipes: (whether a recipe makes it read them, the inputs)
     conditional: tuple[Callable[[Recipe], bool], tuple[str, ...]] | None = None
 
@@ -185,11 +211,27 @@ def stage_key(stage: Stage, ctx: StageContext, versions: dict[str, str]) -> str:
 
 
 # -- the stage functions ----------------------------------------------------------------------------------
+CALIBRATION_RUNS = "calibration"  # the finished runs of an unfinished calibration, a folder per stage key
+
+
 def calibrate_scores(ctx: StageContext) -> StageOutput:
-    scores = calibrate(ctx.adapter, ctx.model.bundle, ctx.shape, ctx.recipe.calibration)
+    """Runs saved as they finish (resumed after a crash), shared with the team's other processes; the team's
+    other processes return here without writing anything."""
+    args = (ctx.adapter, ctx.model.bundle, ctx.shape, ctx.recipe.calibration)
+    if ctx.team is not None and not ctx.team.leader:
+        calibrate(*args, team=ctx.team)
+        return [], {}
+    runs = ctx.root / CALIBRATION_RUNS
+    key = ctx.keys["calibrate"]
+    for stale in sorted(runs.iterdir()) if runs.is_dir() else []:  # of calibrations no recipe asks for now
+        if stale.name != key:
+            shutil.rmtree(stale, ignore_errors=True)
+    store = RunStore(runs / key, key)
+    scores = calibrate(*args, store=store, team=ctx.team)
     path = ctx.root / "scores.json"
     write_json(path, scores.to_json())
     heads = sum(m.heads for m in scores.modules.values())
+    shutil.rmtree(runs, ignore_errors=True)  # scores.json holds them now
     return [path], {"modules": len(scores.modules), "heads": heads, "samples": scores.samples}
 
 
@@ -230,6 +272,8 @@ def export_models(ctx: StageContext) -> StageOutput:
         files += info.files
         data[variant] = {"path": str(info.path.relative_to(ctx.root)), "parameters": info.parameters,
                          "bytes": info.bytes_on_disk, "external_data": info.external_data, "nodes": info.nodes}
+        del model
+        ctx.release(variant)  # the next variant (and the engines after) without this one's weights
     if ctx.variants == MODEL_VARIANTS:
         data["parameters_removed"] = data["original"]["parameters"] - data["pruned"]["parameters"]
     data["contract"] = info.contract  # the same for both: pruning keeps every input and output
@@ -254,19 +298,21 @@ def validate_engines(ctx: StageContext) -> StageOutput:
     section = ctx.recipe.validation
     backends = {b.name: b for b in ctx.backends}
     files, metrics, gates = [], {}, []
+    goldens = {}
     for variant, model in ctx.models():
-        samples = golden_samples(ctx.adapter, model, ctx.validated_shapes, section)
+        goldens[variant] = golden_samples(ctx.adapter, model, ctx.validated_shapes, section)
         golden_path = ctx.root / "goldens" / f"{variant}.npz"
-        save_goldens(golden_path, samples)
+        save_goldens(golden_path, goldens[variant])
         files.append(golden_path)
-        for name, entry in ctx.records["engine"].data.items():
-            if entry["variant"] != variant:
-                continue
-            backend = backends[entry["backend"]]
-            worst = compare_engine(backend.load(ctx.root / entry["path"]), samples)
-            metrics[f"export.{name}"] = vars(worst)
-            gates += export_gates(worst, section, backend.precision, f"export.{name}")
     fidelity = pruning_fidelity(ctx.adapter, ctx.model.bundle, ctx.pruned, ctx.shape, section)
+    del model
+    ctx.release()  # the engines run without the PyTorch models in memory
+    engines = ctx.records["engine"].data.items()
+    for variant, name, entry in [(v, n, e) for v in goldens for n, e in engines if e["variant"] == v]:
+        backend = backends[entry["backend"]]
+        worst = compare_engine(backend.load(ctx.root / entry["path"]), goldens[variant])  # one engine at a time
+        metrics[f"export.{name}"] = vars(worst)
+        gates += export_gates(worst, section, backend.precision, f"export.{name}")
     metrics["pruning"] = fidelity.to_json()
     gates += pruning_gates(ctx.adapter, fidelity, section)
     report = ctx.root / "validation.json"
@@ -286,7 +332,7 @@ def validate_engines(ctx: StageContext) -> StageOutput:
 STAGES = (
     Stage("calibrate", calibrate_scores, sections=("calibration",), model_files=("network", "sampling"),
           input_files=("calibration",), shapes=("latent",),
-          libraries=("torch", "diffusers", "transformers", "f3export")),
+          libraries=("torch", "diffusers", "transformers", "f3export"), shared=True),
     # plan: a given ratio reads scores.json and [pruning] only; ratio = "auto" samples the held-out runs with
     # the model (search.py), so then it reads what validation's runs read
     Stage("plan", plan_heads, upstream=("calibrate",), sections=("pruning",), libraries=("f3export",),

@@ -110,8 +110,9 @@ def load_state_dict(path: Path, container_key: str | None = None,
     return state
 
 
-def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: Path | str) -> None:
-    """Strict load: every key present, none extra, every shape equal; the first problem is named."""
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: Path | str, assign: bool = False) -> None:
+    """Strict load: every key present, none extra, every shape equal; the first problem is named. ``assign``:
+    the model takes the tensors themselves (a safetensors file's are mapped from disk) instead of copies."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     if missing:
@@ -124,7 +125,7 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: Path | s
             raise CheckpointError(
                 f"{source}: key {key!r} has shape {list(state[key].shape)}, the model expects {list(tensor.shape)}"
             )
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=assign)
 
 
 def save_state_dict(model: nn.Module, path: Path) -> None:

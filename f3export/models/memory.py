@@ -5,6 +5,8 @@ Checked against what the machine has, so a recipe that cannot fit is refused in 
 
 from __future__ import annotations
 
+import ctypes
+import gc
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -94,3 +96,32 @@ def available_memory_bytes() -> int | None:
     return None
 
 
+
+
+def peak_rss_mib() -> int | None:
+    """This process's resident high-water mark since start or the last ``reset_peak_rss`` (Linux); else None."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> None:
+    """Start a new high-water mark at the current resident size (Linux >= 4.0), so a stage's own peak shows."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def return_free_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc keeps what freed tensors of a forward pass left in
+    its arenas: gigabytes after a large model's forward), so the next step's peak does not stack on them."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
