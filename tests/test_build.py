@@ -117,7 +117,10 @@ def test_external_data_export_is_checked_and_runs(tmp_path, tiny_model):
     assert info.external_data and [f.name for f in info.files] == ["model.onnx", "model.onnx.data"]
     stored = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph.initializer
     external = [i for i in stored if i.data_location == onnx.TensorProto.EXTERNAL]
-    assert sum(np.prod(i.dims) for i in external) * 4 == (tmp_path / "model.onnx.data").stat().st_size
+    entries = [{e.key: int(e.value) for e in i.external_data if e.key != "location"} for i in external]
+    assert sum(e["length"] for e in entries) == sum(np.prod(i.dims) for i in external) * 4  # fp32, each once
+    assert all(e["offset"] % 4096 == 0 for e in entries)  # every tensor starts on a page: a runtime can map it
+    assert max(e["offset"] + e["length"] for e in entries) == (tmp_path / "model.onnx.data").stat().st_size
     assert sum(np.prod(i.dims) for i in external) > 0.99 * sum(p.numel() for p in tiny_model.parameters())
     backend = OnnxRuntimeBackend()
     files = backend.build(tmp_path / "model.onnx", tmp_path / "engine.onnx")

@@ -36,13 +36,6 @@ def latte_adaln_rows(model, plan) -> int:
     return sum(2 * model.get_submodule(m).to_out[0].out_features for m in gone)
 
 
-def cogvideo_folded_bias(model, plan) -> int:
-    """ONNX folds sigmoid(a) and 1 - sigmoid(a) into constants; a removed channel folds its
-    (1 - sigmoid(a)) * bias into one, so it drops one more hidden-wide vector than torch does."""
-    gone = [m for m, n in plan.head_counts().items() if n == 0]
-    return sum(model.get_submodule(m).dense.out_features for m in gone)
-
-
 def custom_diffusers(tmp_path_factory):
     """family "diffusers": a ModelScope network described by recipe keys alone, loaded from its folder."""
     folder = tmp_path_factory.mktemp("custom")
@@ -66,7 +59,7 @@ FAMILY_CASES = {
     "modelscope": (preset("modelscope"), VideoShape(4, 8, 8), None),
     "animatediff": (preset("animatediff"), VideoShape(4, 8, 8), None),
     "latte": (preset("latte"), VideoShape(8, 8, 8), latte_adaln_rows),
-    "cogvideo": (preset("cogvideo"), VideoShape(5, 8, 8), cogvideo_folded_bias),
+    "cogvideo": (preset("cogvideo"), VideoShape(5, 8, 8), None),
     "diffusers": (custom_diffusers, VideoShape(4, 8, 8), None),
     "cogvideox": (preset("cogvideox"), VideoShape(3, 8, 8), None),
     "wan": (preset("wan"), VideoShape(3, 8, 8), None),

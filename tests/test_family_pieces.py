@@ -38,8 +38,8 @@ def test_the_recipe_schema_names_no_family_and_no_family_key():
 def test_each_family_reads_only_the_keys_it_declares():
     tav, cogvideo = family_sections("tune-a-video"), family_sections("cogvideo")
     fields = lambda section: list(section.__dataclass_fields__)
-    assert fields(tav["calibration"]) == ["prompts", "seeds", "steps", "guidance_scale", "source_videos"]
-    assert fields(cogvideo["calibration"]) == ["prompts", "seeds", "tokens"]
+    assert fields(tav["calibration"]) == ["prompts", "seeds", "device", "steps", "guidance_scale", "source_videos"]
+    assert fields(cogvideo["calibration"]) == ["prompts", "seeds", "device", "tokens"]
     assert fields(cogvideo["validation"])[-2:] == ["pruning_min_logit_cosine", "pruning_min_top1_agreement"]
     assert "class_name" not in fields(tav["model"]) and "class_name" in fields(family_sections("diffusers")["model"])
 
