@@ -31,7 +31,7 @@ from .distributed import Team
 from .errors import F3ExportError, RecipeError, activity
 from .models import get_adapter
 from .models.base import ModelAdapter, VideoShape
-from .models.memory import peak_rss_mib, reset_peak_rss, return_free_memory
+from .models.memory import peak_rss_mib, reset_peak_rss, return_free_memory, weight_bytes
 from .models.structure import unmatched_pattern
 from .pictures import write_report
 from .recipe import AUTO_RATIO, Recipe
@@ -118,6 +118,11 @@ def check_runnable(recipe: Recipe, adapter: ModelAdapter, skeleton: torch.nn.Mod
         raise RecipeError(f"{name}: {where} {problem}")
 
 
+# Weights from which a build frees a model between the steps that need it (StageContext.frugal); below, it is
+# held throughout: loading it again would cost more time than its memory is worth.
+FRUGAL_ABOVE = 1 << 30
+
+
 class Build:
     """One build of a recipe: checked before any stage, then STAGES run in order under the folder's lock."""
 
@@ -133,7 +138,8 @@ class Build:
         # Every backend asked for is set up now, so one that cannot run here fails before any work.
         backends = [make_backend(name, recipe, self.root) for name in recipe.engine.selected]
         self.model = SourceModel(recipe, self.adapter)
-        self.context = StageContext(recipe, self.adapter, self.root, self.model, backends, team=team, frugal=True)
+        frugal = weight_bytes(self.model.skeleton) >= FRUGAL_ABOVE
+        self.context = StageContext(recipe, self.adapter, self.root, self.model, backends, team=team, frugal=frugal)
         self.result = BuildResult(self.root)
         confine_model_files(recipe, self.adapter)
         check_runnable(recipe, self.adapter, self.model.skeleton, self.context.validated_shapes)

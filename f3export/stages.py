@@ -8,6 +8,7 @@ and the tests that prove it read the same declarations.
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -118,7 +119,8 @@ class StageContext:
     variants: tuple[str, ...] = MODEL_VARIANTS  # a ratio sweep exports and builds the pruned model alone
     keys: dict[str, str] = field(default_factory=dict)  # the key of every stage run or reused, by name
     team: Team | None = None  # the torchrun processes a shared stage's work is dealt out to
-    # hold at most the models a step needs, loading them again when needed (a build); a sweep keeps them
+    # hold at most the models a step needs, loading them again when needed (a build of a large model; a
+    # sweep, and a model reloaded faster than its memory matters, keep them)
     frugal: bool = False
 
     @property
@@ -154,6 +156,7 @@ class StageContext:
                 self.model.release()
             else:
                 self.__dict__.pop("pruned", None)
+        gc.collect()
         return_free_memory()
 
     def shape_value(self, name: str) -> Any:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import COGVIDEO_TOKENS_RECIPE, FAST_RECIPE
+from conftest import COGVIDEO_TOKENS_RECIPE, FAST_RECIPE, run
 
 REPO = Path(__file__).resolve().parents[1]
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -179,10 +179,9 @@ def test_calibration_on_cuda_is_refused_where_there_is_none(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    done = subprocess.run(f3export_command("build", tav_recipe(tmp_path), "--set", "calibration.device=cuda"),
-                          capture_output=True, text=True, env=ONE_THREAD, timeout=300)
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1].startswith("error: tav.toml: [calibration].device = 'cuda'")
+    result = run("build", tav_recipe(tmp_path), "--set", "calibration.device=cuda")
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1].startswith("error: tav.toml: [calibration].device = 'cuda'")
 
 
 def two_gpus() -> bool:

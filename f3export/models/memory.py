@@ -6,7 +6,6 @@ Checked against what the machine has, so a recipe that cannot fit is refused in 
 from __future__ import annotations
 
 import ctypes
-import gc
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -120,7 +119,6 @@ def reset_peak_rss() -> None:
 def return_free_memory() -> None:
     """Give the C heap's free pages back to the system (glibc keeps what freed tensors of a forward pass left in
     its arenas: gigabytes after a large model's forward), so the next step's peak does not stack on them."""
-    gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
