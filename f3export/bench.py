@@ -100,18 +100,14 @@ import numpy as np
 from pathlib import Path
 from f3export.artifacts import open_build
 from f3export.engines import make_backend
-
-def high_water_mib():  # VmHWM belongs to this process's address space (ru_maxrss survives exec on Linux)
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
+from f3export.models.memory import peak_rss_mib  # VmHWM: this process's own (ru_maxrss survives exec)
 
 recipe = open_build(Path(sys.argv[1])).recipe
 feeds = dict(np.load(sys.argv[4]))
-base = high_water_mib()
+base = peak_rss_mib()
 engine = make_backend(sys.argv[2], recipe, Path(sys.argv[1])).load(Path(sys.argv[3]))
 engine.run(feeds)
-print(json.dumps({"baseline_mb": base, "peak_mb": high_water_mib()}))
+print(json.dumps({"baseline_mb": base, "peak_mb": peak_rss_mib()}))
 """
 
 

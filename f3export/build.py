@@ -208,7 +208,8 @@ class Build:
         start = time.perf_counter()
         console.print(f"[bold]{stage.name}[/] ...", highlight=False)
         self._note_peak()
-        return_free_memory()  # what earlier stages freed, so this stage's peak is its own
+        if self.context.frugal:  # (trimming costs a small model's build more page faults than it saves)
+            return_free_memory()  # what earlier stages freed, so this stage's peak is its own
         reset_peak_rss()
         with activity(f"stage {stage.name}", self.root):
             files, data = stage.run(self.context)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,7 +156,7 @@ class Weights:
                 proto = onnx.TensorProto(name=value.name, dims=list(tensor.shape),
                                          data_type=value.type.tensor_type.elem_type)
                 if out is not None and raw.nbytes >= EXTERNAL_THRESHOLD:
-                    offset = out.seek(0, os.SEEK_END)
+                    offset = out.tell()
                     offset += out.write(b"\0" * (-offset % EXTERNAL_ALIGNMENT))
                     out.write(raw.data)
                     proto.data_location = onnx.TensorProto.EXTERNAL
