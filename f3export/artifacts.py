@@ -230,8 +230,10 @@ class FinishedBuild:
         return entry
 
 
-def open_build(root: str | Path, expect_sha256: str | None = None) -> FinishedBuild:
-    """The finished, passed build in ``root`` (for check, bench and the runtime), or one line saying why not."""
+def open_build(root: str | Path, expect_sha256: str | None = None, runtime: bool = False) -> FinishedBuild:
+    """The finished, passed build in ``root`` (for check, bench and the runtime), or one line saying why not.
+
+    ``runtime``: read only the recipe sections serving engines needs (``Recipe.for_runtime``), without PyTorch."""
     from .recipe import Recipe  # the recipe module needs the models package; artifacts stays importable alone
 
     root = Path(root)
@@ -262,8 +264,9 @@ def open_build(root: str | Path, expect_sha256: str | None = None) -> FinishedBu
             raise CheckError(f"{manifest}: missing {key!r}")
     versions = _expect(doc["versions"], dict, f"{manifest}: versions")
     try:
-        recipe = Recipe.from_dict(Path(_expect(doc.get("recipe_file", "recipe.toml"), str, f"{manifest}: recipe_file")),
-                                  _expect(doc["recipe"], dict, f"{manifest}: recipe"))
+        recipe = (Recipe.for_runtime if runtime else Recipe.from_dict)(
+            Path(_expect(doc.get("recipe_file", "recipe.toml"), str, f"{manifest}: recipe_file")),
+            _expect(doc["recipe"], dict, f"{manifest}: recipe"))
     except F3ExportError as exc:
         from . import __version__
 

@@ -1,13 +1,17 @@
 """``f3export bench``: speed, size and memory of the original vs the pruned model, against the limit.
 
-The limit is the FLOP count: matmuls, convolutions and attention of one
-forward pass at the benchmarked shape (PyTorch's FlopCounterMode), so the
-ideal speedup of pruning is FLOPs(original) / FLOPs(pruned). Latency is
-measured on the built engines with the same inputs, warm-up, and interleaved
-runs (original and pruned alternate, in alternating order), reported as
-median and quartiles. One forward at the CFG batch is one denoising step; a
-trajectory is ``steps`` of them. Peak memory is the resident set of a fresh
-process that loads the engine and runs it once.
+The limit is the FLOP count: matmuls, convolutions and attention of one forward pass at the benchmarked
+shape, counted on the exported ONNX graphs (``flops.onnx_flops``, equal to PyTorch's FlopCounterMode on the
+same model), so the ideal speedup of pruning is FLOPs(original) / FLOPs(pruned). Latency is measured on the
+built engines with the build's own golden inputs: warm-up, then interleaved runs (original and pruned
+alternate, in alternating order), ONNX Runtime's threads not spinning between runs (a spinning session
+takes the cores its partner runs on: ``engines.onnxruntime``). Each latency is a median with quartiles; the speedup is the median of
+the per-pair ratios with their quartiles, and a speedup whose quartiles hold 1.0 is flagged as no result.
+One forward at the CFG batch is one denoising step; a trajectory is ``steps`` of them. Peak memory is the
+resident set of a fresh process that loads the engine and runs it once.
+
+Bench needs only the build folder; ``--ratios`` (which prunes again) and GPU PyTorch timing load the
+source model.
 """
 
 from __future__ import annotations
@@ -25,22 +29,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from .artifacts import MODEL_VARIANTS, StageRecord, open_build, write_json
 from .build import Build
 from .engines import make_backend
 from .engines.onnxruntime import OnnxRuntimeBackend
+from .flops import onnx_flops
 from .models import get_adapter
 from .models.base import ModelAdapter, VideoShape
-from .prune import load_pruned, parameter_count
+from .prune import load_pruned
 from .recipe import PruningSection
-from .report import console, progress, table
+from .report import console, progress, results, table
 from .stages import STAGES, SourceModel, StageContext
+from .validate import load_goldens
 
 # What a ratio sweep runs per ratio: the build's own stages from the plan to the engine.
 RATIO_STAGES = [stage for stage in STAGES if stage.name in ("plan", "prune", "export", "engine")]
+OUTPUTS = ("bench.json", "bench.png", "bench")  # what a bench writes; a new bench removes the last one's first
 
 
 @dataclass(frozen=True)
@@ -58,26 +63,40 @@ class Latency:
                    float(ms.min()), len(ms))
 
 
-def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    """FLOPs of PyTorch's fused CPU attention kernel, which FlopCounterMode has no formula for (it would count
-    every scaled_dot_product_attention on the CPU as zero): the score and value products, as for the CUDA ones."""
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
+@dataclass(frozen=True)
+class Speedup:
+    """original / pruned time of each interleaved pair: its median and quartiles (the spread of the effect)."""
+
+    median: float
+    q1: float
+    q3: float
+    pairs: int
+
+    @classmethod
+    def of(cls, original_s: list[float], pruned_s: list[float]) -> "Speedup":
+        ratios = np.asarray(original_s) / np.asarray(pruned_s)
+        return cls(float(np.median(ratios)), float(np.percentile(ratios, 25)), float(np.percentile(ratios, 75)),
+                   len(ratios))
+
+    @property
+    def resolved(self) -> bool:
+        """Whether the effect exceeds the spread: 1.0 (no change) lies outside the quartiles."""
+        return not self.q1 <= 1.0 <= self.q3
+
+    def describe(self) -> str:
+        return f"{self.median:.3f}x (IQR {self.q1:.3f}-{self.q3:.3f}, {self.pairs} pairs)"
 
 
-def count_flops(model: torch.nn.Module, inputs: dict[str, torch.Tensor], temporal: list[str]) -> tuple[int, int]:
-    """(total FLOPs of one forward, FLOPs inside the listed temporal attention modules)."""
-    cpu_attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
-        model(**inputs)
-    per_module = counter.get_flop_counts()
-    prefix = type(model).__name__ + "."
-    inside = sum(sum(per_module.get(prefix + name, {}).values()) for name in temporal)
-    return counter.get_total_flops(), inside
+@dataclass(frozen=True)
+class Timing:
+    latency: dict[str, Latency]
+    speedup: Speedup
 
 
-def interleaved_latency(engines: dict[str, Any], feeds: dict[str, np.ndarray], warmup: int, runs: int,
-                        label: str) -> dict[str, Latency]:
-    """Time engines on the same inputs, alternating which goes first, after warm-up runs."""
+def interleaved_timing(engines: dict[str, Any], feeds: dict[str, np.ndarray], warmup: int, runs: int,
+                       label: str) -> Timing:
+    """Time the original and the pruned engine on the same inputs, alternating which goes first, after warm-up
+    runs; the speedup is taken pair by pair, so that a slow stretch of the machine slows both sides of a pair."""
     names = list(engines)
     for _ in range(warmup):
         for name in names:
@@ -91,7 +110,13 @@ def interleaved_latency(engines: dict[str, Any], feeds: dict[str, np.ndarray], w
                 engines[name].run(feeds)
                 times[name].append(time.perf_counter() - start)
                 bar.advance(task)
-    return {name: Latency.of(t) for name, t in times.items()}
+    return Timing({name: Latency.of(t) for name, t in times.items()}, Speedup.of(times["original"], times["pruned"]))
+
+
+def warn_unresolved(what: str, speedup: Speedup) -> None:
+    if not speedup.resolved:
+        console.print(f"[bold yellow]warning:[/] {what}: measured speedup {speedup.describe()} is within its spread "
+                      "(the quartiles hold 1.0): no difference shown at this many runs", highlight=False)
 
 
 _PEAK_SCRIPT = """
@@ -137,36 +162,48 @@ class Bench:
         self.runs, self.warmup = runs, warmup
         self._ort = OnnxRuntimeBackend(self.recipe.engine.device, self.recipe.engine.optimization_level)
 
+    def golden_inputs(self) -> dict[str, np.ndarray]:
+        """The export-shape inputs validation stored with the pruned engine (verified with the build's files)."""
+        entry = next(e for e in self.build.engines.values() if e.variant == "pruned")
+        return load_goldens(entry.goldens)[0][0]
+
+    def temporal_modules(self) -> list[str]:
+        plan = json.loads((self.root / "plan.json").read_text())  # verified with the build's files
+        return list(plan["heads"])
+
+    def clear_previous(self) -> None:
+        """The last bench's results, so none of them (a plot, a ratio's engine) outlives the run that replaces it."""
+        for name in OUTPUTS:
+            path = self.root / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+
     def run(self, ratios: list[float] | None) -> dict[str, Any]:
-        source = Build(self.recipe).model  # the same loading and checks as the build
-        original = source.bundle.model
-        _, _, pruned = load_pruned(self.root / "pruned")
-        temporal = [s.attention for s in self.adapter.structure.temporal_sites(original)]
-        # The recipe's dynamic axes, so engines built for the sweep match the built ones graph for graph.
-        spec = self.adapter.export_spec(original, self.shape, self.recipe.export.batch,
-                                        self.recipe.export.dynamic_axes, seed=123)
-        feeds = {k: v.numpy() for k, v in spec.inputs.items()}
+        self.clear_previous()
+        feeds = self.golden_inputs()
         feeds_path = self.root / "bench" / "inputs.npz"
         feeds_path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(feeds_path, **feeds)
 
-        flops = {}
-        for variant, model in (("original", original), ("pruned", pruned)):
-            total, inside = count_flops(model, spec.inputs, temporal)
-            flops[variant] = {"flops": total, "temporal_flops": inside, "parameters": parameter_count(model)}
+        temporal = self.temporal_modules()
         exported = self.manifest["stages"]["export"]["data"]
+        parameters = self.manifest["parameters"]["torch"]
+        flops = {}
         for variant in MODEL_VARIANTS:
             onnx_path = self.build.path(exported[variant]["path"], f"stages.export.data.{variant}.path")
             data_path = onnx_path.with_name(onnx_path.name + ".data")
-            flops[variant].update({"onnx_parameters": exported[variant]["parameters"],
-                                   "onnx_bytes_on_disk": exported[variant]["bytes"],
-                                   "onnx_external_data_bytes": data_path.stat().st_size if data_path.exists() else 0,
-                                   "weight_bytes": exported[variant]["parameters"] * 4})
+            total, inside = onnx_flops(onnx_path, feeds, temporal)
+            flops[variant] = {"flops": total, "temporal_flops": inside, "parameters": parameters[variant],
+                              "onnx_parameters": exported[variant]["parameters"],
+                              "onnx_bytes_on_disk": exported[variant]["bytes"],
+                              "onnx_external_data_bytes": data_path.stat().st_size if data_path.exists() else 0,
+                              "weight_bytes": exported[variant]["parameters"] * 4}
         ideal = flops["original"]["flops"] / flops["pruned"]["flops"]
         result: dict[str, Any] = {
-            "shape": {"batch": self.recipe.export.batch, **vars(self.shape)},
-            "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                        "cuda": torch.cuda.is_available()},
+            "shape": {k: list(v.shape) for k, v in feeds.items()},
+            "machine": {"cpu_count": os.cpu_count()},
             "steps": self.adapter.protocol.calls(self.recipe.validation),
             "ratio": self.manifest["stages"]["plan"]["data"].get("ratio", self.recipe.pruning.ratio),
             "models": flops,
@@ -180,30 +217,40 @@ class Bench:
         for backend_name, paths in engines_by_backend.items():
             backend = make_backend(backend_name, self.recipe, self.root)
             engines = {v: backend.load(paths[v]) for v in MODEL_VARIANTS}
-            latency = interleaved_latency(engines, feeds, self.warmup, self.runs, backend_name)
+            timing = interleaved_timing(engines, feeds, self.warmup, self.runs, backend_name)
             del engines  # full-size engines are GBs each: hold only what is being timed
-            measured = latency["original"].median_ms / latency["pruned"].median_ms
+            warn_unresolved(backend_name, timing.speedup)
+            measured = timing.speedup.median
             result["backends"][backend_name] = {
-                "latency_per_step": {v: vars(latency[v]) for v in MODEL_VARIANTS},
-                "trajectory_ms": {v: latency[v].median_ms * result["steps"] for v in MODEL_VARIANTS},
+                "latency_per_step": {v: vars(timing.latency[v]) for v in MODEL_VARIANTS},
+                "trajectory_ms": {v: timing.latency[v].median_ms * result["steps"] for v in MODEL_VARIANTS},
                 "engine_bytes": {v: _bytes_with_data(paths[v]) for v in MODEL_VARIANTS},
                 "peak_memory_mb": {v: peak_memory(self.root, backend_name, paths[v],
                                                   feeds_path) for v in MODEL_VARIANTS},
                 "measured_speedup": measured,
+                "speedup_spread": vars(timing.speedup),
+                "speedup_resolved": timing.speedup.resolved,
                 "measured_over_ideal": measured / ideal,
                 "gain_fraction": (measured - 1) / (ideal - 1) if ideal > 1 else None,
             }
-        if torch.cuda.is_available():
-            result["backends"]["torch-cuda"] = self._torch_cuda(original, pruned, spec.inputs, ideal)
-        if ratios:
-            del pruned
-            rows = self.export_ratios(source, spec, ratios)
-            del original, source  # timing needs only the engines; a full-size model in memory would crowd them
-            result["ratios"] = self.time_ratios(rows, feeds)
+        if ratios or _cuda_available():
+            source = Build(self.recipe).model  # the source checkpoint: only these two need it
+            if _cuda_available():
+                _, _, pruned = load_pruned(self.root / "pruned")
+                inputs = self.adapter.export_spec(source.bundle.model, self.shape, self.recipe.export.batch,
+                                                  self.recipe.export.dynamic_axes, seed=123).inputs
+                result["backends"]["torch-cuda"] = self._torch_cuda(source.bundle.model, pruned, inputs, ideal)
+                del pruned
+            if ratios:
+                rows = self.export_ratios(source, ratios, feeds, flops["original"]["flops"])
+                del source  # timing needs only the engines; a full-size model in memory would crowd them
+                result["ratios"] = self.time_ratios(rows, feeds)
         write_json(self.root / "bench.json", result)
         return result
 
     def _torch_cuda(self, original, pruned, inputs, ideal) -> dict[str, Any]:
+        import torch
+
         class TorchEngine:
             def __init__(self, model):
                 self.model = model.cuda()
@@ -215,10 +262,11 @@ class Bench:
                 torch.cuda.synchronize()
 
         engines = {"original": TorchEngine(copy.deepcopy(original)), "pruned": TorchEngine(copy.deepcopy(pruned))}
-        latency = interleaved_latency(engines, {}, self.warmup, self.runs, "torch-cuda")
-        measured = latency["original"].median_ms / latency["pruned"].median_ms
-        return {"latency_per_step": {v: vars(latency[v]) for v in MODEL_VARIANTS},
-                "measured_speedup": measured, "measured_over_ideal": measured / ideal}
+        timing = interleaved_timing(engines, {}, self.warmup, self.runs, "torch-cuda")
+        warn_unresolved("torch-cuda", timing.speedup)
+        return {"latency_per_step": {v: vars(timing.latency[v]) for v in MODEL_VARIANTS},
+                "measured_speedup": timing.speedup.median, "speedup_spread": vars(timing.speedup),
+                "speedup_resolved": timing.speedup.resolved, "measured_over_ideal": timing.speedup.median / ideal}
 
     def pruned_engine(self, source: SourceModel, pruning: PruningSection, folder: Path) -> StageContext:
         """The build's stages from plan to engine with other [pruning] values (the same scores), for the pruned
@@ -232,31 +280,35 @@ class Bench:
             context.records[stage.name] = StageRecord(key="", files={}, data=data)
         return context
 
-    def export_ratios(self, source: SourceModel, spec, ratios: list[float]) -> list[dict[str, Any]]:
-        """Prune at each ratio (same scores), count FLOPs, export and build an ONNX Runtime engine."""
-        base_total, _ = count_flops(source.bundle.model, spec.inputs, [])
+    def export_ratios(self, source: SourceModel, ratios: list[float], feeds: dict[str, np.ndarray],
+                      original_flops: int) -> list[dict[str, Any]]:
+        """Prune at each ratio (same scores), export, count the graph's FLOPs and build an ONNX Runtime engine."""
         rows = []
         for ratio in ratios:
             folder = self.root / "bench" / "ratios" / f"{ratio:g}"
             context = self.pruned_engine(source, dataclasses.replace(self.recipe.pruning, ratio=ratio), folder)
-            total, _ = count_flops(context.pruned, spec.inputs, [])
+            total, _ = onnx_flops(folder / context.records["export"].data["pruned"]["path"], feeds, [])
             engine = folder / context.records["engine"].data["pruned.onnxruntime"]["path"]
             rows.append({"ratio": ratio, "removed_heads": context.records["plan"].data["removed_heads"],
-                         "flops": total, "ideal_speedup": base_total / total,
+                         "flops": total, "ideal_speedup": original_flops / total,
                          "engine": str(engine.relative_to(self.root))})
         return rows
 
     def time_engines(self, rows: list[dict[str, Any]], feeds) -> None:
-        """Each row's engine against the original engine, two sessions loaded at a time: adds its latency and
-        measured speedup to the row."""
+        """Each row's engine against the original engine, two sessions loaded at a time: adds its latencies and
+        measured speedup (with their spread) to the row."""
         original_engine = self.build.engines["original.onnxruntime"].path
         for row in rows:
             engines = {"original": self._ort.load(original_engine), "pruned": self._ort.load(self.root / row["engine"])}
             label = f"{row.get('criterion', '')} ratio {row['ratio']:g}".strip()
-            latency = interleaved_latency(engines, feeds, self.warmup, self.runs, label)
+            timing = interleaved_timing(engines, feeds, self.warmup, self.runs, label)
             del engines
-            row["latency_ms"] = {v: latency[v].median_ms for v in MODEL_VARIANTS}
-            row["measured_speedup"] = latency["original"].median_ms / latency["pruned"].median_ms
+            if row["ratio"] > 0:
+                warn_unresolved(label, timing.speedup)
+            row["latency_ms"] = {v: timing.latency[v].median_ms for v in MODEL_VARIANTS}
+            row["latency_iqr_ms"] = {v: [timing.latency[v].q1_ms, timing.latency[v].q3_ms] for v in MODEL_VARIANTS}
+            row["measured_speedup"] = timing.speedup.median
+            row["speedup_iqr"] = [timing.speedup.q1, timing.speedup.q3]
 
     def time_ratios(self, rows: list[dict[str, Any]], feeds) -> list[dict[str, Any]]:
         self.time_engines(rows, feeds)
@@ -270,14 +322,23 @@ class Bench:
         import matplotlib.pyplot as plt
 
         ratios = [r["ratio"] for r in rows]
+
+        def bars(values: list[float], quartiles: list[list[float]]) -> np.ndarray:
+            return np.abs(np.asarray(quartiles).T - np.asarray(values))  # IQR as error bars
+
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-        left.plot(ratios, [r["latency_ms"]["pruned"] for r in rows], "o-", label="pruned")
-        left.plot(ratios, [r["latency_ms"]["original"] for r in rows], "s--", label="original (same runs)")
-        left.set(xlabel="pruning ratio (temporal heads pruned)", ylabel="ms per denoising step",
+        for variant, style, label in (("pruned", "o-", "pruned"), ("original", "s--", "original (same runs)")):
+            values = [r["latency_ms"][variant] for r in rows]
+            left.errorbar(ratios, values, yerr=bars(values, [r["latency_iqr_ms"][variant] for r in rows]),
+                          fmt=style, capsize=3, label=label)
+        left.set(xlabel="pruning ratio (temporal heads pruned)", ylabel="ms per denoising step (median, IQR)",
                  title="ONNX Runtime latency")
         left.legend()
         right.plot(ratios, [r["ideal_speedup"] for r in rows], "o-", label="ideal (FLOPs ratio)")
-        right.plot(ratios, [r["measured_speedup"] for r in rows], "s-", label="measured")
+        measured = [r["measured_speedup"] for r in rows]
+        right.errorbar(ratios, measured, yerr=bars(measured, [r["speedup_iqr"] for r in rows]), fmt="s-",
+                       capsize=3, label="measured (median of pairs, IQR)")
+        right.axhline(1.0, color="grey", linewidth=0.8)
         right.set(xlabel="pruning ratio", ylabel="speedup vs original", title="Speedup: ideal vs measured")
         right.legend()
         fig.suptitle(f"{self.recipe.model.family} {self.recipe.model.preset or 'checkpoint'}, "
@@ -286,6 +347,12 @@ class Bench:
         fig.tight_layout()
         fig.savefig(self.root / "bench.png", dpi=100)
         plt.close(fig)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _memory(backend: dict[str, Any], variant: str) -> str:
@@ -303,7 +370,7 @@ def print_bench(result: dict[str, Any]) -> None:
     summary = table("model", ["", "original", "pruned"], rows)
     summary.caption = (f"temporal attention holds {100 * result['temporal_flops_share']:.2f}% of FLOPs; "
                        f"ideal speedup {result['ideal_speedup']:.4f}x")
-    console.print(summary)
+    results.print(summary)
     for name, b in result["backends"].items():
         lat = b["latency_per_step"]
         rows = [[v, f"{lat[v]['median_ms']:.2f}", f"{lat[v]['q1_ms']:.2f}-{lat[v]['q3_ms']:.2f}",
@@ -311,10 +378,12 @@ def print_bench(result: dict[str, Any]) -> None:
                  _memory(b, v)] for v in lat]
         t = table(f"{name}", ["model", "median ms/step", "IQR ms", "trajectory ms",
                               "peak RSS MiB (over imports)"], rows)
-        t.caption = (f"measured speedup {b['measured_speedup']:.4f}x = "
-                     f"{100 * b['measured_over_ideal']:.1f}% of ideal")
-        console.print(t)
+        speedup = Speedup(**b["speedup_spread"])
+        t.caption = (f"measured speedup {speedup.describe()} = {100 * b['measured_over_ideal']:.1f}% of ideal"
+                     + ("" if speedup.resolved else "; within its spread: no difference shown"))
+        results.print(t)
     if "ratios" in result:
-        console.print(table("ratio sweep (ONNX Runtime)", ["ratio", "heads pruned", "ideal", "measured"], [
-            [f"{r['ratio']:g}", str(r["removed_heads"]), f"{r['ideal_speedup']:.4f}x", f"{r['measured_speedup']:.4f}x"]
+        results.print(table("ratio sweep (ONNX Runtime)", ["ratio", "heads pruned", "ideal", "measured (IQR)"], [
+            [f"{r['ratio']:g}", str(r["removed_heads"]), f"{r['ideal_speedup']:.4f}x",
+             f"{r['measured_speedup']:.3f}x ({r['speedup_iqr'][0]:.3f}-{r['speedup_iqr'][1]:.3f})"]
             for r in result["ratios"]]))

@@ -12,7 +12,6 @@ import math
 import platform
 import resource
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from filelock import FileLock, Timeout
 
 from . import __version__
 from .artifacts import Manifest, StageRecord
+from .cache import CACHE_FOLDER, StageCache
 from .engines import make_backend
 from .distributed import Team
 from .errors import F3ExportError, RecipeError, activity
@@ -36,7 +36,7 @@ from .models.structure import unmatched_pattern
 from .pictures import write_report
 from .recipe import AUTO_RATIO, Recipe
 from .roots import confine
-from .report import console, gates_table, table
+from .report import console, detail, gates_table, plural, results, table
 from .stages import STAGES, SourceModel, Stage, StageContext, stage_key
 from .validate import Gate
 
@@ -55,6 +55,7 @@ class StageOutcome:
     cached: bool
     seconds: float
     record: StageRecord
+    shared: bool = False  # reused from another build's output in the shared cache
 
 
 @dataclass
@@ -139,7 +140,9 @@ class Build:
         backends = [make_backend(name, recipe, self.root) for name in recipe.engine.selected]
         self.model = SourceModel(recipe, self.adapter)
         frugal = weight_bytes(self.model.skeleton) >= FRUGAL_ABOVE
-        self.context = StageContext(recipe, self.adapter, self.root, self.model, backends, team=team, frugal=frugal)
+        self.cache = StageCache(Path(recipe.output.dir) / CACHE_FOLDER)
+        self.context = StageContext(recipe, self.adapter, self.root, self.model, backends, team=team, frugal=frugal,
+                                    cache=self.cache, versions=self.versions)
         self.result = BuildResult(self.root)
         confine_model_files(recipe, self.adapter)
         check_runnable(recipe, self.adapter, self.model.skeleton, self.context.validated_shapes)
@@ -199,14 +202,23 @@ class Build:
         record = None if self.force else self.manifest.reusable(stage.name, key)
         announce = self.team.announce if stage.shared and self.team is not None else lambda key: None
         if record is not None:
+            detail(f"{stage.name}: reused (key {key[:12]})")
             announce(None)
             self.result.outcomes.append(StageOutcome(stage.name, True, 0.0, record))
+            return record
+        shared = None if self.force else self.cache.fetch(stage.name, key, self.root)
+        if shared is not None:  # another build of the folder's output dir made it from the same inputs
+            detail(f"{stage.name}: reused from {self.cache.folder} (key {key[:12]})")
+            announce(None)
+            record = self.manifest.complete(stage.name, key, *shared, 0.0)
+            self.result.outcomes.append(StageOutcome(stage.name, True, 0.0, record, shared=True))
             return record
         if stage.needs_model:
             self.model.bundle  # load (and check) the model before the stage announces itself
         announce(key)  # the other processes join it
         start = time.perf_counter()
         console.print(f"[bold]{stage.name}[/] ...", highlight=False)
+        detail(f"{stage.name}: key {key[:12]}" + (" (--force)" if self.force else ""))
         self._note_peak()
         if self.context.frugal:  # (trimming costs a small model's build more page faults than it saves)
             return_free_memory()  # what earlier stages freed, so this stage's peak is its own
@@ -216,6 +228,8 @@ class Build:
         seconds = time.perf_counter() - start
         self.manifest.doc.setdefault("stage_peak_rss_mb", {})[stage.name] = self._note_peak()
         record = self.manifest.complete(stage.name, key, files, data, seconds)
+        if files:  # (a torchrun follower's calibration writes nothing)
+            self.cache.store(stage.name, key, self.root, files, data)
         self.result.outcomes.append(StageOutcome(stage.name, False, seconds, record))
         return record
 
@@ -231,8 +245,25 @@ class Build:
         self._note_peak()
         return self.peak_rss or round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # not Linux
 
+    def _note_replaced_build(self) -> None:
+        """Say so when the folder held a build of another recipe (a --set, an edited recipe): it is about to be
+        replaced, and a user who wanted both needs another output name."""
+        previous, current = self.manifest.doc.get("recipe"), self.recipe.as_dict()
+        if not isinstance(previous, dict) or previous == current:
+            return
+        changed = [f"{section}.{key}" for section in current if section != "output"  # where, not what
+                   for key in sorted(set(current[section]) | set(previous.get(section) or {}))
+                   if (previous.get(section) or {}).get(key) != current[section].get(key)]
+        if not changed:
+            return
+        shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+        console.print(f"[bold yellow]note:[/] {self.root} held a build of another recipe ({shown} changed); it is "
+                      "replaced in place, reusing the stages those keys do not reach (--set output.name=NAME "
+                      "keeps both)", highlight=False, soft_wrap=True)
+
     def _run_locked(self) -> BuildResult:
         r = self.recipe
+        self._note_replaced_build()
         self.manifest.doc.update({"name": r.name, "recipe_file": str(r.source), "recipe": r.as_dict(),
                                   "versions": self.versions, "status": "building"})
         records = self.context.records
@@ -273,7 +304,7 @@ def stages_table(result: BuildResult, manifest: Manifest):
     """Each stage's time and its own peak resident memory (the process's, from the stage's start)."""
     peaks = manifest.doc.get("stage_peak_rss_mb", {})
     return table("stages", ["stage", "status", "seconds", "peak MiB"],
-                 [[o.name, "cached" if o.cached else "built", f"{o.seconds:.1f}",
+                 [[o.name, ("shared cache" if o.shared else "cached") if o.cached else "built", f"{o.seconds:.1f}",
                    "" if o.cached or peaks.get(o.name) is None else f"{peaks[o.name]:,}"] for o in result.outcomes])
 
 
@@ -296,20 +327,44 @@ def summary_tables(result: BuildResult, manifest: Manifest) -> list:
         numbers.caption = f"{plan['removed_heads']} of {plan['total_heads']} heads made frame-local{chosen}"
     else:
         numbers.caption = (f"{plan['removed_heads']} of {plan['total_heads']} temporal heads removed{chosen}, "
-                           f"{len(plan['modules_removed'])} modules removed entirely")
+                           f"{plural(len(plan['modules_removed']), 'module')} removed entirely")
     return [stages, numbers, gates_table("validation gates", result.gates)]
+
+
+def deploy_files(manifest: Manifest) -> list[str]:
+    """What a runtime needs, relative to the build folder: the manifest (contract, hashes) and the engine stage's
+    files (each engine with its external data)."""
+    return ["manifest.json", *sorted(manifest.doc["stages"]["engine"]["files"])]
+
+
+def summary_document(result: BuildResult) -> dict:
+    """``build --json``: the verdict, each stage's outcome, parameters, gates and the files to deploy."""
+    manifest = Manifest(result.root)
+    peaks = manifest.doc.get("stage_peak_rss_mb", {})
+    document = {
+        "name": manifest.doc.get("name"), "artifacts": str(result.root), "status": manifest.doc.get("status"),
+        "passed": result.passed if result.stopped_after is None else None, "stopped_after": result.stopped_after,
+        "stages": [{"name": o.name, "cached": o.cached, "seconds": round(o.seconds, 3),
+                    "peak_rss_mb": None if o.cached else peaks.get(o.name)} for o in result.outcomes],
+    }
+    if result.stopped_after is None:
+        document.update({"parameters": manifest.doc["parameters"], "peak_rss_mb": manifest.doc["peak_rss_mb"],
+                         "gates": [{"metric": g.metric, "value": g.value, "limit": g.limit, "kind": g.kind,
+                                    "passed": g.passed} for g in result.gates],
+                         "deploy": deploy_files(manifest)})
+    return document
 
 
 def print_summary(result: BuildResult) -> None:
     manifest = Manifest(result.root)
     if result.stopped_after is not None:
-        console.print(stages_table(result, manifest))
-        console.print(f"build stopped after {result.stopped_after}, as asked; artifacts so far in {result.root}; "
+        results.print(stages_table(result, manifest))
+        results.print(f"build stopped after {result.stopped_after}, as asked; artifacts so far in {result.root}; "
                       "the same command without --until finishes it from there", highlight=False)
         return
     for item in summary_tables(result, manifest):
-        console.print(item)
+        results.print(item)
+    results.print(f"deploy: {', '.join(deploy_files(manifest))} (in {result.root})", highlight=False)
     verdict = "[green]passed[/]" if result.passed else "[bold red]FAILED: a validation gate did not pass[/]"
-    console.print(f"build {verdict}; artifacts in {result.root}; peak memory {manifest.doc['peak_rss_mb']:,} MiB",
+    results.print(f"build {verdict}; artifacts in {result.root}; peak memory {manifest.doc['peak_rss_mb']:,} MiB",
                   highlight=False)
-    sys.stderr.flush()

@@ -45,7 +45,7 @@ from .models.base import ModelAdapter, VideoShape
 from .models.loading import ModelBundle
 from .models.structure import TemporalSite
 from .recipe import CalibrationSection
-from .report import console, progress
+from .report import console, plural, progress
 
 if TYPE_CHECKING:
     from .distributed import Team
@@ -326,7 +326,7 @@ def calibrate(adapter: ModelAdapter, bundle: ModelBundle, shape: VideoShape, sec
     if team is not None:
         todo = team.agree(todo)  # the leader's list: it alone holds the store
     if done:
-        console.print(f"calibrate: resuming; {len(done)} of {len(runs)} runs were saved by an interrupted "
+        console.print(f"calibrate: resuming; {len(done)} of {plural(len(runs), 'run')} were saved by an interrupted "
                       f"calibration, {len(todo)} to run", highlight=False)
 
     def run_one(index: int, on_step: Callable[[int], None]) -> RunStatistics:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from pathlib import Path
 
@@ -12,9 +13,10 @@ from . import __version__
 from .artifacts import BUILD_STAGES as STAGE_NAMES
 from .errors import F3ExportError, activity_of
 
+from .report import console, gates_table, plural, results, set_verbosity
+
 EXIT_ENVIRONMENT = 2
 EXIT_INTERNAL = 3
-from .report import console, gates_table, table
 
 
 def _environment_error(exc: BaseException) -> str | None:
@@ -71,11 +73,26 @@ def _debug() -> bool:
 @click.group()
 @click.version_option(__version__, prog_name="f3export")
 @click.option("--debug", is_flag=True, help="Show the full traceback of an error (for bug reports).")
-def main(debug: bool) -> None:
+@click.option("-q", "--quiet", is_flag=True, help="No progress or notes on stderr (errors still).")
+@click.option("-v", "--verbose", is_flag=True, help="More detail on stderr (each stage's key and cache decision).")
+def main(debug: bool, quiet: bool, verbose: bool) -> None:
     """F3-Pruning of temporal attention in text-to-video models, exported to validated engines.
 
+    Results go to stdout (--json: one JSON document), progress and notes to stderr.
     Exit codes: 0 success, 1 a validation gate or check failed, 2 bad input or environment, 3 internal error.
+
+    Shell completion (bash; zsh/fish alike): eval "$(_F3EXPORT_COMPLETE=bash_source f3export)"
     """
+    set_verbosity(quiet, verbose)
+
+
+def _json_option(command):
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout instead of "
+                        "the tables.")(command)
+
+
+def _print_json(document) -> None:
+    click.echo(json.dumps(document, indent=2))
 
 
 @main.command()
@@ -85,14 +102,15 @@ def main(debug: bool) -> None:
 @click.option("--force", is_flag=True, help="Rebuild every stage, ignoring the cache.")
 @click.option("--until", type=click.Choice(STAGE_NAMES), help="Stop after this stage (e.g. calibrate on a "
               "cluster, finish elsewhere: a later build reuses what is done).")
+@_json_option
 @user_errors
-def build(recipe: Path, overrides: tuple[str, ...], force: bool, until: str | None) -> None:
+def build(recipe: Path, overrides: tuple[str, ...], force: bool, until: str | None, as_json: bool) -> None:
     """Calibrate, prune, export, build engines and validate, as RECIPE says.
 
     Under torchrun (torchrun --nproc-per-node N -m f3export build RECIPE), the calibration runs are shared
     among the N processes; rank 0 writes the artifacts.
     """
-    from .build import Build, print_summary
+    from .build import Build, print_summary, summary_document
     from .distributed import Team
     from .recipe import load_recipe
 
@@ -109,35 +127,34 @@ def build(recipe: Path, overrides: tuple[str, ...], force: bool, until: str | No
     finally:
         if team is not None:
             team.close()
-    print_summary(result)
+    if as_json:
+        _print_json(summary_document(result))
+    else:
+        print_summary(result)
     if not result.passed:
         sys.exit(1)
 
 
 @main.command()
-@click.argument("recipe", type=click.Path(path_type=Path))
+@click.argument("source", type=click.Path(path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a recipe value.")
+@_json_option
 @user_errors
-def inspect(recipe: Path, overrides: tuple[str, ...]) -> None:
-    """List the temporal attention modules RECIPE's model has, before anything is pruned."""
-    from .build import Build
-    from .recipe import load_recipe
+def inspect(source: Path, overrides: tuple[str, ...], as_json: bool) -> None:
+    """List the temporal attention modules of SOURCE: a recipe's model before anything is pruned, or a
+    finished build folder's (with the heads each module kept)."""
+    from .inspection import inspect_build, inspect_recipe
 
-    build = Build(load_recipe(recipe, list(overrides)))
-    model = build.model.bundle.model
-    rows, total = [], 0
-    for site in build.adapter.structure.temporal_sites(model):
-        heads = site.heads_of(model)
-        modules = [heads.module] + ([model.get_submodule(site.own_norm)] if site.own_norm else [])
-        count = sum(p.numel() for m in modules for p in m.parameters())
-        total += count
-        rows.append([site.attention, str(heads.heads), str(heads.head_dim), f"{count:,}"])
-    params = sum(p.numel() for p in model.parameters())
-    result = table(f"{build.recipe.model.family}: temporal attention modules", ["module", "heads", "head dim",
-                                                                              "parameters"], rows)
-    result.caption = (f"{len(rows)} modules, {sum(int(r[1]) for r in rows)} heads, {total:,} of {params:,} "
-                      f"parameters ({100 * total / params:.1f}%)")
-    console.print(result)
+    if source.is_dir():
+        if overrides:
+            raise click.BadParameter("--set applies to a recipe, not to a build folder", param_hint="--set")
+        report = inspect_build(source)
+    else:
+        report = inspect_recipe(source, list(overrides))
+    if as_json:
+        _print_json(report.document())
+    else:
+        results.print(report.table())
 
 
 def _numbers(text: str, option: str) -> list[float]:
@@ -177,7 +194,7 @@ def sweep(artifact_dir: Path, ratios: str, criteria: str, actions: str, runs: in
         raise click.BadParameter(f"{actions!r}: actions are {', '.join(ACTIONS)}", param_hint="--actions")
     result = Sweep(artifact_dir, runs, warmup).run(names, _numbers(ratios, "--ratios") or [0.5], chosen)
     print_sweep(result)
-    console.print(f"written: {artifact_dir / 'sweep.json'}, {artifact_dir / 'sweep.png'}", highlight=False)
+    results.print(f"written: {artifact_dir / 'sweep.json'}, {artifact_dir / 'sweep.png'}", highlight=False)
 
 
 @main.command()
@@ -186,14 +203,20 @@ def sweep(artifact_dir: Path, ratios: str, criteria: str, actions: str, runs: in
 @click.option("--warmup", default=2, show_default=True, help="Untimed runs per model first.")
 @click.option("--ratios", default="", help="Also prune, export and time these ratios, e.g. 0,0.25,0.5,0.75,1 "
               "(writes bench.png).")
+@_json_option
 @user_errors
-def bench(artifact_dir: Path, runs: int, warmup: int, ratios: str) -> None:
-    """Latency, size, memory and FLOPs of the original vs the pruned model of a build."""
+def bench(artifact_dir: Path, runs: int, warmup: int, ratios: str, as_json: bool) -> None:
+    """Latency, size, memory and FLOPs of the original vs the pruned model of a build (from the build folder
+    alone; --ratios also loads the source model)."""
     from .bench import Bench, print_bench
 
     result = Bench(artifact_dir, runs, warmup).run(_numbers(ratios, "--ratios"))
+    if as_json:
+        _print_json(result)
+        return
     print_bench(result)
-    console.print(f"written: {artifact_dir / 'bench.json'}", highlight=False)
+    results.print(f"written: {artifact_dir / 'bench.json'}" + (f", {artifact_dir / 'bench.png'}" if ratios else ""),
+                  highlight=False)
 
 
 @main.command()
@@ -201,16 +224,85 @@ def bench(artifact_dir: Path, runs: int, warmup: int, ratios: str) -> None:
 @click.option("--expect-sha256", metavar="DIGEST", help="SHA-256 of manifest.json as recorded outside the folder "
               "(closes what a self-describing manifest cannot prove: a consistent replacement of engines, "
               "goldens and hashes).")
+@_json_option
 @user_errors
-def check(artifact_dir: Path, expect_sha256: str | None) -> None:
+def check(artifact_dir: Path, expect_sha256: str | None, as_json: bool) -> None:
     """Re-verify a finished build: hashes, engines on their goldens, recorded gates; exit 1 on any failure."""
     from .check import check_artifacts
 
     checked, gates = check_artifacts(artifact_dir, expect_sha256)
-    console.print(gates_table(f"check {artifact_dir}", gates))
     failed = [g.metric for g in gates if not g.passed]
+    if as_json:
+        _print_json({"artifacts": str(artifact_dir), "passed": not failed, "files_verified": checked,
+                     "gates": [{"metric": g.metric, "value": g.value, "limit": g.limit, "kind": g.kind,
+                                "passed": g.passed} for g in gates]})
+    else:
+        results.print(gates_table(f"check {artifact_dir}", gates))
     if failed:
-        click.echo(f"error: {artifact_dir}: {len(failed)} of {len(gates)} gates failed ({', '.join(failed)})",
+        click.echo(f"error: {artifact_dir}: {len(failed)} of {plural(len(gates), 'gate')} failed ({', '.join(failed)})",
                    err=True)
         sys.exit(1)
-    console.print(f"{checked} files verified, {len(gates)} gates passed", highlight=False)
+    if not as_json:
+        results.print(f"{plural(checked, 'file')} verified, {plural(len(gates), 'gate')} passed", highlight=False)
+
+
+@main.command()
+@click.argument("artifact_dir", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="What the video shows.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The animated image to write "
+              "(.gif, .webp or .png).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the initial noise (NumPy's generator).")
+@click.option("--steps", type=click.IntRange(1, 1000), help="Denoising steps [default: the build's validation "
+              "steps].")
+@click.option("--guidance-scale", type=click.FloatRange(0), help="Classifier-free guidance [default: the build's "
+              "validation guidance].")
+@click.option("--compare", is_flag=True, help="Also run the original engine on the same noise: original (left) "
+              "and pruned (right) side by side, with their PSNR.")
+@click.option("--scale", default=4, show_default=True, type=click.IntRange(1, 64), help="Pixels per output pixel "
+              "in the file (small models make small frames).")
+@user_errors
+def generate(artifact_dir: Path, prompt: str, out: Path, seed: int, steps: int | None,
+             guidance_scale: float | None, compare: bool, scale: int) -> None:
+    """Generate a video from a build's engines alone (no PyTorch): text, the DDIM loop, frames."""
+    from .generate import FORMATS, EnginePipeline, psnr, side_by_side, write_animation
+    from .report import progress
+
+    if out.suffix.lower() not in FORMATS:
+        raise click.BadParameter(f"{str(out)!r}: write {', '.join(FORMATS)} (MP4 needs ffmpeg, which f3export "
+                                 "does not depend on)", param_hint="--out")
+    variants = ("original", "pruned") if compare else ("pruned",)
+    pipeline = EnginePipeline(artifact_dir, variants)
+    validation = pipeline.validation
+    steps = steps or validation["steps"]
+    guidance = validation["guidance_scale"] if guidance_scale is None else guidance_scale
+    clips = {}
+    with progress() as bar:
+        for variant in variants:
+            task = bar.add_task(variant, total=steps)
+            clips[variant] = pipeline.sample(variant, prompt, seed, steps, guidance,
+                                             on_step=lambda i, task=task: bar.update(task, completed=i + 1))
+    video = side_by_side(clips["original"].video, clips["pruned"].video) if compare else clips["pruned"].video
+    write_animation(out, video, scale)
+    shown = clips["pruned"].shown_as
+    results.print(f"written: {out} ({video.shape[1]} frames of {video.shape[2] * scale}x{video.shape[3] * scale} pixels; "
+                  f"{shown})", highlight=False)
+    if compare:
+        results.print(f"original (left) vs pruned (right): PSNR {psnr(clips['original'].video, clips['pruned'].video):.2f} "
+                      "dB over the frames shown", highlight=False)
+
+
+@main.command("export-triton")
+@click.argument("artifact_dir", type=click.Path(path_type=Path))
+@click.argument("repo", type=click.Path(path_type=Path))
+@click.option("--variant", "variants", multiple=True, type=click.Choice(["original", "pruned"]),
+              help="Which engines [default: both].")
+@user_errors
+def export_triton(artifact_dir: Path, repo: Path, variants: tuple[str, ...]) -> None:
+    """Write a Triton Inference Server model repository REPO (a new folder) from a build's engines:
+    <model>/config.pbtxt and <model>/1/model.onnx (or model.plan), I/O from the engine contract."""
+    from .triton import export_triton as write_repository
+
+    models = write_repository(artifact_dir, repo, variants or ("original", "pruned"))
+    for model in models:
+        results.print(f"written: {model.folder}/config.pbtxt, {model.folder}/1/", highlight=False)
+    results.print(f"serve with: tritonserver --model-repository {repo}", highlight=False)

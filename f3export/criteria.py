@@ -24,9 +24,9 @@ import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, NamedTuple
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a scorer runs: the recipe reads this registry in processes that
+    import torch  # must not load torch (``f3export generate`` runs engines only)
 
-if TYPE_CHECKING:
     from .models.attention import HeadProjections
 
 
@@ -83,6 +83,8 @@ def temporal_contribution(observed: HeadObservation) -> torch.Tensor:
 
 def magnitude(projections: "HeadProjections") -> torch.Tensor:
     """The norm of the head's weights: its q, k and v rows and its output-projection columns."""
+    import torch
+
     heads = projections.heads
     total = torch.zeros(heads, dtype=torch.float64)
     for block in projections.input_blocks():
@@ -95,6 +97,8 @@ def magnitude(projections: "HeadProjections") -> torch.Tensor:
 def random_baseline(projections: "HeadProjections") -> torch.Tensor:
     """A baseline that knows nothing: seeded uniform scores, the seed taken from the module's output weights,
     so the same model always gets the same ranking and no two modules share one."""
+    import torch
+
     weights = projections.output.weight.detach().double().contiguous()
     seed = int.from_bytes(hashlib.sha256(weights.numpy().tobytes()).digest()[:8], "little")
     return torch.rand(projections.heads, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)

@@ -16,6 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .artifacts import atomic_path
+from .report import plural
 from .videos import uint8_frames
 
 SCALE = 4  # pixels per video pixel: small videos stay visible, sharp-edged
@@ -104,7 +105,7 @@ def write_report(root: Path, title: str) -> None:
     gates, pruning = validation["gates"], validation["metrics"]["pruning"]
     passed = all(g["passed"] for g in gates)
     lines = [f"# {title}", "", f"**{'PASSED' if passed else 'FAILED'}**: {sum(g['passed'] for g in gates)} of "
-             f"{len(gates)} gates pass.", "",
+             f"{plural(len(gates), 'gate')} pass" + ("es." if len(gates) == 1 else "."), "",
              *_markdown_table(["gate", "value", "limit", "result"],
                               [[g["metric"], _value(g["value"]), f"{'<=' if g['kind'] == 'max' else '>='} "
                                 f"{g['limit']:g}", "pass" if g["passed"] else "**FAIL**"] for g in gates])]

@@ -226,6 +226,25 @@ class Recipe:
         return cls(source=source, **sections)
 
 
+    @classmethod
+    def for_runtime(cls, source: Path, data: dict[str, Any]) -> "Recipe":
+        """What serving a build's engines reads of its stored recipe: [model], [export] and [engine], checked
+        like a recipe's; family keys and the other sections are left out (None), since knowing them needs the
+        model families, which need PyTorch (an engines-only runtime has none)."""
+        where = f"{source.name} (as stored in the manifest)"
+        sections: dict[str, Any] = dict.fromkeys(SECTIONS)
+        for name in RUNTIME_SECTIONS:
+            raw = data.get(name)
+            if not isinstance(raw, dict):
+                raise RecipeError(f"{where}: [{name}] missing or not a table")
+            known = {f.name for f in dataclasses.fields(SECTIONS[name])}
+            stored = {k: v for k, v in raw.items() if v is not None and k in known}
+            sections[name] = _build_section(name, SECTIONS[name], stored, f"{where}: [{name}]", None)
+        return cls(source=source, **sections)
+
+
+RUNTIME_SECTIONS = ("model", "export", "engine")
+
 def _declared_keys(family: str | None) -> tuple[RecipeKey, ...]:
     from .models import FAMILIES
 

@@ -49,7 +49,7 @@ class EngineRunner:
 
     def __init__(self, artifact_dir: str | Path, variant: str = "pruned", backend: str | None = None,
                  expect_sha256: str | None = None):
-        build = open_build(Path(artifact_dir), expect_sha256)
+        build = open_build(Path(artifact_dir), expect_sha256, runtime=True)
         entries = [e for e in build.engines.values()
                    if e.variant == variant and (backend is None or e.backend == backend)]
         if not entries:

@@ -20,6 +20,7 @@ import torch
 
 from . import __version__
 from .artifacts import MODEL_VARIANTS, StageRecord, content_key, sha256_file, write_json
+from .cache import StageCache
 from .calibrate import RunStore, Scores, calibrate
 from .distributed import Team
 from .engines import Backend, profile_ranges, validated_shapes
@@ -32,8 +33,9 @@ from .pictures import video_strips
 from .prune import PruningPlan, load_pruned, make_plan, parameter_count, pruned_copy, save_pruned
 from .recipe import AUTO_RATIO, Recipe
 from .search import choose_ratio
-from .report import console
-from .validate import (compare_engine, export_gates, gates_json, golden_samples, pruning_fidelity, pruning_gates,
+from .report import console, detail
+from .validate import (Comparison, compare_engine, export_gates, gates_json, golden_samples, load_goldens,
+                       pruning_fidelity, pruning_gates,
                        save_goldens)
 
 StageOutput = tuple[list[Path], dict[str, Any]]  # the files a stage wrote, and what the manifest records of it
@@ -122,6 +124,8 @@ class StageContext:
     # hold at most the models a step needs, loading them again when needed (a build of a large model; a
     # sweep, and a model reloaded faster than its memory matters, keep them)
     frugal: bool = False
+    cache: StageCache | None = None  # outputs shared with the other builds of the output folder
+    versions: dict[str, str] = field(default_factory=dict)  # the library versions stage keys hash
 
     @property
     def shape(self) -> VideoShape:
@@ -158,6 +162,23 @@ class StageContext:
                 self.__dict__.pop("pruned", None)
         gc.collect()
         return_free_memory()
+
+    def original_output(self, stage_name: str, reads: dict[str, Any], make: Callable[[], StageOutput]) -> StageOutput:
+        """A stage's work on the original model alone: from the shared cache where a build did it with the same
+        inputs (the stage's own, but not its upstream stages', and ``reads``: the original's files it reads),
+        else ``make()``'s, then cached. So a build whose [pruning] changed redoes only the pruned model's part."""
+        if self.cache is None:
+            return make()
+        stage = next(s for s in STAGES if s.name == stage_name)
+        own = {n: input_value(n, self, self.versions) for n in stage.inputs_for(self.recipe) if not n.startswith("stage:")}
+        name, key = f"{stage_name}:original", content_key(f"{stage_name}:original", own, reads)
+        found = self.cache.fetch(name, key, self.root)
+        if found is not None:
+            detail(f"{stage_name}: the original model's part reused from {self.cache.folder} (key {key[:12]})")
+            return found
+        files, data = make()
+        self.cache.store(name, key, self.root, files, data)
+        return files, data
 
     def shape_value(self, name: str) -> Any:
         return {"latent": lambda: vars(self.shape), "contract_ranges": lambda: self.contract_ranges,
@@ -268,19 +289,32 @@ def export_models(ctx: StageContext) -> StageOutput:
     section = ctx.recipe.export
     terms = ContractTerms(ctx.recipe.model.family, ctx.contract_ranges, ctx.adapter.conventions(ctx.model.bundle))
     files, data = [], {}
-    for variant, model in ctx.models():
+
+    def export(variant: str) -> StageOutput:
+        model = ctx.model.bundle.model if variant == "original" else ctx.pruned
         spec = ctx.adapter.export_spec(model, ctx.shape, section.batch, section.dynamic_axes)
         info = export_onnx(model, spec, ctx.root / "onnx" / f"{variant}.onnx", section.opset,
                            section.external_data, terms)
-        files += info.files
-        data[variant] = {"path": str(info.path.relative_to(ctx.root)), "parameters": info.parameters,
-                         "bytes": info.bytes_on_disk, "external_data": info.external_data, "nodes": info.nodes}
-        del model
+        return info.files, {"path": str(info.path.relative_to(ctx.root)), "parameters": info.parameters,
+                            "bytes": info.bytes_on_disk, "external_data": info.external_data, "nodes": info.nodes,
+                            "contract": info.contract}
+
+    for variant in ctx.variants:
+        made, entry = ctx.original_output("export", {}, lambda: export("original")) if variant == "original" \
+            else export(variant)
+        files += made
+        data[variant] = {k: v for k, v in entry.items() if k != "contract"}
+        data["contract"] = entry["contract"]  # the same for both: pruning keeps every input and output
         ctx.release(variant)  # the next variant (and the engines after) without this one's weights
     if ctx.variants == MODEL_VARIANTS:
         data["parameters_removed"] = data["original"]["parameters"] - data["pruned"]["parameters"]
-    data["contract"] = info.contract  # the same for both: pruning keeps every input and output
-    return files, data
+    return files, {k: data[k] for k in [*ctx.variants, *(["parameters_removed"] if "parameters_removed" in data else
+                                                         []), "contract"]}
+
+
+def _files_of(record: StageRecord, path: str) -> dict[str, str]:
+    """The record's files that are ``path`` or lie beside it under its name (its external data)."""
+    return {rel: digest for rel, digest in record.files.items() if rel == path or rel.startswith(path + ".")}
 
 
 def build_engines(ctx: StageContext) -> StageOutput:
@@ -290,7 +324,13 @@ def build_engines(ctx: StageContext) -> StageOutput:
         for variant in ctx.variants:
             onnx_path = ctx.root / export.data[variant]["path"]
             engine_path = ctx.root / "engines" / backend.engine_name(onnx_path)
-            files += backend.build(onnx_path, engine_path)
+
+            def build(backend=backend, onnx_path=onnx_path, engine_path=engine_path) -> StageOutput:
+                return backend.build(onnx_path, engine_path), {}
+
+            reads = {"backend": backend.name, "onnx": _files_of(export, export.data[variant]["path"])}
+            made, _ = ctx.original_output("engine", reads, build) if variant == "original" else build()
+            files += made
             data[f"{variant}.{backend.name}"] = {"backend": backend.name, "variant": variant,
                                                  "path": str(engine_path.relative_to(ctx.root)),
                                                  "precision": backend.precision, "versions": backend.versions()}
@@ -298,24 +338,50 @@ def build_engines(ctx: StageContext) -> StageOutput:
 
 
 def validate_engines(ctx: StageContext) -> StageOutput:
+    """Engines against PyTorch on fresh goldens, and the pruned model against the original over held-out runs.
+    The original's goldens and its engines' agreement are reused from the shared cache when its engines are
+    the same files (a build whose [pruning] changed); the pruning fidelity always runs."""
     section = ctx.recipe.validation
     backends = {b.name: b for b in ctx.backends}
-    files, metrics, gates = [], {}, []
-    goldens = {}
-    for variant, model in ctx.models():
-        goldens[variant] = golden_samples(ctx.adapter, model, ctx.validated_shapes, section)
+    engines = ctx.records["engine"].data
+
+    def engine_metrics(variant: str, goldens: list) -> dict[str, dict]:
+        """Each engine of ``variant`` against the goldens, one engine loaded at a time."""
+        return {name: vars(compare_engine(backends[e["backend"]].load(ctx.root / e["path"]), goldens))
+                for name, e in engines.items() if e["variant"] == variant}
+
+    def check(variant: str) -> StageOutput:
         golden_path = ctx.root / "goldens" / f"{variant}.npz"
-        save_goldens(golden_path, goldens[variant])
-        files.append(golden_path)
+        save_goldens(golden_path, golden_samples(ctx.adapter, ctx.model.bundle.model if variant == "original"
+                                                 else ctx.pruned, ctx.validated_shapes, section))
+        return [golden_path], {}
+
+    files, measured = [], {}
+    original_engines = {name: _files_of(ctx.records["engine"], e["path"]) for name, e in engines.items()
+                        if e["variant"] == "original"}
+
+    def check_original() -> StageOutput:
+        made, _ = check("original")
+        ctx.release("original")  # frugal: its engines run without it in memory (pruning fidelity reloads it)
+        return made, engine_metrics("original", load_goldens(made[0]))
+
+    for variant in ctx.variants:
+        if variant == "original":
+            made, measured["original"] = ctx.original_output("validate", {"engines": original_engines},
+                                                             check_original)
+        else:
+            made, _ = check(variant)
+        files += made
     fidelity = pruning_fidelity(ctx.adapter, ctx.model.bundle, ctx.pruned, ctx.shape, section)
-    del model
     ctx.release()  # the engines run without the PyTorch models in memory
-    engines = ctx.records["engine"].data.items()
-    for variant, name, entry in [(v, n, e) for v in goldens for n, e in engines if e["variant"] == v]:
-        backend = backends[entry["backend"]]
-        worst = compare_engine(backend.load(ctx.root / entry["path"]), goldens[variant])  # one engine at a time
-        metrics[f"export.{name}"] = vars(worst)
-        gates += export_gates(worst, section, backend.precision, f"export.{name}")
+    if "pruned" in ctx.variants:
+        measured["pruned"] = engine_metrics("pruned", load_goldens(ctx.root / "goldens" / "pruned.npz"))
+    metrics, gates = {}, []
+    for variant in ctx.variants:
+        for name, worst in measured[variant].items():
+            metrics[f"export.{name}"] = worst
+            gates += export_gates(Comparison(**worst), section, backends[engines[name]["backend"]].precision,
+                                  f"export.{name}")
     metrics["pruning"] = fidelity.to_json()
     gates += pruning_gates(ctx.adapter, fidelity, section)
     report = ctx.root / "validation.json"

@@ -19,13 +19,14 @@ from typing import Any
 import numpy as np
 
 from .artifacts import write_json
-from .bench import Bench, count_flops
+from .bench import Bench
+from .flops import count_flops
 from .build import Build
 from .calibrate import Scores
 from .errors import CheckError, F3ExportError
 from .weights import read_json
 from .pictures import shown_metrics, write_report
-from .report import console, table
+from .report import results, table
 from .validate import original_trajectories, pruning_fidelity
 
 
@@ -129,7 +130,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 def print_sweep(result: dict[str, Any]) -> None:
     rows = result["rows"]
     metrics = shown_metrics(rows)
-    console.print(table("criteria compared (pruned vs original, held-out runs)",
+    results.print(table("criteria compared (pruned vs original, held-out runs)",
                         ["criterion", "ratio", "heads pruned", *metrics, "ideal", "measured"],
                         [[r["series"], f"{r['ratio']:g}", str(r["removed_heads"]),
                           *(f"{r['fidelity'][m]:.4g}" for m in metrics), f"{r['ideal_speedup']:.3f}x",
@@ -143,5 +144,5 @@ def print_sweep(result: dict[str, Any]) -> None:
         means = {c: float(np.mean([r["fidelity"][metric] for r in rows if r["series"] == c and r["ratio"] in ratios]))
                  for c in dict.fromkeys(r["series"] for r in rows)}
         best = max(means, key=means.get)
-        console.print(f"{metric}: mean over ratios {', '.join(f'{x:g}' for x in ratios)}: "
+        results.print(f"{metric}: mean over ratios {', '.join(f'{x:g}' for x in ratios)}: "
                       + ", ".join(f"{c} {v:.4g}" for c, v in means.items()) + f"; best {best}", highlight=False)

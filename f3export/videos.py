@@ -7,13 +7,16 @@ WebP): what a user has at hand and can look at, and lossless for the few colours
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image, ImageSequence
 
 from .artifacts import atomic_path
 from .errors import RecipeError
+
+if TYPE_CHECKING:  # torch only where a tensor is made: engines-only generation writes videos without it
+    import torch
 
 FRAME_MILLISECONDS = 125  # 8 frames per second when a GIF is played
 
@@ -25,15 +28,19 @@ def read_video(path: Path) -> torch.Tensor:
             frames = [np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(image)]
     except (OSError, ValueError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
         raise RecipeError(f"{path}: not a video file Pillow can read ({str(exc).splitlines()[0]})") from None
+    import torch
+
     return torch.from_numpy(np.stack(frames)).permute(3, 0, 1, 2).float() / 127.5 - 1
 
 
-def uint8_frames(video: torch.Tensor) -> np.ndarray:
-    """``video`` ([3, F, H, W] in [-1, 1]) as 8-bit RGB frames [F, H, W, 3], as image files hold them."""
-    return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+def uint8_frames(video: Any) -> np.ndarray:
+    """``video`` ([3, F, H, W] in [-1, 1], a tensor or an array) as 8-bit RGB frames [F, H, W, 3], as image files
+    hold them."""
+    array = video.detach().cpu().float().numpy() if hasattr(video, "detach") else np.asarray(video, np.float32)
+    return np.round((np.clip(array, -1, 1) + 1) * 127.5).astype(np.uint8).transpose(1, 2, 3, 0)
 
 
-def write_gif(path: Path, video: torch.Tensor) -> None:
+def write_gif(path: Path, video: Any) -> None:
     """``video`` ([3, F, H, W] in [-1, 1]) as a looping GIF, written atomically."""
     frames = [Image.fromarray(frame) for frame in uint8_frames(video)]
     with atomic_path(path) as tmp:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,12 @@ from f3export.models.base import VideoShape
 from f3export.stages import STAGE_NAMES, STAGES as STAGE_DECLARATIONS
 from f3export.models.tune_a_video import TINY
 from zoo.text_encoder import write_char_clip
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The suite runs in 2 processes (pyproject addopts): one thread each, in this process and in the processes its
+    # tests start, as two processes of 2 threads on 2 cores oversubscribe them (OpenMP's threads wait spinning).
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 TAV = get_adapter("tune-a-video")
 SMALL_SHAPE = VideoShape(frames=4, latent_height=8, latent_width=8)

@@ -8,11 +8,13 @@ import shutil
 import torch
 from click.testing import CliRunner
 
-from f3export.bench import count_flops
+from f3export.flops import count_flops
 from f3export.cli import main
 from f3export.models import get_adapter
 from f3export.models.base import VideoShape
 from f3export.prune import apply_plan
+
+TAV_ADAPTER = get_adapter("tune-a-video")
 
 
 
@@ -68,3 +70,20 @@ def test_the_fused_cpu_attention_kernel_is_counted_as_its_score_and_value_produc
     q, k, v = torch.randn(1, 2, 64, 8), torch.randn(1, 2, 96, 8), torch.randn(1, 2, 96, 8)
     total, _ = count_flops(Attend(), {"q": q, "k": k, "v": v}, [])
     assert total == 2 * (2 * 2 * 64 * 96 * 8)  # q k^T and p v: 2 FLOPs per multiply-add, 2 heads
+
+
+def test_flops_counted_on_the_onnx_graphs_equal_pytorchs_count_of_the_models(built):
+    """Bench counts on the exported graphs (it needs no source checkpoint): the same numbers as FlopCounterMode."""
+    from f3export.flops import onnx_flops
+    from f3export.prune import load_pruned
+    from f3export.validate import load_goldens
+
+    _, root, _ = built
+    temporal = list(json.loads((root / "plan.json").read_text())["heads"])
+    inputs, _ = load_goldens(root / "goldens" / "original.npz")[0]
+    original = TAV_ADAPTER.checkpoint.load_preset("tiny", 0).model
+    models = {"original": original, "pruned": load_pruned(root / "pruned")[2]}
+    for variant, model in models.items():
+        expected = count_flops(model, {k: torch.from_numpy(v) for k, v in inputs.items()}, temporal)
+        assert onnx_flops(root / "onnx" / f"{variant}.onnx", inputs, temporal) == expected, variant
+        assert 0 < expected[1] < expected[0]

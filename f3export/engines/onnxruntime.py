@@ -51,11 +51,16 @@ def resolve_providers(device: str) -> list[str]:
 
 
 class OnnxRuntimeSession:
+    """A session whose intra-op threads sleep between runs instead of spinning on their cores: a spinning
+    session takes the cores that anything else in the process (PyTorch, a second session timed in turn with
+    it) runs on (measured on 2 cores: 178 ms a run without spinning, 290 ms with)."""
+
     def __init__(self, path: Path, providers: list[str], level: str = "extended", threads: int = 0):
         options = ort.SessionOptions()
         options.log_severity_level = ERROR_SEVERITY
         options.graph_optimization_level = LEVELS[level]
         options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.path = path
         with refusals(path, "load the model"):
             self.session = ort.InferenceSession(str(path), options, providers=providers)

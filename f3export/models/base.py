@@ -9,7 +9,6 @@ share a call signature share the code below.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import math
 import sys
@@ -24,6 +23,7 @@ from torch import nn
 
 from ..errors import RecipeError
 from ..recipe import RecipeKey, family_key
+from ..text_standin import seeded_text_embedding
 from ..videos import read_video
 from . import memory
 from .loading import CheckpointFormat, ModelBundle
@@ -212,12 +212,6 @@ def video_fidelity(video: torch.Tensor, reference: torch.Tensor) -> dict[str, li
     return {"video_psnr": psnrs.tolist(), "video_ssim": ssims.tolist()}
 
 
-def seeded_text_embedding(prompt: str, tokens: int, width: int) -> torch.Tensor:
-    """A deterministic stand-in for a text encoder's output when none is given."""
-    seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "little")
-    return torch.randn((1, tokens, width), generator=torch.Generator().manual_seed(seed))
-
-
 LATENT_AXES = {0: "batch", 2: "frames", 3: "height", 4: "width"}  # of latents [B, C, F, H, W]
 
 
@@ -260,7 +254,7 @@ class LatentVideoDiffusionAdapter(ModelAdapter):
         if bundle.encode_text is not None:
             return bundle.encode_text(prompts)
         width = self.text_width(bundle.model)
-        return torch.cat([seeded_text_embedding(p, self.text_tokens, width) for p in prompts])
+        return torch.cat([torch.from_numpy(seeded_text_embedding(p, self.text_tokens, width)) for p in prompts])
 
     scheduler_class: ClassVar[type[SchedulerMixin]] = DDIMScheduler  # the sampler the family's pipeline uses
 
@@ -283,6 +277,10 @@ class LatentVideoDiffusionAdapter(ModelAdapter):
             "encoder_hidden_states": f"text embeddings [batch, {self.text_tokens}, {self.text_width(bundle.model)}] "
                                      "of the prompt (the model folder's text encoder); the empty prompt's for the "
                                      "unconditional rows",
+            # how a runtime makes them: the folder's encoder, or (none in the folder) the seeded stand-in
+            "text_conditioning": {"source": "text encoder" if bundle.encode_text is not None else
+                                  "seeded stand-in (f3export.text_standin.seeded_text_embedding)",
+                                  "tokens": self.text_tokens, "width": self.text_width(bundle.model)},
             "scheduler": {"class": type(scheduler).__name__, "config": config,
                           "note": "the scheduler the model was calibrated and validated with"},
             "guidance": {"batch_layout": ["unconditional", "conditional"],
