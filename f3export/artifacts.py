@@ -31,6 +31,15 @@ VALIDATION_REPORT = "validation.json"
 MAX_MANIFEST_BYTES = 64 << 20  # far above any real manifest; a larger one is not parsed
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # what a plain open() gives a new file here: one mode for every file written
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; rename it into place only if the block succeeds."""
@@ -39,6 +48,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
+        tmp.chmod(FILE_MODE)  # whatever wrote it (safetensors writes 0600): the mode of every artifact
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -56,7 +66,7 @@ def staged_model(path: Path) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.tmp-") as tmp:
         yield Path(tmp)
         for staged in Path(tmp).iterdir():
-            staged.chmod(0o644)  # a temporary folder's files are private to their writer
+            staged.chmod(FILE_MODE)  # a temporary folder's files are private to their writer
         data = path.with_name(path.name + ".data")
         if (Path(tmp) / data.name).exists():
             os.replace(Path(tmp) / data.name, data)
@@ -216,6 +226,18 @@ class FinishedBuild:
                     raise CheckError(f"{path}: content changed since the build (sha256 mismatch; rebuild it)")
                 checked += 1
         return checked
+
+    def verified_file(self, rel: Any, stage: str, where: str) -> Path:
+        """A file the stage recorded (with its external data, if recorded), hashing as recorded."""
+        path = self.path(rel, where)
+        recorded = self.stages[stage].files
+        if rel not in recorded:
+            raise CheckError(f"{self.root / MANIFEST}: {where} = {rel!r} is not a file the {stage} stage recorded")
+        for name in (rel, rel + ".data"):
+            if name in recorded and (not (self.root / name).is_file() or
+                                     sha256_file(self.root / name) != recorded[name]):
+                raise CheckError(f"{self.root / name}: content changed since the build (sha256 mismatch); not served")
+        return path
 
     def verified_engine(self, name: str) -> EngineEntry:
         """An engine entry whose files (the engine and its external data) hash as the build recorded."""

@@ -124,6 +124,11 @@ def check_runnable(recipe: Recipe, adapter: ModelAdapter, skeleton: torch.nn.Mod
 FRUGAL_ABOVE = 1 << 30
 
 
+def lock_file(recipe: Recipe) -> Path:
+    """The lock a build of ``recipe``'s folder holds: one per folder, in the output dir's shared cache folder."""
+    return Path(recipe.output.dir) / CACHE_FOLDER / "locks" / f"{recipe.name}.lock"
+
+
 class Build:
     """One build of a recipe: checked before any stage, then STAGES run in order under the folder's lock."""
 
@@ -169,7 +174,9 @@ class Build:
     def _run(self) -> BuildResult:
         with activity(f"preparing the artifact folder {self.root}"):
             self.root.mkdir(parents=True, exist_ok=True)
-            lock_path = self.root / ".lock"
+            # beside the folder, not in it: the folder is what gets deployed, with nothing of the build's own
+            lock_path = lock_file(self.recipe)
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
             if lock_path.is_symlink() or lock_path.exists() and not lock_path.is_file():
                 raise F3ExportError(f"{lock_path}: not a plain file (a symlink or folder); refusing to lock "
                                     "through it. Remove it and build again")
@@ -259,7 +266,7 @@ class Build:
         shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
         console.print(f"[bold yellow]note:[/] {self.root} held a build of another recipe ({shown} changed); it is "
                       "replaced in place, reusing the stages those keys do not reach (--set output.name=NAME "
-                      "keeps both)", highlight=False, soft_wrap=True)
+                      "keeps both)", highlight=False)
 
     def _run_locked(self) -> BuildResult:
         r = self.recipe
@@ -293,8 +300,18 @@ class Build:
             "contract": export.data["contract"],
             "engines": {name: {"backend": entry["backend"], "path": entry["path"],
                                "goldens": f"goldens/{entry['variant']}.npz", "good": self.result.passed}
-                        for name, entry in engine.data.items()},
+                        for name, entry in engine.data.items() if name != "components"},
         })
+        components = {name: {**entry, "onnx": entry["path"], "engine": engine.data["components"][name]["path"],
+                             "backend": engine.data["components"][name]["backend"]}
+                      for name, entry in export.data.get("components", {}).items()
+                      if name in engine.data.get("components", {})}
+        for entry in components.values():
+            del entry["path"]
+        if components:  # the rest of the pipeline, for a runtime without PyTorch (f3export generate)
+            self.manifest.doc["components"] = components
+        else:
+            self.manifest.doc.pop("components", None)
         self.manifest.save()
         write_report(self.root, f"{r.name}: validation")
         return self.result

@@ -16,6 +16,7 @@ A shape lists a static axis as its size and a dynamic one as its axis name.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import onnx
@@ -43,6 +44,12 @@ def _tensor(value: onnx.ValueInfoProto) -> dict[str, Any]:
     elem_type = value.type.tensor_type.elem_type
     return {"name": value.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(elem_type).name,
             "shape": [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]}
+
+
+def graph_io(path: Path | str) -> dict[str, list[dict[str, Any]]]:
+    """The inputs and outputs (name, dtype, shape with axis names) of the ONNX file at ``path``."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {"inputs": [_tensor(v) for v in graph.input], "outputs": [_tensor(v) for v in graph.output]}
 
 
 def engine_contract(model: onnx.ModelProto, family: str, ranges: dict[str, list[int]],

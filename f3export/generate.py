@@ -2,10 +2,10 @@
 
 Text -> embeddings -> the DDIM loop with classifier-free guidance (the scheduler config recorded in the
 build's contract) -> frames -> an animated image. The text conditioning is what the build calibrated with: the
-seeded stand-in of a model folder without a text encoder (``text_standin``), else the build's exported text
-encoder engine (a build that has none is refused). Frames: a pixel-space model's output as is; latents with
-three or more channels and no decoder are shown as their first three channels, each scaled to [-1, 1] over
-the clip (a picture of the latents, stated in the caption line). The initial noise is NumPy's from ``seed``:
+build's text encoder engine on the tokens of its ``tokenizer.json`` (``components``), or the seeded stand-in
+of a model folder without a text encoder (``text_standin``). Frames: the build's VAE decoder engine on the
+final latents; else a pixel-space model's output as is; else latents shown as their first three channels,
+each scaled to [-1, 1] over the clip (a picture of the latents, stated in the caption line). The initial noise is NumPy's from ``seed``:
 the same seed gives the same video here, not the PyTorch sampler's video of that seed.
 
 With ``compare``, the same prompt and noise run through the original engine too, and the file shows original
@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .artifacts import atomic_path, open_build
+from .engines import make_backend
 from .errors import CheckError, RecipeError
 from .runtime import EngineRunner
 from .scheduling import DDIM
@@ -55,9 +56,22 @@ class EnginePipeline:
         if not isinstance(text, dict):
             raise CheckError(f"{where}.text_conditioning: missing (a build from before f3export generate; "
                              "rebuild it)")
+        components = build.doc.get("components") or {}
+        if not isinstance(components, dict):
+            raise CheckError(f"{root / 'manifest.json'}: components: expected a table")
+        self.text_encoder = self.tokenizer = self.decoder = None
         if not str(text.get("source", "")).startswith(STANDIN):
-            raise CheckError(f"{where}.text_conditioning: this model's prompts go through its text encoder, and "
-                             "this build has no text encoder engine to run it without PyTorch")
+            if "text_encoder" not in components:
+                raise CheckError(f"{where}.text_conditioning: this model's prompts go through its text encoder, and "
+                                 "this build has no text encoder engine to run it without PyTorch")
+            from tokenizers import Tokenizer
+
+            entry = components["text_encoder"]
+            self.tokenizer = Tokenizer.from_file(str(build.verified_file(
+                entry.get("tokenizer"), "export", "components.text_encoder.tokenizer")))
+            self.text_encoder = self._engine(build, entry, "text_encoder")
+        if "vae_decoder" in components:
+            self.decoder = self._engine(build, components["vae_decoder"], "vae_decoder")
         self.text = text
         self.scheduler_config = scheduler["config"]
         self.noise_channels = conventions["output"]["noise_channels"][1]
@@ -68,8 +82,20 @@ class EnginePipeline:
         self.validation = _sampling_defaults(build.doc["recipe"].get("validation"), root)
         self.engines = {variant: EngineRunner(root, variant) for variant in variants}
 
+    @staticmethod
+    def _engine(build, entry: dict, name: str):
+        """A component's engine (ONNX Runtime), served only if it hashes as built."""
+        if not isinstance(entry, dict) or entry.get("backend") != "onnxruntime":
+            raise CheckError(f"{build.root / 'manifest.json'}: components.{name}: no ONNX Runtime engine")
+        path = build.verified_file(entry.get("engine"), "engine", f"components.{name}.engine")
+        return make_backend("onnxruntime", build.recipe, build.root).load(path)
+
     def embed(self, prompt: str) -> np.ndarray:
-        return seeded_text_embedding(prompt, self.text["tokens"], self.text["width"])
+        """[1, tokens, width]: the build's text encoder engine on the prompt's tokens, else the seeded stand-in."""
+        if self.text_encoder is None:
+            return seeded_text_embedding(prompt, self.text["tokens"], self.text["width"])
+        ids = np.asarray([self.tokenizer.encode(prompt).ids], dtype=np.int64)
+        return self.text_encoder.run({"input_ids": ids})["text_embeddings"]
 
     def sample(self, variant: str, prompt: str, seed: int, steps: int, guidance_scale: float,
                on_step=None) -> Clip:
@@ -89,6 +115,9 @@ class EnginePipeline:
         return self._frames(latents)
 
     def _frames(self, latents: np.ndarray) -> Clip:
+        if self.decoder is not None:
+            frames = self.decoder.run({"latents": np.ascontiguousarray(latents[0].transpose(1, 0, 2, 3))})["frames"]
+            return Clip(frames.transpose(1, 0, 2, 3), latents, "frames decoded by the build's VAE decoder engine")
         if self.channels == 3:
             return Clip(latents[0], latents, "RGB frames (a pixel-space model)")
         shown = latents[0, :3]

@@ -14,8 +14,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 # Logs (CI, pipes) get lines wide enough for module names; a terminal uses its own width.
-console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)  # progress and notes
-results = Console(width=None if sys.stdout.isatty() else 160)  # what a command produces
+# soft_wrap: a line of text stays one line (a log, a grep, a script reading stdout); tables keep the width
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 160, soft_wrap=True)  # progress and notes
+results = Console(width=None if sys.stdout.isatty() else 160, soft_wrap=True)  # what a command produces
 LINE_EVERY_S = 10.0
 verbose = False
 

@@ -21,6 +21,8 @@ import torch
 from . import __version__
 from .artifacts import MODEL_VARIANTS, StageRecord, content_key, sha256_file, write_json
 from .cache import StageCache
+from .components import TOKENIZER_FILE, Component, write_tokenizer
+from .contract import graph_io
 from .calibrate import RunStore, Scores, calibrate
 from .distributed import Team
 from .engines import Backend, profile_ranges, validated_shapes
@@ -308,8 +310,45 @@ def export_models(ctx: StageContext) -> StageOutput:
         ctx.release(variant)  # the next variant (and the engines after) without this one's weights
     if ctx.variants == MODEL_VARIANTS:
         data["parameters_removed"] = data["original"]["parameters"] - data["pruned"]["parameters"]
-    return files, {k: data[k] for k in [*ctx.variants, *(["parameters_removed"] if "parameters_removed" in data else
-                                                         []), "contract"]}
+        components = {}
+        for component in ctx.adapter.pipeline_components(ctx.model.bundle, ctx.shape):
+            made, components[component.name] = ctx.original_output(
+                "export", {"component": component.name}, lambda component=component: export_component(ctx, component))
+            files += made
+        if components:
+            data["components"] = components
+    return files, {k: data[k] for k in [*ctx.variants, *(k for k in ("parameters_removed", "components") if k in data),
+                                        "contract"]}
+
+
+def export_component(ctx: StageContext, component: Component) -> StageOutput:
+    """One of the pipeline's other models (text encoder, VAE decoder) to ONNX, with the tokenizer the text
+    encoder needs."""
+    section = ctx.recipe.export
+    info = export_onnx(component.module, component.spec, ctx.root / "onnx" / f"{component.name}.onnx",
+                       section.opset, section.external_data)
+    files = list(info.files)
+    entry = {"path": str(info.path.relative_to(ctx.root)), "parameters": info.parameters,
+             "bytes": info.bytes_on_disk, **graph_io(info.path), "meaning": component.meaning}
+    if component.name == "text_encoder":
+        files.append(write_tokenizer(ctx.model.bundle.encode_text, ctx.root / "onnx" / TOKENIZER_FILE))
+        entry["tokenizer"] = str(files[-1].relative_to(ctx.root))
+    return files, entry
+
+
+def _check_components(ctx: StageContext) -> dict[str, dict]:
+    """Each pipeline component's engine against its PyTorch module on inputs the export did not see."""
+    built = ctx.records["engine"].data.get("components", {})
+    backend = next((b for b in ctx.backends if b.name == COMPONENT_BACKEND), None)
+    worst = {}
+    for component in ctx.adapter.pipeline_components(ctx.model.bundle, ctx.shape) if built else ():
+        with torch.no_grad():
+            expected = component.module(**component.check_inputs)
+        golden = ({k: v.numpy() for k, v in component.check_inputs.items()},
+                  {component.spec.output_names[0]: expected.numpy()})
+        engine = backend.load(ctx.root / built[component.name]["path"])
+        worst[f"{component.name}.{COMPONENT_BACKEND}"] = vars(compare_engine(engine, [golden]))
+    return worst
 
 
 def _files_of(record: StageRecord, path: str) -> dict[str, str]:
@@ -334,7 +373,20 @@ def build_engines(ctx: StageContext) -> StageOutput:
             data[f"{variant}.{backend.name}"] = {"backend": backend.name, "variant": variant,
                                                  "path": str(engine_path.relative_to(ctx.root)),
                                                  "precision": backend.precision, "versions": backend.versions()}
+    component_backend = next((b for b in ctx.backends if b.name == COMPONENT_BACKEND), None)
+    for name, entry in export.data.get("components", {}).items() if component_backend is not None else ():
+        onnx_path = ctx.root / entry["path"]
+        engine_path = ctx.root / "engines" / component_backend.engine_name(onnx_path)
+        made, _ = ctx.original_output(
+            "engine", {"component": name, "onnx": _files_of(export, entry["path"])},
+            lambda onnx_path=onnx_path, engine_path=engine_path: (component_backend.build(onnx_path, engine_path), {}))
+        files += made
+        data.setdefault("components", {})[name] = {"backend": COMPONENT_BACKEND,
+                                                   "path": str(engine_path.relative_to(ctx.root))}
     return files, data
+
+
+COMPONENT_BACKEND = "onnxruntime"  # the text encoder's and VAE decoder's engines (TensorRT ones: not yet)
 
 
 def validate_engines(ctx: StageContext) -> StageOutput:
@@ -343,7 +395,7 @@ def validate_engines(ctx: StageContext) -> StageOutput:
     the same files (a build whose [pruning] changed); the pruning fidelity always runs."""
     section = ctx.recipe.validation
     backends = {b.name: b for b in ctx.backends}
-    engines = ctx.records["engine"].data
+    engines = {name: e for name, e in ctx.records["engine"].data.items() if name != "components"}
 
     def engine_metrics(variant: str, goldens: list) -> dict[str, dict]:
         """Each engine of ``variant`` against the goldens, one engine loaded at a time."""
@@ -372,16 +424,19 @@ def validate_engines(ctx: StageContext) -> StageOutput:
         else:
             made, _ = check(variant)
         files += made
+    components = _check_components(ctx)
     fidelity = pruning_fidelity(ctx.adapter, ctx.model.bundle, ctx.pruned, ctx.shape, section)
     ctx.release()  # the engines run without the PyTorch models in memory
     if "pruned" in ctx.variants:
         measured["pruned"] = engine_metrics("pruned", load_goldens(ctx.root / "goldens" / "pruned.npz"))
     metrics, gates = {}, []
-    for variant in ctx.variants:
+    if components:
+        measured["components"] = components
+    for variant in measured:
         for name, worst in measured[variant].items():
             metrics[f"export.{name}"] = worst
-            gates += export_gates(Comparison(**worst), section, backends[engines[name]["backend"]].precision,
-                                  f"export.{name}")
+            precision = backends[engines[name]["backend"]].precision if name in engines else "fp32"
+            gates += export_gates(Comparison(**worst), section, precision, f"export.{name}")
     metrics["pruning"] = fidelity.to_json()
     gates += pruning_gates(ctx.adapter, fidelity, section)
     report = ctx.root / "validation.json"
@@ -409,10 +464,12 @@ STAGES = (
               "section:validation", "model:network", "model:sampling", "files:validation", "shape:latent",
               "library:torch", "library:diffusers", "library:transformers"))),
     Stage("prune", prune_model, upstream=("plan",), model_files=("network",), libraries=("torch", "f3export")),
-    # export: the contract records the profile ranges and the conventions files (the scheduler)
-    Stage("export", export_models, upstream=("prune",), sections=("export",), model_files=("network", "conventions"),
+    # export: the contract records the profile ranges and the conventions files (the scheduler); the text
+    # encoder and VAE (sampling files) are exported beside the models
+    Stage("export", export_models, upstream=("prune",), sections=("export",),
+          model_files=("network", "sampling", "conventions"),
           shapes=("latent", "contract_ranges"),
-          libraries=("torch", "onnx", "onnx_graphsurgeon", "diffusers", "f3export")),
+          libraries=("torch", "onnx", "onnx_graphsurgeon", "diffusers", "transformers", "f3export")),
     Stage("engine", build_engines, upstream=("export",), sections=("engine",), libraries=(BACKENDS,),
           needs_model=False),
     Stage("validate", validate_engines, upstream=("engine", "prune"), sections=("validation",),

@@ -8,6 +8,7 @@ Names, data types and dims come from the build's engine contract. A dynamic axis
 build validated a range of sizes; an axis validated at one size is written as that size, so Triton refuses
 what no engine was checked on. Where the batch axis was validated over a range, Triton's batching is on
 (``max_batch_size`` = the range's top, dims without the batch axis); else the batch is an ordinary dim.
+The build's pipeline components (text encoder, VAE decoder) become models of their own, their axes -1.
 Engines are copied only after their hashes match the manifest, and the repository is written to a temporary
 folder and renamed into place when complete.
 """
@@ -61,7 +62,7 @@ def model_config(name: str, backend: str, device: str, contract: dict) -> str:
     ranges = contract["dynamic_axes"]
     tensors = contract["inputs"] + contract["outputs"]
     batch_range = ranges.get("batch")
-    batched = batch_range is not None and batch_range[0] < batch_range[1] and \
+    batched = batch_range is not None and 1 < batch_range[1] and batch_range[0] < batch_range[1] and \
         all(t["shape"][0] == "batch" for t in tensors)
     platform = PLATFORMS[backend][0]
     kind = "KIND_GPU" if device == "cuda" or backend == "tensorrt" else "KIND_CPU"
@@ -100,6 +101,21 @@ def export_triton(artifact_dir: Path, repo: Path, variants: tuple[str, ...] = MO
             if data.exists():  # the engine names its external data file; it keeps that name
                 shutil.copyfile(data, version / data.name)
             config = model_config(name, entry.backend, build.recipe.engine.device, contract)
+            (tmp / name / "config.pbtxt").write_text(config)
+            models.append(TritonModel(name, repo / name, config))
+        for component, entry in (build.doc.get("components") or {}).items():  # the rest of the pipeline
+            path = build.verified_file(entry.get("engine"), "engine", f"components.{component}.engine")
+            name = f"{build.doc.get('name', artifact_dir.name)}_{component}"
+            version = tmp / name / "1"
+            version.mkdir(parents=True)
+            shutil.copyfile(path, version / "model.onnx")
+            data = path.with_name(path.name + ".data")
+            if data.exists():
+                shutil.copyfile(data, version / data.name)
+            # its axes were checked at several sizes (the export's and validation's inputs): left dynamic
+            ranges = {d: [0, 1] for t in entry["inputs"] + entry["outputs"] for d in t["shape"] if isinstance(d, str)}
+            config = model_config(name, "onnxruntime", build.recipe.engine.device,
+                                  {"inputs": entry["inputs"], "outputs": entry["outputs"], "dynamic_axes": ranges})
             (tmp / name / "config.pbtxt").write_text(config)
             models.append(TritonModel(name, repo / name, config))
         tmp.rename(repo)

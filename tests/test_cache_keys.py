@@ -23,7 +23,7 @@ from conftest import (COGVIDEO_TOKENS_RECIPE, FAST_RECIPE, ORIGINAL_STYLE_CONFIG
                       rebuild, run, write_checkpoint, write_clip)
 
 NETWORK_READERS = ["calibrate", "prune", "export", "validate"]
-TRAJECTORY_RUNNERS = ["calibrate", "validate"]
+TEXT_ENCODER_READERS = ["calibrate", "export", "validate"]  # export: deploys the text encoder and tokenizer
 SCHEDULER_READERS = ["calibrate", "export", "validate"]  # export: the engine contract records the scheduler
 
 
@@ -117,9 +117,9 @@ def test_a_changed_scheduler_reruns_the_stages_reading_it_to_what_a_fresh_build_
 
 
 @pytest.mark.parametrize("file, change, rerun", [
-    ("tokenizer/tokenizer_config.json", lambda path: edit_json(path, model_max_length=1000), TRAJECTORY_RUNNERS),
+    ("tokenizer/tokenizer_config.json", lambda path: edit_json(path, model_max_length=1000), TEXT_ENCODER_READERS),
     ("text_encoder/model.safetensors", lambda path: perturb_weights(path, "final_layer_norm.weight"),
-     TRAJECTORY_RUNNERS),
+     TEXT_ENCODER_READERS),
     ("unet/diffusion_pytorch_model.safetensors", lambda path: perturb_weights(path, "conv_in.weight"),
      NETWORK_READERS),
 ])

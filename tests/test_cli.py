@@ -36,6 +36,9 @@ def test_a_cached_build_json_names_every_stage_and_the_files_to_deploy(built):
     assert document["deploy"] == ["manifest.json", "engines/original.ort-cpu-extended.onnx",
                                   "engines/pruned.ort-cpu-extended.onnx"]
     assert document["parameters"]["onnx_removed_equals_torch_removed"] is True
+    files = [f for f in root.rglob("*") if f.is_file()]
+    assert not (root / ".lock").exists()  # the lock lies beside the folder: nothing of the build's own in it
+    assert {f.stat().st_mode & 0o777 for f in files} == {files[0].stat().st_mode & 0o777}  # one mode for all
 
 
 def test_inspect_redirected_writes_the_table_into_the_file_and_nothing_else(tmp_path):

@@ -200,3 +200,56 @@ def test_bench_runs_from_the_build_folder_with_the_source_checkpoint_moved_away(
     assert bench["models"]["original"]["flops"] > bench["models"]["pruned"]["flops"] > 0
     spread = bench["backends"]["onnxruntime"]["speedup_spread"]
     assert spread["pairs"] == 2 and spread["q1"] <= spread["median"] <= spread["q3"]
+
+
+def test_a_folder_with_text_encoder_and_vae_deploys_them_and_generates_from_engines_alone(tmp_path, tiny_bundle):
+    """The rest of the pipeline goes with the denoiser: the CLIP text encoder and the VAE decoder are exported,
+    built and checked against PyTorch; generate tokenizes with tokenizer.json, decodes with the VAE engine."""
+    from transformers import CLIPTokenizer
+
+    from conftest import ORIGINAL_STYLE_CONFIG, FAST_RECIPE, TAV, write_checkpoint, write_clip
+
+    model = tmp_path / "model"
+    write_checkpoint(model, tiny_bundle.model, "safetensors", ORIGINAL_STYLE_CONFIG)
+    write_clip(model, 32)
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=[8, 8], norm_num_groups=8, latent_channels=4,
+                  down_block_types=["DownEncoderBlock2D"] * 2,
+                  up_block_types=["UpDecoderBlock2D"] * 2).save_pretrained(model / "vae")
+    recipe = tmp_path / "fast.toml"
+    recipe.write_text(FAST_RECIPE.replace('preset = "tiny"', f'path = "{model}"').replace("steps = 3", "steps = 2")
+                      .replace("{out}", str(tmp_path / "artifacts")))
+    result = run("build", recipe, "--json")
+    assert result.exit_code == 0, result.output
+    root = tmp_path / "artifacts" / "fast"
+    manifest = json.loads((root / "manifest.json").read_text())
+    components = manifest["components"]
+    assert components["text_encoder"]["inputs"][0] == {"name": "input_ids", "dtype": "int64", "shape": ["batch", 77]}
+    assert components["vae_decoder"]["outputs"][0]["shape"] == ["frames", 3, 16, 16]  # 8 x 8 latents, VAE scale 2
+    gates = {g["metric"]: g for g in json.loads(result.stdout)["gates"]}
+    for name in ("text_encoder", "vae_decoder"):
+        assert gates[f"export.{name}.onnxruntime.rel_l2"]["passed"], gates[f"export.{name}.onnxruntime.rel_l2"]
+    # the runtime tokenizer (tokenizers, no torch) gives the build's CLIPTokenizer ids
+    from tokenizers import Tokenizer
+
+    fast = Tokenizer.from_file(str(root / components["text_encoder"]["tokenizer"]))
+    slow = CLIPTokenizer.from_pretrained(model / "tokenizer")
+    for prompt in ("a dog is running", "", "x" * 200):
+        assert fast.encode(prompt).ids == slow(prompt, padding="max_length", max_length=77, truncation=True).input_ids
+    out = tmp_path / "clip.gif"
+    done = subprocess.run([sys.executable, "-c", NO_TORCH, "generate", str(root), "--prompt", "a dog is running",
+                           "--steps", "2", "--scale", "1", "--out", str(out)], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert "decoded by the build's VAE decoder engine" in done.stdout
+    with Image.open(out) as gif:
+        assert gif.n_frames == 4 and gif.size == (16, 16)
+    assert TAV.family == manifest["contract"]["family"]
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    assert run("export-triton", root, tmp_path / "triton").exit_code == 0
+    text = text_format.Parse((tmp_path / "triton" / "fast_text_encoder" / "config.pbtxt").read_text(),
+                             model_config_pb2.ModelConfig())
+    assert [(t.name, t.data_type, list(t.dims)) for t in text.input] == \
+        [("input_ids", model_config_pb2.TYPE_INT64, [-1, 77])]
+    assert (tmp_path / "triton" / "fast_vae_decoder" / "1" / "model.onnx").is_file()

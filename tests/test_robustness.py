@@ -15,7 +15,9 @@ from filelock import FileLock
 from safetensors.torch import save_file
 
 import f3export.build as build_module
+from f3export.build import lock_file
 from f3export.errors import CheckpointError
+from f3export.recipe import load_recipe
 
 from conftest import (FAST_RECIPE, ORIGINAL_STYLE_CONFIG, STAGES, TAV, assert_reruns_exactly, rebuild, run,
                       write_checkpoint)
@@ -78,7 +80,9 @@ def test_second_build_into_the_same_folder_is_refused_while_the_first_holds_the_
     path = write_recipe()
     root = path.parent / "artifacts" / "fast"
     root.mkdir(parents=True)
-    with FileLock(str(root / ".lock")):
+    lock = lock_file(load_recipe(path))
+    lock.parent.mkdir(parents=True)
+    with FileLock(str(lock)):
         result = run("build", path)
     assert result.exit_code == 2
     assert "another f3export build holds" in result.output

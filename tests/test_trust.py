@@ -21,9 +21,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from f3export.build import lock_file
 from f3export.cli import main
 from f3export.engines.onnxruntime import OnnxRuntimeBackend
 from f3export.errors import CheckError, EngineError
+from f3export.recipe import load_recipe
 from f3export.runtime import EngineUNet
 
 from conftest import FAST_RECIPE, ORIGINAL_STYLE_CONFIG, run, write_checkpoint
@@ -294,7 +296,9 @@ def test_a_lock_that_is_a_symlink_is_refused(write_recipe, tmp_path):
     root.mkdir(parents=True)
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me")
-    (root / ".lock").symlink_to(victim)
+    lock = lock_file(load_recipe(path))
+    lock.parent.mkdir(parents=True)
+    lock.symlink_to(victim)
     one_line_error(invoke("build", path), 2, ".lock: not a plain file (a symlink or folder); refusing to lock")
     assert victim.read_text() == "keep me"
 

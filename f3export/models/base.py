@@ -176,6 +176,10 @@ class ModelAdapter(ABC):
     def conventions(self, bundle: ModelBundle) -> dict[str, Any]:
         """How a runtime must drive the exported graph beyond its names and shapes (JSON, for the contract)."""
 
+    def pipeline_components(self, bundle: ModelBundle, shape: VideoShape) -> list:
+        """The rest of the model's pipeline a runtime needs (``components.Component``s); none by default."""
+        return []
+
     @abstractmethod
     def trajectory(self, bundle: ModelBundle, model: nn.Module, run: Run, shape: VideoShape,
                    on_step: Callable[[int], None] | None = None) -> Trajectory:
@@ -255,6 +259,11 @@ class LatentVideoDiffusionAdapter(ModelAdapter):
             return bundle.encode_text(prompts)
         width = self.text_width(bundle.model)
         return torch.cat([torch.from_numpy(seeded_text_embedding(p, self.text_tokens, width)) for p in prompts])
+
+    def pipeline_components(self, bundle, shape):
+        from ..components import pipeline_components
+
+        return pipeline_components(bundle, shape, self.latent_channels(bundle.model))
 
     scheduler_class: ClassVar[type[SchedulerMixin]] = DDIMScheduler  # the sampler the family's pipeline uses
 

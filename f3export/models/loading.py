@@ -147,7 +147,25 @@ def clip_text_encoder_files(folder: Path) -> list[Path]:
         component_files(folder / "text_encoder", MODEL_SUFFIXES)
 
 
-def load_clip_text_encoder(folder: Path) -> Callable[[list[str]], torch.Tensor] | None:
+@dataclass(frozen=True)
+class ClipTextEncoder:
+    """A folder's CLIP tokenizer and text encoder: called on prompts, their embeddings."""
+
+    folder: Path  # the tokenizer's folder
+    tokenizer: Any
+    encoder: nn.Module
+    tokens: int  # every prompt padded (or truncated) to this many tokens
+
+    def token_ids(self, prompts: list[str]) -> torch.Tensor:
+        return self.tokenizer(prompts, padding="max_length", max_length=self.tokens, truncation=True,
+                              return_tensors="pt").input_ids
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        return self.encoder(self.token_ids(prompts))[0]
+
+
+def load_clip_text_encoder(folder: Path) -> ClipTextEncoder | None:
     """CLIP text encoder + tokenizer from ``text_encoder/`` and ``tokenizer/``, if the folder has them. Prompts
     are padded to the tokenizer's ``model_max_length``, as diffusers' pipelines do (77 for SD's CLIP), at most
     the encoder's position table (a tokenizer that sets no length reads as 10^30)."""
@@ -160,16 +178,8 @@ def load_clip_text_encoder(folder: Path) -> Callable[[list[str]], torch.Tensor] 
         encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True).eval()
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{folder}: cannot load the CLIP text encoder ({str(exc).splitlines()[0]})") from None
-
-    tokens = min(tokenizer.model_max_length, encoder.config.max_position_embeddings)
-
-    @torch.no_grad()
-    def encode(prompts: list[str]) -> torch.Tensor:
-        ids = tokenizer(prompts, padding="max_length", max_length=tokens, truncation=True,
-                        return_tensors="pt").input_ids
-        return encoder(ids)[0]
-
-    return encode
+    return ClipTextEncoder(folder / "tokenizer", tokenizer, encoder,
+                           min(tokenizer.model_max_length, encoder.config.max_position_embeddings))
 
 
 VAE = "vae"

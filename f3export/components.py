@@ -1,0 +1,95 @@
+"""The rest of a text-to-video pipeline, for a runtime without PyTorch: the model folder's text encoder (CLIP)
+and VAE decoder, exported beside the denoiser, built as engines and checked against PyTorch.
+
+    text_encoder:  input_ids [batch, tokens] int64            -> text_embeddings [batch, tokens, width]
+    vae_decoder:   latents [frames, channels, h, w] (as the denoiser leaves them)
+                                                              -> frames [frames, 3, H, W] in [-1, 1]
+
+The tokenizer goes with them as ``tokenizer.json`` (Hugging Face ``tokenizers``, which needs no PyTorch), with
+the padding and truncation the build's text encoder used. A model folder without them (a preset, a
+pixel-space model without ``vae/``) has none: its runtime uses the seeded stand-in embedding, and frames are
+its output or a picture of its latents (``generate``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .models.base import ExportSpec, VideoShape
+from .models.loading import ClipTextEncoder, ModelBundle
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class TextEncoderNet(nn.Module):
+    """input_ids -> the encoder's last hidden state (the embeddings the denoiser cross-attends to)."""
+
+    def __init__(self, text: ClipTextEncoder):
+        super().__init__()
+        self.encoder = text.encoder
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.encoder(input_ids)[0]
+
+
+class VaeDecoderNet(nn.Module):
+    """Latents (the sampler's scale) -> RGB frames in [-1, 1], as ``VideoAutoencoder.decode`` per frame."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents / self.vae.config.scaling_factor).sample.clamp(-1, 1)
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str
+    module: nn.Module
+    spec: ExportSpec
+    meaning: str
+    check_inputs: dict[str, torch.Tensor]  # others than the export's, for validation
+
+
+def pipeline_components(bundle: ModelBundle, shape: VideoShape, latent_channels: int) -> list[Component]:
+    """The folder's text encoder and VAE decoder as exportable modules, with example inputs."""
+    components = []
+    text = bundle.encode_text
+    if isinstance(text, ClipTextEncoder):
+        ids = text.token_ids(["a video of a dog", ""])
+        components.append(Component("text_encoder", TextEncoderNet(text).eval(), ExportSpec(
+            {"input_ids": ids}, ["text_embeddings"], {"input_ids": {0: "batch"}, "text_embeddings": {0: "batch"}}),
+            f"CLIP token ids padded to {text.tokens} (tokenizer.json) -> the denoiser's encoder_hidden_states",
+            {"input_ids": text.token_ids(["a man is skiing down a snowy slope at dusk", "a cat", ""])}))
+    if bundle.vae is not None:
+        def latents(seed: int) -> torch.Tensor:
+            return torch.randn((shape.frames, latent_channels, shape.latent_height, shape.latent_width),
+                               generator=torch.Generator().manual_seed(seed))
+
+        components.append(Component("vae_decoder", VaeDecoderNet(bundle.vae.vae).eval(), ExportSpec(
+            {"latents": latents(5)}, ["frames"], {"latents": {0: "frames"}, "frames": {0: "frames"}}),
+            "the final latents, frame by frame ([frames, channels, h, w]) -> RGB frames in [-1, 1]",
+            {"latents": latents(6)}))
+    return components
+
+
+def write_tokenizer(text: ClipTextEncoder, path: Path) -> Path:
+    """The build's tokenizer as one ``tokenizers`` file, padding and truncation to the encoder's length set in
+    it, so a runtime tokenizes as the build did with ``Tokenizer.from_file`` alone."""
+    from transformers import CLIPTokenizerFast
+
+    from .artifacts import atomic_path
+
+    fast = CLIPTokenizerFast.from_pretrained(text.folder, local_files_only=True)
+    backend = fast.backend_tokenizer
+    backend.enable_truncation(max_length=text.tokens)
+    backend.enable_padding(length=text.tokens, pad_id=fast.pad_token_id, pad_token=fast.pad_token)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(json.loads(backend.to_str()), ensure_ascii=False))
+    return path
