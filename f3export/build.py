@@ -188,6 +188,9 @@ class Build:
                                     "wait for it to finish") from None
         try:
             with activity(f"building {self.root}"):
+                legacy = self.root / ".lock"  # where f3export before 0.2 kept the lock
+                if legacy.is_file() and not legacy.is_symlink():
+                    legacy.unlink()
                 self._remove_partial_files()
                 self.manifest = Manifest(self.root)
                 return self._run_locked()

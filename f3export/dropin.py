@@ -25,6 +25,7 @@ from diffusers.utils import BaseOutput
 
 from .artifacts import open_build
 from .errors import CheckError
+from .models import FAMILIES, get_adapter
 from .prune import PRUNED_CONFIG, load_pruned
 from .runtime import EngineRunner
 from .weights import read_json
@@ -57,10 +58,14 @@ class EngineDenoiser(torch.nn.Module):
         root = Path(artifact_dir)
         self.engine = EngineRunner(root, variant, backend)
         open_build(root).verify_files(("prune",))
-        config = read_json(root / "pruned" / PRUNED_CONFIG).get("config")
-        if not isinstance(config, dict):
-            raise CheckError(f"{root / 'pruned' / PRUNED_CONFIG}: no model config")
+        saved = read_json(root / "pruned" / PRUNED_CONFIG)
+        config = saved.get("config")
+        if not isinstance(config, dict) or saved.get("family") not in FAMILIES:
+            raise CheckError(f"{root / 'pruned' / PRUNED_CONFIG}: no model config or family")
         self.config = FrozenDict(config)  # what pipelines read: in_channels, sample_size, ...
+        # a network taking one text embedding per frame (UNetMotionModel) is exported taking one per video
+        self.text_per_frame = getattr(get_adapter(saved["family"], saved.get("adapter_options")).checkpoint,
+                                      "text_per_frame", False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -77,5 +82,11 @@ class EngineDenoiser(torch.nn.Module):
             raise TypeError(f"the engine takes sample, timestep and encoder_hidden_states only, not "
                             f"{', '.join(unused) or 'more positional arguments'}")
         timestep = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1)
+        frames = sample.shape[2]
+        if self.text_per_frame and encoder_hidden_states.shape[0] == sample.shape[0] * frames:
+            per_video = encoder_hidden_states[::frames]
+            if not torch.equal(per_video.repeat_interleave(frames, dim=0), encoder_hidden_states):
+                raise ValueError("the engine takes one text embedding per video; these differ between frames")
+            encoder_hidden_states = per_video
         noise = self.engine(sample=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states)
         return DenoiserOutput(noise) if return_dict else (noise,)

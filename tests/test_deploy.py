@@ -15,7 +15,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, TextToVideoSDPipeline
+from diffusers import AnimateDiffPipeline, AutoencoderKL, DDIMScheduler, TextToVideoSDPipeline
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -131,17 +131,22 @@ MODELSCOPE_RECIPE = CUSTOM_RECIPE.replace(
 assert 'family = "modelscope"' in MODELSCOPE_RECIPE
 
 
-@pytest.fixture(scope="module")
-def modelscope_build(tmp_path_factory):
-    """A ModelScope build from a model folder on disk (not a preset)."""
-    base = tmp_path_factory.mktemp("modelscope")
-    unet = get_adapter("modelscope").checkpoint.load_preset("tiny", seed=1).model.inner
-    unet.save_pretrained(base / "model" / "unet")
-    recipe = base / "modelscope.toml"
-    recipe.write_text(MODELSCOPE_RECIPE.replace("{model}", str(base / "model")).replace("{out}", str(base / "out")))
+def folder_build(base: Path, family: str) -> Path:
+    """A build of ``family``'s tiny network read from a model folder on disk (not a preset)."""
+    network = get_adapter(family).checkpoint.load_preset("tiny", seed=1).model.inner
+    network.save_pretrained(base / "model" / "unet")
+    recipe = base / f"{family}.toml"
+    recipe.write_text(MODELSCOPE_RECIPE.replace('family = "modelscope"', f'family = "{family}"')
+                      .replace("{model}", str(base / "model")).replace("{out}", str(base / "out")))
     result = run("build", recipe)
     assert result.exit_code == 0, result.output
-    return base, base / "out" / "modelscope"
+    return base / "out" / family
+
+
+@pytest.fixture(scope="module")
+def modelscope_build(tmp_path_factory):
+    base = tmp_path_factory.mktemp("modelscope")
+    return base, folder_build(base, "modelscope")
 
 
 def tiny_pipeline_parts() -> dict:
@@ -157,17 +162,22 @@ def tiny_pipeline_parts() -> dict:
     return {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae, "scheduler": scheduler}
 
 
-def sample(pipe: TextToVideoSDPipeline) -> np.ndarray:
+def sample(pipe) -> torch.Tensor:
     return pipe("a dog is running", num_frames=4, height=16, width=16, num_inference_steps=3,
                 generator=torch.Generator().manual_seed(0), output_type="latent").frames
 
 
-def test_diffusers_text_to_video_pipeline_runs_the_pruned_model_and_its_engine(modelscope_build):
-    _, root = modelscope_build
+@pytest.mark.parametrize("family, pipeline, network", [
+    ("modelscope", TextToVideoSDPipeline, "UNet3DConditionModel"),
+    ("animatediff", AnimateDiffPipeline, "UNetMotionModel"),
+])
+def test_a_diffusers_pipeline_runs_the_pruned_model_and_its_engine(family, pipeline, network, modelscope_build,
+                                                                   tmp_path):
+    root = modelscope_build[1] if family == "modelscope" else folder_build(tmp_path, family)
     parts = tiny_pipeline_parts()
     pruned = pruned_denoiser(root)
-    assert type(pruned).__name__ == "UNet3DConditionModel"
-    pipe = TextToVideoSDPipeline(unet=pruned, **parts)
+    assert type(pruned).__name__ == network
+    pipe = pipeline(unet=pruned, **parts, **({"motion_adapter": None} if pipeline is AnimateDiffPipeline else {}))
     with torch.no_grad():
         from_model = sample(pipe)
         pipe.register_modules(unet=EngineDenoiser(root))
