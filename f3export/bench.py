@@ -143,6 +143,17 @@ def peak_memory(root: Path, backend: str, engine_path: Path, feeds_path: Path) -
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def clear_outputs(root: Path, names: tuple[str, ...]) -> None:
+    """A command's last results (files or folders), so that none of them (a plot, a ratio's engine) outlives
+    the run that replaces them."""
+    for name in names:
+        path = root / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 def _bytes_with_data(path: Path) -> int:
     data = path.with_name(path.name + ".data")
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
@@ -171,17 +182,8 @@ class Bench:
         plan = json.loads((self.root / "plan.json").read_text())  # verified with the build's files
         return list(plan["heads"])
 
-    def clear_previous(self) -> None:
-        """The last bench's results, so none of them (a plot, a ratio's engine) outlives the run that replaces it."""
-        for name in OUTPUTS:
-            path = self.root / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-
     def run(self, ratios: list[float] | None) -> dict[str, Any]:
-        self.clear_previous()
+        clear_outputs(self.root, OUTPUTS)
         feeds = self.golden_inputs()
         feeds_path = self.root / "bench" / "inputs.npz"
         feeds_path.parent.mkdir(parents=True, exist_ok=True)

@@ -305,12 +305,10 @@ class Build:
                                "goldens": f"goldens/{entry['variant']}.npz", "good": self.result.passed}
                         for name, entry in engine.data.items() if name != "components"},
         })
-        components = {name: {**entry, "onnx": entry["path"], "engine": engine.data["components"][name]["path"],
-                             "backend": engine.data["components"][name]["backend"]}
-                      for name, entry in export.data.get("components", {}).items()
-                      if name in engine.data.get("components", {})}
-        for entry in components.values():
-            del entry["path"]
+        engines = engine.data.get("components", {})
+        components = {name: {**{k: v for k, v in entry.items() if k != "path"}, "onnx": entry["path"],
+                             "engine": engines[name]["path"], "backend": engines[name]["backend"]}
+                      for name, entry in export.data.get("components", {}).items() if name in engines}
         if components:  # the rest of the pipeline, for a runtime without PyTorch (f3export generate)
             self.manifest.doc["components"] = components
         else:

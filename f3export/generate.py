@@ -72,11 +72,16 @@ class EnginePipeline:
             self.text_encoder = self._engine(build, entry, "text_encoder")
         if "vae_decoder" in components:
             self.decoder = self._engine(build, components["vae_decoder"], "vae_decoder")
-        self.text = text
-        self.scheduler_config = scheduler["config"]
-        self.noise_channels = conventions["output"]["noise_channels"][1]
-        sample = next(t for t in contract["inputs"] if t["name"] == "sample")
-        self.channels = sample["shape"][1]
+        try:  # the manifest is untrusted input: a malformed field is one line, not a traceback
+            self.scheduler_config = dict(scheduler["config"])
+            DDIM(self.scheduler_config)
+            self.noise_channels = int(conventions["output"]["noise_channels"][1])
+            sample = next(t for t in contract["inputs"] if t["name"] == "sample")
+            self.channels = int(sample["shape"][1])
+            self.standin = (int(text["tokens"]), int(text["width"]))  # [tokens, width] of the stand-in
+        except (KeyError, TypeError, IndexError, ValueError, StopIteration):
+            raise CheckError(f"{where}: malformed (scheduler config, text conditioning, output noise channels or "
+                             "the sample input)") from None
         model = build.recipe.model
         self.frames, self.height, self.width = model.frames, model.latent_height, model.latent_width
         self.validation = _sampling_defaults(build.doc["recipe"].get("validation"), root)
@@ -93,7 +98,7 @@ class EnginePipeline:
     def embed(self, prompt: str) -> np.ndarray:
         """[1, tokens, width]: the build's text encoder engine on the prompt's tokens, else the seeded stand-in."""
         if self.text_encoder is None:
-            return seeded_text_embedding(prompt, self.text["tokens"], self.text["width"])
+            return seeded_text_embedding(prompt, *self.standin)
         ids = np.asarray([self.tokenizer.encode(prompt).ids], dtype=np.int64)
         return self.text_encoder.run({"input_ids": ids})["text_embeddings"]
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .artifacts import write_json
-from .bench import Bench
+from .bench import Bench, clear_outputs
 from .flops import count_flops
 from .build import Build
 from .calibrate import Scores
@@ -59,6 +59,7 @@ class Sweep:
         if missing:
             raise CheckError(f"{self.root / 'scores.json'}: no {', '.join(map(repr, missing))} scores (calibrated "
                              "before that criterion existed); rebuild with --force")
+        clear_outputs(self.root, ("sweep.json", "sweep.png", "sweep"))
         source = Build(recipe).model
         original = source.bundle.model
         spec = bench.adapter.export_spec(original, bench.shape, recipe.export.batch, recipe.export.dynamic_axes,

@@ -75,6 +75,14 @@ def model_config(name: str, backend: str, device: str, contract: dict) -> str:
     return text
 
 
+def _copy_engine(path: Path, target: Path) -> None:
+    """An engine file under Triton's name, and its external data beside it under the name the engine gives it."""
+    shutil.copyfile(path, target)
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        shutil.copyfile(data, target.with_name(data.name))
+
+
 def export_triton(artifact_dir: Path, repo: Path, variants: tuple[str, ...] = MODEL_VARIANTS) -> list[TritonModel]:
     """Write ``repo`` (which must not exist) with one Triton model per engine of the build's ``variants``."""
     build = open_build(artifact_dir, runtime=True)
@@ -95,11 +103,7 @@ def export_triton(artifact_dir: Path, repo: Path, variants: tuple[str, ...] = MO
                 name += f"_{entry.backend}"
             version = tmp / name / "1"
             version.mkdir(parents=True)
-            file_name = PLATFORMS[entry.backend][1]
-            shutil.copyfile(entry.path, version / file_name)
-            data = entry.path.with_name(entry.path.name + ".data")
-            if data.exists():  # the engine names its external data file; it keeps that name
-                shutil.copyfile(data, version / data.name)
+            _copy_engine(entry.path, version / PLATFORMS[entry.backend][1])
             config = model_config(name, entry.backend, build.recipe.engine.device, contract)
             (tmp / name / "config.pbtxt").write_text(config)
             models.append(TritonModel(name, repo / name, config))
@@ -108,10 +112,7 @@ def export_triton(artifact_dir: Path, repo: Path, variants: tuple[str, ...] = MO
             name = f"{build.doc.get('name', artifact_dir.name)}_{component}"
             version = tmp / name / "1"
             version.mkdir(parents=True)
-            shutil.copyfile(path, version / "model.onnx")
-            data = path.with_name(path.name + ".data")
-            if data.exists():
-                shutil.copyfile(data, version / data.name)
+            _copy_engine(path, version / PLATFORMS["onnxruntime"][1])
             # its axes were checked at several sizes (the export's and validation's inputs): left dynamic
             ranges = {d: [0, 1] for t in entry["inputs"] + entry["outputs"] for d in t["shape"] if isinstance(d, str)}
             config = model_config(name, "onnxruntime", build.recipe.engine.device,

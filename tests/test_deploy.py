@@ -198,6 +198,8 @@ def test_bench_runs_from_the_build_folder_with_the_source_checkpoint_moved_away(
     base, root = modelscope_build
     work = tmp_path / "modelscope"
     shutil.copytree(root, work)
+    (work / "bench" / "ratios" / "0.5").mkdir(parents=True)  # a last bench's results, to be replaced
+    (work / "bench.png").write_bytes(b"stale")
     moved = tmp_path / "elsewhere"
     shutil.move(base / "model", moved)
     try:
@@ -208,6 +210,7 @@ def test_bench_runs_from_the_build_folder_with_the_source_checkpoint_moved_away(
     bench = json.loads(result.stdout)
     assert bench == json.loads((work / "bench.json").read_text())
     assert bench["models"]["original"]["flops"] > bench["models"]["pruned"]["flops"] > 0
+    assert not (work / "bench.png").exists() and not (work / "bench" / "ratios").exists()  # no stale results
     spread = bench["backends"]["onnxruntime"]["speedup_spread"]
     assert spread["pairs"] == 2 and spread["q1"] <= spread["median"] <= spread["q3"]
 
