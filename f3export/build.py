@@ -307,7 +307,8 @@ class Build:
         })
         engines = engine.data.get("components", {})
         components = {name: {**{k: v for k, v in entry.items() if k != "path"}, "onnx": entry["path"],
-                             "engine": engines[name]["path"], "backend": engines[name]["backend"]}
+                             "engine": engines[name]["path"], "backend": engines[name]["backend"],
+                             "goldens": f"goldens/{name}.npz"}
                       for name, entry in export.data.get("components", {}).items() if name in engines}
         if components:  # the rest of the pipeline, for a runtime without PyTorch (f3export generate)
             self.manifest.doc["components"] = components

@@ -3,8 +3,9 @@
 What it proves: the folder holds a build that finished and passed; every file
 any stage recorded hashes as recorded; the engines are exactly the ones the
 recipe asks for; every recorded validation gate still holds against its
-limit; and each engine, re-run on its stored golden inputs, still meets the
-export-fidelity gates against the stored PyTorch outputs.
+limit; and each engine (the pipeline components' too: text encoder, VAE
+decoder), re-run on its stored golden inputs, still meets the export-fidelity
+gates against the stored PyTorch outputs.
 
 What it cannot prove on its own: the manifest vouches for itself, so a folder
 whose engine, goldens and hashes were all replaced consistently passes. An
@@ -74,4 +75,26 @@ def check_artifacts(root: Path, expect_sha256: str | None = None) -> tuple[int, 
         except EngineError as exc:
             raise CheckError(f"{entry.goldens}: the engine refused the golden inputs ({exc})") from None
         gates += export_gates(worst, build.recipe.validation, backend.precision, f"check.{name}")
+    gates += component_gates(build)
     return checked, gates  # never empty: recorded_gates refuses a report without gates
+
+
+def component_gates(build: FinishedBuild) -> list[Gate]:
+    """The pipeline components' engines (text encoder, VAE decoder) re-run on their goldens."""
+    components = build.doc.get("components") or {}
+    if not isinstance(components, dict):
+        raise CheckError(f"{build.root / 'manifest.json'}: components: expected a table")
+    gates = []
+    for name, entry in components.items():
+        where = f"components.{name}"
+        if not isinstance(entry, dict) or entry.get("backend") != "onnxruntime":
+            raise CheckError(f"{build.root / 'manifest.json'}: {where}: no ONNX Runtime engine")
+        engine = make_backend("onnxruntime", build.recipe, build.root).load(
+            build.verified_file(entry.get("engine"), "engine", f"{where}.engine"))
+        goldens = build.verified_file(entry.get("goldens"), "validate", f"{where}.goldens")
+        try:
+            worst = compare_engine(engine, read_goldens(goldens))
+        except EngineError as exc:
+            raise CheckError(f"{goldens}: the engine refused the golden inputs ({exc})") from None
+        gates += export_gates(worst, build.recipe.validation, "fp32", f"check.{name}.onnxruntime")
+    return gates

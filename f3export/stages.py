@@ -336,19 +336,22 @@ def export_component(ctx: StageContext, component: Component) -> StageOutput:
     return files, entry
 
 
-def _check_components(ctx: StageContext) -> dict[str, dict]:
-    """Each pipeline component's engine against its PyTorch module on inputs the export did not see."""
+def _check_components(ctx: StageContext) -> tuple[list[Path], dict[str, dict]]:
+    """Each pipeline component's engine against its PyTorch module on inputs the export did not see, stored as
+    its goldens (``f3export check`` re-runs them): the goldens' files and the worst agreement per engine."""
     built = ctx.records["engine"].data.get("components", {})
     backend = next((b for b in ctx.backends if b.name == COMPONENT_BACKEND), None)
-    worst = {}
+    files, worst = [], {}
     for component in ctx.adapter.pipeline_components(ctx.model.bundle, ctx.shape) if built else ():
         with torch.no_grad():
             expected = component.module(**component.check_inputs)
         golden = ({k: v.numpy() for k, v in component.check_inputs.items()},
                   {component.spec.output_names[0]: expected.numpy()})
+        files.append(ctx.root / "goldens" / f"{component.name}.npz")
+        save_goldens(files[-1], [golden])
         engine = backend.load(ctx.root / built[component.name]["path"])
         worst[f"{component.name}.{COMPONENT_BACKEND}"] = vars(compare_engine(engine, [golden]))
-    return worst
+    return files, worst
 
 
 def _files_of(record: StageRecord, path: str) -> dict[str, str]:
@@ -424,7 +427,8 @@ def validate_engines(ctx: StageContext) -> StageOutput:
         else:
             made, _ = check(variant)
         files += made
-    components = _check_components(ctx)
+    made, components = _check_components(ctx)
+    files += made
     fidelity = pruning_fidelity(ctx.adapter, ctx.model.bundle, ctx.pruned, ctx.shape, section)
     ctx.release()  # the engines run without the PyTorch models in memory
     if "pruned" in ctx.variants:

@@ -242,6 +242,10 @@ def test_a_folder_with_text_encoder_and_vae_deploys_them_and_generates_from_engi
     gates = {g["metric"]: g for g in json.loads(result.stdout)["gates"]}
     for name in ("text_encoder", "vae_decoder"):
         assert gates[f"export.{name}.onnxruntime.rel_l2"]["passed"], gates[f"export.{name}.onnxruntime.rel_l2"]
+    checked = json.loads(run("check", root, "--json").stdout)  # their engines re-run on their goldens
+    assert {g["metric"] for g in checked["gates"]} >= {"check.text_encoder.onnxruntime.rel_l2",
+                                                       "check.vae_decoder.onnxruntime.rel_l2"}
+    assert checked["passed"] is True
     # the runtime tokenizer (tokenizers, no torch) gives the build's CLIPTokenizer ids
     from tokenizers import Tokenizer
 
