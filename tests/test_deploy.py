@@ -270,3 +270,28 @@ def test_a_folder_with_text_encoder_and_vae_deploys_them_and_generates_from_engi
     assert [(t.name, t.data_type, list(t.dims)) for t in text.input] == \
         [("input_ids", model_config_pb2.TYPE_INT64, [-1, 77])]
     assert (tmp_path / "triton" / "fast_vae_decoder" / "1" / "model.onnx").is_file()
+
+
+def test_generate_samples_as_the_pytorch_sampler_does_from_the_same_noise(built):
+    """The engines-only loop against an oracle: diffusers' DDIMScheduler driving the pruned PyTorch model, from
+    the same initial noise and the embeddings the build calibrated with (the stand-in, equal to the adapter's)."""
+    from f3export.generate import EnginePipeline
+    from f3export.prune import load_pruned
+
+    _, root, _ = built
+    prompt, seed, steps, guidance = "a dog is running", 3, 3, 7.5
+    pipeline = EnginePipeline(root)
+    clip = pipeline.sample("pruned", prompt, seed, steps, guidance)
+    adapter, _, model = load_pruned(root / "pruned")
+    context = torch.from_numpy(np.concatenate([pipeline.embed(""), pipeline.embed(prompt)]))
+    assert torch.equal(context, adapter.encode_prompts(adapter.checkpoint.load_preset("tiny", 0), ["", prompt]))
+    conventions = json.loads((root / "manifest.json").read_text())["contract"]["conventions"]
+    scheduler = DDIMScheduler.from_config(conventions["scheduler"]["config"])
+    scheduler.set_timesteps(steps)
+    latents = torch.from_numpy(np.random.default_rng(seed).standard_normal(clip.latents.shape, dtype=np.float32))
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            uncond, cond = model(torch.cat([latents, latents]), t.float().expand(2), context).chunk(2)
+            latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
+    rel = np.linalg.norm(clip.latents - latents.numpy()) / np.linalg.norm(latents.numpy())
+    assert rel < 1e-4, rel
