@@ -242,14 +242,16 @@ class FinishedBuild:
     def verified_engine(self, name: str) -> EngineEntry:
         """An engine entry whose files (the engine and its external data) hash as the build recorded."""
         entry = self.engines[name]
-        recorded = self.stages["engine"].files
-        own = [rel for rel in recorded
-               if self.root / rel in (entry.path, entry.path.with_name(entry.path.name + ".data"))]
-        for rel in own:
-            path = self.root / rel
-            if not path.is_file() or sha256_file(path) != recorded[rel]:
-                raise CheckError(f"{path}: content changed since the build (sha256 mismatch); not served")
+        self.verified_file(str(entry.path.relative_to(self.root)), "engine", f"engines.{name}.path")
         return entry
+
+    def component_engine(self, name: str) -> Path:
+        """The ONNX Runtime engine of a pipeline component (``components.<name>``), hashing as built."""
+        components = self.doc.get("components") or {}
+        entry = components.get(name) if isinstance(components, dict) else None
+        if not isinstance(entry, dict) or entry.get("backend") != "onnxruntime":
+            raise CheckError(f"{self.root / MANIFEST}: components.{name}: no ONNX Runtime engine")
+        return self.verified_file(entry.get("engine"), "engine", f"components.{name}.engine")
 
 
 def open_build(root: str | Path, expect_sha256: str | None = None, runtime: bool = False) -> FinishedBuild:

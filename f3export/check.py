@@ -86,12 +86,8 @@ def component_gates(build: FinishedBuild) -> list[Gate]:
         raise CheckError(f"{build.root / 'manifest.json'}: components: expected a table")
     gates = []
     for name, entry in components.items():
-        where = f"components.{name}"
-        if not isinstance(entry, dict) or entry.get("backend") != "onnxruntime":
-            raise CheckError(f"{build.root / 'manifest.json'}: {where}: no ONNX Runtime engine")
-        engine = make_backend("onnxruntime", build.recipe, build.root).load(
-            build.verified_file(entry.get("engine"), "engine", f"{where}.engine"))
-        goldens = build.verified_file(entry.get("goldens"), "validate", f"{where}.goldens")
+        engine = make_backend("onnxruntime", build.recipe, build.root).load(build.component_engine(name))
+        goldens = build.verified_file(entry.get("goldens"), "validate", f"components.{name}.goldens")
         try:
             worst = compare_engine(engine, read_goldens(goldens))
         except EngineError as exc:

@@ -60,6 +60,7 @@ class EnginePipeline:
         if not isinstance(components, dict):
             raise CheckError(f"{root / 'manifest.json'}: components: expected a table")
         self.text_encoder = self.tokenizer = self.decoder = None
+        onnxruntime = make_backend("onnxruntime", build.recipe, build.root)  # the components' engines
         if not str(text.get("source", "")).startswith(STANDIN):
             if "text_encoder" not in components:
                 raise CheckError(f"{where}.text_conditioning: this model's prompts go through its text encoder, and "
@@ -69,9 +70,9 @@ class EnginePipeline:
             entry = components["text_encoder"]
             self.tokenizer = Tokenizer.from_file(str(build.verified_file(
                 entry.get("tokenizer"), "export", "components.text_encoder.tokenizer")))
-            self.text_encoder = self._engine(build, entry, "text_encoder")
+            self.text_encoder = onnxruntime.load(build.component_engine("text_encoder"))
         if "vae_decoder" in components:
-            self.decoder = self._engine(build, components["vae_decoder"], "vae_decoder")
+            self.decoder = onnxruntime.load(build.component_engine("vae_decoder"))
         try:  # the manifest is untrusted input: a malformed field is one line, not a traceback
             self.scheduler_config = dict(scheduler["config"])
             DDIM(self.scheduler_config)
@@ -86,14 +87,6 @@ class EnginePipeline:
         self.frames, self.height, self.width = model.frames, model.latent_height, model.latent_width
         self.validation = _sampling_defaults(build.doc["recipe"].get("validation"), root)
         self.engines = {variant: EngineRunner(root, variant) for variant in variants}
-
-    @staticmethod
-    def _engine(build, entry: dict, name: str):
-        """A component's engine (ONNX Runtime), served only if it hashes as built."""
-        if not isinstance(entry, dict) or entry.get("backend") != "onnxruntime":
-            raise CheckError(f"{build.root / 'manifest.json'}: components.{name}: no ONNX Runtime engine")
-        path = build.verified_file(entry.get("engine"), "engine", f"components.{name}.engine")
-        return make_backend("onnxruntime", build.recipe, build.root).load(path)
 
     def embed(self, prompt: str) -> np.ndarray:
         """[1, tokens, width]: the build's text encoder engine on the prompt's tokens, else the seeded stand-in."""

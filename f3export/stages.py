@@ -355,8 +355,8 @@ def _check_components(ctx: StageContext) -> tuple[list[Path], dict[str, dict]]:
 
 
 def _files_of(record: StageRecord, path: str) -> dict[str, str]:
-    """The record's files that are ``path`` or lie beside it under its name (its external data)."""
-    return {rel: digest for rel, digest in record.files.items() if rel == path or rel.startswith(path + ".")}
+    """The record's files that are ``path`` and its external data (``path.data``)."""
+    return {rel: digest for rel, digest in record.files.items() if rel in (path, path + ".data")}
 
 
 def build_engines(ctx: StageContext) -> StageOutput:

@@ -108,7 +108,7 @@ def export_triton(artifact_dir: Path, repo: Path, variants: tuple[str, ...] = MO
             (tmp / name / "config.pbtxt").write_text(config)
             models.append(TritonModel(name, repo / name, config))
         for component, entry in (build.doc.get("components") or {}).items():  # the rest of the pipeline
-            path = build.verified_file(entry.get("engine"), "engine", f"components.{component}.engine")
+            path = build.component_engine(component)
             name = f"{build.doc.get('name', artifact_dir.name)}_{component}"
             version = tmp / name / "1"
             version.mkdir(parents=True)
