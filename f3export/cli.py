@@ -264,12 +264,10 @@ def check(artifact_dir: Path, expect_sha256: str | None, as_json: bool) -> None:
 def generate(artifact_dir: Path, prompt: str, out: Path, seed: int, steps: int | None,
              guidance_scale: float | None, compare: bool, scale: int) -> None:
     """Generate a video from a build's engines alone (no PyTorch): text, the DDIM loop, frames."""
-    from .generate import FORMATS, EnginePipeline, psnr, side_by_side, write_animation
+    from .generate import EnginePipeline, animation_format, psnr, side_by_side, write_animation
     from .report import progress
 
-    if out.suffix.lower() not in FORMATS:
-        raise click.BadParameter(f"{str(out)!r}: write {', '.join(FORMATS)} (MP4 needs ffmpeg, which f3export "
-                                 "does not depend on)", param_hint="--out")
+    animation_format(out)  # before any work
     variants = ("original", "pruned") if compare else ("pruned",)
     pipeline = EnginePipeline(artifact_dir, variants)
     validation = pipeline.validation

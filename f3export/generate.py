@@ -146,15 +146,20 @@ def side_by_side(left: np.ndarray, right: np.ndarray, gap: int = 2) -> np.ndarra
     return np.concatenate([left, spacer, right], axis=3)
 
 
+def animation_format(path: Path) -> str:
+    """Pillow's format for an animated image file named ``path``; RecipeError for any other suffix."""
+    form = FORMATS.get(path.suffix.lower())
+    if form is None:
+        raise RecipeError(f"{path}: write {', '.join(FORMATS)} (MP4 needs ffmpeg, which f3export does not depend on)")
+    return form
+
+
 def write_animation(path: Path, video: np.ndarray, scale: int = 1) -> None:
     """``video`` ([3, F, H, W] in [-1, 1]) as a looping animated image (GIF, WebP or APNG by the suffix), each
     pixel shown as a ``scale`` x ``scale`` block."""
     from PIL import Image
 
-    form = FORMATS.get(path.suffix.lower())
-    if form is None:
-        raise RecipeError(f"--out {path}: write {', '.join(FORMATS)} (MP4 needs ffmpeg, which f3export does "
-                          "not depend on)")
+    form = animation_format(path)
     frames = uint8_frames(video).repeat(scale, axis=1).repeat(scale, axis=2)
     images = [Image.fromarray(frame) for frame in frames]
     with atomic_path(path) as tmp:
