@@ -131,10 +131,14 @@ class Manifest:
                 return None
         return record
 
-    def complete(self, stage: str, key: str, files: list[Path], data: dict[str, Any], seconds: float) -> StageRecord:
+    def complete(self, stage: str, key: str, files: list[Path], data: dict[str, Any], seconds: float,
+                 hashes: dict[str, str] | None = None) -> StageRecord:
+        """Record a finished stage; ``hashes``: SHA-256s already checked (by relative path), not read again."""
+        known = hashes or {}
+        relative = {f: str(f.relative_to(self.root)) for f in files}
         record = StageRecord(
             key=key,
-            files={str(f.relative_to(self.root)): sha256_file(f) for f in files},
+            files={rel: known.get(rel) or sha256_file(f) for f, rel in relative.items()},
             data=data,
             seconds=round(seconds, 3),
         )

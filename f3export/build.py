@@ -220,7 +220,7 @@ class Build:
         if shared is not None:  # another build of the folder's output dir made it from the same inputs
             detail(f"{stage.name}: reused from {self.cache.folder} (key {key[:12]})")
             announce(None)
-            record = self.manifest.complete(stage.name, key, *shared, 0.0)
+            record = self.manifest.complete(stage.name, key, shared.files, shared.data, 0.0, shared.hashes)
             self.result.outcomes.append(StageOutcome(stage.name, True, 0.0, record, shared=True))
             return record
         if stage.needs_model:
@@ -239,7 +239,7 @@ class Build:
         self.manifest.doc.setdefault("stage_peak_rss_mb", {})[stage.name] = self._note_peak()
         record = self.manifest.complete(stage.name, key, files, data, seconds)
         if files:  # (a torchrun follower's calibration writes nothing)
-            self.cache.store(stage.name, key, self.root, files, data)
+            self.cache.store(stage.name, key, self.root, files, data, record.files)
         self.result.outcomes.append(StageOutcome(stage.name, False, seconds, record))
         return record
 

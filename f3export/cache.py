@@ -19,13 +19,19 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .artifacts import atomic_path, inside, sha256_file
 from .errors import CheckError
 
 CACHE_FOLDER = ".cache"
 ENTRY = "entry.json"
+
+
+class CachedOutput(NamedTuple):
+    files: list[Path]  # placed in the build folder
+    data: dict[str, Any]
+    hashes: dict[str, str]  # SHA-256 of each file, by path relative to the build folder (checked when fetched)
 
 
 def _place(source: Path, target: Path) -> None:
@@ -43,8 +49,9 @@ class StageCache:
     def _entry(self, name: str, key: str) -> Path:
         return self.folder / name.replace(":", "-") / key
 
-    def fetch(self, name: str, key: str, root: Path) -> tuple[list[Path], dict[str, Any]] | None:
-        """The entry's files placed in the build folder ``root`` and its data; None where there is no good entry."""
+    def fetch(self, name: str, key: str, root: Path) -> CachedOutput | None:
+        """The entry's files placed in the build folder ``root``, its data and the files' hashes (checked); None
+        where there is no good entry."""
         entry = self._entry(name, key)
         try:
             record = json.loads((entry / ENTRY).read_text())
@@ -61,9 +68,12 @@ class StageCache:
         for rel in files:
             with atomic_path(targets[rel]) as tmp:
                 _place(sources[rel], tmp)
-        return list(targets.values()), data
+        return CachedOutput(list(targets.values()), data, dict(files))
 
-    def store(self, name: str, key: str, root: Path, files: list[Path], data: dict[str, Any]) -> None:
+    def store(self, name: str, key: str, root: Path, files: list[Path], data: dict[str, Any],
+              hashes: dict[str, str] | None = None) -> None:
+        """An entry of ``files`` (in ``root``) and ``data``; ``hashes``: the files' SHA-256 by relative path where
+        the caller has them already (a build's manifest record), so large files are not read again."""
         entry = self._entry(name, key)
         tmp = entry.with_name(f".{key}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -73,7 +83,7 @@ class StageCache:
                 rel = path.relative_to(root)
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 _place(path, tmp / rel)
-                record[str(rel)] = sha256_file(path)
+                record[str(rel)] = (hashes or {}).get(str(rel)) or sha256_file(path)
             (tmp / ENTRY).write_text(json.dumps({"files": record, "data": data}, indent=1, default=str))
             shutil.rmtree(entry, ignore_errors=True)  # a damaged entry of the same key
             tmp.rename(entry)

@@ -13,7 +13,6 @@ its output or a picture of its latents (``generate``).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 
 from .models.base import ExportSpec, VideoShape
-from .models.loading import ClipTextEncoder, ModelBundle
+from .models.loading import ClipTextEncoder, ModelBundle, VideoAutoencoder
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -38,14 +37,15 @@ class TextEncoderNet(nn.Module):
 
 
 class VaeDecoderNet(nn.Module):
-    """Latents (the sampler's scale) -> RGB frames in [-1, 1], as ``VideoAutoencoder.decode`` per frame."""
+    """Latents (the sampler's scale) -> RGB frames in [-1, 1]: ``VideoAutoencoder.decode_frames``."""
 
-    def __init__(self, vae: nn.Module):
+    def __init__(self, autoencoder: VideoAutoencoder):
         super().__init__()
-        self.vae = vae
+        self.vae = autoencoder.vae  # a submodule, so that the exporter sees its weights
+        self.autoencoder = autoencoder
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents / self.vae.config.scaling_factor).sample.clamp(-1, 1)
+        return self.autoencoder.decode_frames(latents)
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def pipeline_components(bundle: ModelBundle, shape: VideoShape, latent_channels:
             return torch.randn((shape.frames, latent_channels, shape.latent_height, shape.latent_width),
                                generator=torch.Generator().manual_seed(seed))
 
-        components.append(Component("vae_decoder", VaeDecoderNet(bundle.vae.vae).eval(), ExportSpec(
+        components.append(Component("vae_decoder", VaeDecoderNet(bundle.vae).eval(), ExportSpec(
             {"latents": latents(5)}, ["frames"], {"latents": {0: "frames"}, "frames": {0: "frames"}}),
             "the final latents, frame by frame ([frames, channels, h, w]) -> RGB frames in [-1, 1]",
             {"latents": latents(6)}))
@@ -91,5 +91,5 @@ def write_tokenizer(text: ClipTextEncoder, path: Path) -> Path:
     backend.enable_truncation(max_length=text.tokens)
     backend.enable_padding(length=text.tokens, pad_id=fast.pad_token_id, pad_token=fast.pad_token)
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(json.loads(backend.to_str()), ensure_ascii=False))
+        tmp.write_text(backend.to_str())
     return path

@@ -177,7 +177,7 @@ class StageContext:
         found = self.cache.fetch(name, key, self.root)
         if found is not None:
             detail(f"{stage_name}: the original model's part reused from {self.cache.folder} (key {key[:12]})")
-            return found
+            return found.files, found.data
         files, data = make()
         self.cache.store(name, key, self.root, files, data)
         return files, data

@@ -200,8 +200,12 @@ class VideoAutoencoder:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents [B, C, F, h, w] -> RGB frames [B, 3, F, H, W] in [-1, 1]."""
-        images = self.vae.decode(_frames(latents) / self.vae.config.scaling_factor).sample.clamp(-1, 1)
-        return _videos(images, latents)
+        return _videos(self.decode_frames(_frames(latents)), latents)
+
+    def decode_frames(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents of single frames [N, C, h, w] -> RGB images [N, 3, H, W] in [-1, 1] (what a runtime's VAE
+        decoder engine computes)."""
+        return self.vae.decode(latents / self.vae.config.scaling_factor).sample.clamp(-1, 1)
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
