@@ -65,6 +65,7 @@ class Scores:
     timesteps: list[int]
     samples: int
     note: str | None = None  # the family's ``calibration_note``
+    text: str | None = None  # what made the runs' text embeddings (a text encoder, or the seeded stand-in)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -72,13 +73,14 @@ class Scores:
             "samples": self.samples,
             "timesteps": self.timesteps,
             **({"note": self.note} if self.note else {}),
+            **({"text": self.text} if self.text else {}),
             "modules": {name: vars(m) for name, m in self.modules.items()},
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Scores":
         return cls({n: ModuleScores(**m) for n, m in data["modules"].items()}, data["timesteps"], data["samples"],
-                   data.get("note"))
+                   data.get("note"), data.get("text"))
 
 
 @dataclass
@@ -293,7 +295,7 @@ def placed(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
 
 
 def scores_of(model: nn.Module, sites: list[TemporalSite], total: RunStatistics, samples: int,
-              note: str | None = None) -> Scores:
+              note: str | None = None, text: str | None = None) -> Scores:
     """Every criterion per module: token criteria from the summed runs, weight criteria from the model."""
     modules = {}
     for site in sites:
@@ -304,7 +306,7 @@ def scores_of(model: nn.Module, sites: list[TemporalSite], total: RunStatistics,
         overall = {c: (sums[c].sum(0) / tokens.sum().clamp_min(1.0)).tolist() if c in sums
                    else scorer.score(heads.projections()).tolist() for c, scorer in CRITERIA.items()}
         modules[site.attention] = ModuleScores(heads.heads, heads.head_dim, overall, per_step)
-    return Scores(modules, total.timesteps, samples, note)
+    return Scores(modules, total.timesteps, samples, note, text)
 
 
 def calibrate(adapter: ModelAdapter, bundle: ModelBundle, shape: VideoShape, section: CalibrationSection,
@@ -321,6 +323,7 @@ def calibrate(adapter: ModelAdapter, bundle: ModelBundle, shape: VideoShape, sec
     steps = adapter.protocol.calls(section)
     recorder = TemporalStatsRecorder(model, sites, steps)
     runs = adapter.protocol.runs(section)
+    adapter.prepare_runs(bundle, runs)
     done = store.finished(len(runs), recorder.run) if store is not None else {}
     todo = [i for i in range(len(runs)) if i not in done]
     if team is not None:
@@ -355,4 +358,4 @@ def calibrate(adapter: ModelAdapter, bundle: ModelBundle, shape: VideoShape, sec
     total = RunStatistics.zeros(recorder.sizes, recorder.criteria, steps)
     for index in range(len(runs)):
         total.add(done[index])
-    return scores_of(model, sites, total, len(runs), adapter.calibration_note)
+    return scores_of(model, sites, total, len(runs), adapter.calibration_note, adapter.text_source(bundle))

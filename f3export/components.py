@@ -1,9 +1,12 @@
-"""The rest of a text-to-video pipeline, for a runtime without PyTorch: the model folder's text encoder (CLIP)
-and VAE decoder, exported beside the denoiser, built as engines and checked against PyTorch.
+"""The rest of a text-to-video pipeline, for a runtime without PyTorch: the model folder's text encoder (CLIP,
+T5, UMT5) and VAE decoder, exported beside the denoiser, built as engines and checked against PyTorch.
 
     text_encoder:  input_ids [batch, tokens] int64            -> text_embeddings [batch, tokens, width]
+                   (where the family's pipeline masks padding, the mask is the ids that are not padding, and
+                   the padding positions' embeddings are zeroed inside the graph)
     vae_decoder:   latents [frames, channels, h, w] (as the denoiser leaves them)
                                                               -> frames [frames, 3, H, W] in [-1, 1]
+                   (a per-frame VAE; a causal 3D VAE's decoder is not deployed yet: generate refuses such a build)
 
 The tokenizer goes with them as ``tokenizer.json`` (Hugging Face ``tokenizers``, which needs no PyTorch), with
 the padding and truncation the build's text encoder used. A model folder without them (a preset, a
@@ -20,20 +23,22 @@ import torch
 from torch import nn
 
 from .models.base import ExportSpec, VideoShape
-from .models.loading import ClipTextEncoder, ModelBundle, VideoAutoencoder
+from .models.loading import ModelBundle
+from .models.pipeline_parts import PromptEncoder, VideoAutoencoder
 
 TOKENIZER_FILE = "tokenizer.json"
 
 
 class TextEncoderNet(nn.Module):
-    """input_ids -> the encoder's last hidden state (the embeddings the denoiser cross-attends to)."""
+    """input_ids -> the embeddings the denoiser cross-attends to: ``PromptEncoder.embed_ids``."""
 
-    def __init__(self, text: ClipTextEncoder):
+    def __init__(self, text: PromptEncoder):
         super().__init__()
-        self.encoder = text.encoder
+        self.encoder = text.encoder  # a submodule, so that the exporter sees its weights
+        self.text = text
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.encoder(input_ids)[0]
+        return self.text.embed_ids(input_ids)
 
 
 class VaeDecoderNet(nn.Module):
@@ -61,13 +66,14 @@ def pipeline_components(bundle: ModelBundle, shape: VideoShape, latent_channels:
     """The folder's text encoder and VAE decoder as exportable modules, with example inputs."""
     components = []
     text = bundle.encode_text
-    if isinstance(text, ClipTextEncoder):
+    if text is not None:
         ids = text.token_ids(["a video of a dog", ""])
         components.append(Component("text_encoder", TextEncoderNet(text).eval(), ExportSpec(
             {"input_ids": ids}, ["text_embeddings"], {"input_ids": {0: "batch"}, "text_embeddings": {0: "batch"}}),
-            f"CLIP token ids padded to {text.tokens} (tokenizer.json) -> the denoiser's encoder_hidden_states",
+            f"{text.class_name} token ids padded to {text.tokens} (tokenizer.json) -> the denoiser's "
+            "encoder_hidden_states",
             {"input_ids": text.token_ids(["a man is skiing down a snowy slope at dusk", "a cat", ""])}))
-    if bundle.vae is not None:
+    if bundle.vae is not None and bundle.vae.per_frame:
         def latents(seed: int) -> torch.Tensor:
             return torch.randn((shape.frames, latent_channels, shape.latent_height, shape.latent_width),
                                generator=torch.Generator().manual_seed(seed))
@@ -79,15 +85,15 @@ def pipeline_components(bundle: ModelBundle, shape: VideoShape, latent_channels:
     return components
 
 
-def write_tokenizer(text: ClipTextEncoder, path: Path) -> Path:
+def write_tokenizer(text: PromptEncoder, path: Path) -> Path:
     """The build's tokenizer as one ``tokenizers`` file, padding and truncation to the encoder's length set in
     it, so a runtime tokenizes as the build did with ``Tokenizer.from_file`` alone."""
-    from transformers import CLIPTokenizerFast
+    from tokenizers import Tokenizer
 
     from .artifacts import atomic_path
 
-    fast = CLIPTokenizerFast.from_pretrained(text.folder, local_files_only=True)
-    backend = fast.backend_tokenizer
+    fast = text.tokenizer
+    backend = Tokenizer.from_str(fast.backend_tokenizer.to_str())  # a copy: the build's own stays as loaded
     backend.enable_truncation(max_length=text.tokens)
     backend.enable_padding(length=text.tokens, pad_id=fast.pad_token_id, pad_token=fast.pad_token)
     with atomic_path(path) as tmp:

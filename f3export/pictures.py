@@ -16,6 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .artifacts import atomic_path
+from .text_standin import STANDIN_TEXT
 from .report import plural
 from .videos import uint8_frames
 
@@ -96,6 +97,18 @@ def _sweep_lines(sweep: dict[str, Any], picture: bool) -> list[str]:
     return lines + (["", "![criteria compared](sweep.png)"] if picture else [])
 
 
+def _unvouched_lines(root: Path) -> list[str]:
+    """What the build cannot vouch for, said where a person reads it: prompts the model never read."""
+    scores = root / "scores.json"
+    text = json.loads(scores.read_text()).get("text") if scores.is_file() else None
+    if text is None:
+        return []
+    if text.startswith(STANDIN_TEXT):
+        return ["", f"**Text conditioning: {text}.** Heads were ranked and fidelity measured on embeddings the "
+                    "model never sees in use: a folder with its text encoder gives real ones."]
+    return ["", f"Text conditioning: {text}."]
+
+
 def write_report(root: Path, title: str) -> None:
     """``report.md``, a page for a person, from what the build and a sweep wrote (validation.json, plan.json,
     samples.png, sweep.json / sweep.png): the verdict and gates, how an automatic ratio was chosen, the task
@@ -109,6 +122,7 @@ def write_report(root: Path, title: str) -> None:
              *_markdown_table(["gate", "value", "limit", "result"],
                               [[g["metric"], _value(g["value"]), f"{'<=' if g['kind'] == 'max' else '>='} "
                                 f"{g['limit']:g}", "pass" if g["passed"] else "**FAIL**"] for g in gates])]
+    lines += _unvouched_lines(root)
     search = json.loads((root / "plan.json").read_text()).get("search")
     if search:
         lines += _search_lines(search)

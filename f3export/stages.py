@@ -35,6 +35,7 @@ from .pictures import video_strips
 from .prune import PruningPlan, load_pruned, make_plan, parameter_count, pruned_copy, save_pruned
 from .recipe import AUTO_RATIO, Recipe
 from .search import choose_ratio
+from .text_standin import STANDIN_TEXT
 from .report import console, detail
 from .validate import (Comparison, compare_engine, export_gates, gates_json, golden_samples, load_goldens,
                        pruning_fidelity, pruning_gates,
@@ -51,7 +52,7 @@ class SourceModel:
     def __init__(self, recipe: Recipe, adapter: ModelAdapter):
         self.recipe, self.adapter = recipe, adapter
         self._digests: dict[str, str] = {}
-        self._noted = False
+        self._noted = self._text_noted = False
 
     @cached_property
     def skeleton(self) -> torch.nn.Module:
@@ -77,6 +78,11 @@ class SourceModel:
             console.print(f"[bold yellow]note:[/] {model.family} {bundle.description}: "
                           "RANDOM weights, so scores and fidelity say nothing about a trained model. "
                           "Set \\[model].path to a checkpoint folder for real results.", soft_wrap=True)
+        text = self.adapter.text_source(bundle)
+        if text is not None and text.startswith(STANDIN_TEXT) and model.path is not None and not self._text_noted:
+            self._text_noted = True
+            console.print(f"[bold yellow]note:[/] {model.path}: {text}; prompts are not text the model reads",
+                          soft_wrap=True)
         return bundle
 
     def release(self) -> None:

@@ -13,3 +13,6 @@ def seeded_text_embedding(prompt: str, tokens: int, width: int) -> np.ndarray:
     """[1, tokens, width] float32, N(0, 1), seeded by the prompt's SHA-256."""
     seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "little")
     return np.random.default_rng(seed).standard_normal((1, tokens, width), dtype=np.float32)
+
+
+STANDIN_TEXT = "seeded stand-in text"  # how reports name it: prompts the model never read

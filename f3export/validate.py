@@ -135,6 +135,7 @@ def pruning_fidelity(adapter: ModelAdapter, bundle: ModelBundle, pruned: nn.Modu
     models against them (a sweep) and computes them once."""
     check_task_prompts(section)
     runs = adapter.protocol.runs(section)
+    adapter.prepare_runs(bundle, runs)
     metrics, videos = [], {"original": [], "pruned": []}
     with progress() as bar:
         models = 1 if references is not None else 2
@@ -172,7 +173,9 @@ def original_trajectories(adapter: ModelAdapter, bundle: ModelBundle, shape: Vid
                           section: ValidationSection) -> list:
     """The original model's trajectories of the held-out runs, for callers comparing several pruned models
     against them (``pruning_fidelity(..., references=)``)."""
-    return [adapter.trajectory(bundle, bundle.model, run, shape) for run in adapter.protocol.runs(section)]
+    runs = adapter.protocol.runs(section)
+    adapter.prepare_runs(bundle, runs)
+    return [adapter.trajectory(bundle, bundle.model, run, shape) for run in runs]
 
 
 def check_task_prompts(section: ValidationSection) -> None:

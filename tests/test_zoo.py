@@ -14,7 +14,7 @@ from transformers import CLIPTokenizer
 
 from f3export.cli import main
 from f3export.models import get_adapter
-from f3export.models.loading import load_clip_text_encoder
+from f3export.models.pipeline_parts import load_clip_text_encoder
 from f3export.recipe import load_recipe
 from f3export.tasks.shapes import (DIRECTIONS, HELD_OUT_CAPTIONS, SPEEDS, TRAIN_CAPTIONS, Caption, score,
                                    training_sample)
@@ -40,7 +40,7 @@ def test_the_training_script_writes_the_family_folder_with_its_record(tmp_path, 
     assert {p.dtype for p in bundle.model.parameters()} == {torch.float32}
     # the family's sampler, on the training schedule's own noise levels
     assert bundle.scheduler_config["_class_name"] == adapter.scheduler_class.__name__
-    assert torch.equal(adapter.scheduler(bundle).alphas_cumprod,
+    assert torch.equal(adapter.scheduler(bundle).scheduler.alphas_cumprod,
                        DDPMScheduler.from_config(trainee.schedule).alphas_cumprod)
     tokenizer = CLIPTokenizer.from_pretrained(tmp_path / "model" / "tokenizer")
     assert tokenizer.tokenize("a red circle moves left slowly") == [  # the grammar's words: one token each

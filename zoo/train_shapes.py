@@ -42,7 +42,7 @@ from diffusers import DDPMScheduler
 
 from f3export.models import get_adapter
 from f3export.models.base import LatentVideoDiffusionAdapter
-from f3export.models.loading import load_clip_text_encoder
+from f3export.models.pipeline_parts import load_clip_text_encoder
 from f3export.models.tune_a_video.network import TuneAVideoConfig
 from f3export.tasks.shapes import COLOURS, DIRECTIONS, FRAMES, SHAPES, SIZE, SPEEDS, TRAIN_CAPTIONS, render
 from zoo.text_encoder import write_char_clip

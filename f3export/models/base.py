@@ -18,15 +18,17 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
-from diffusers import DDIMScheduler, SchedulerMixin
+import diffusers
+from diffusers import SchedulerMixin
 from torch import nn
 
 from ..errors import RecipeError
 from ..recipe import RecipeKey, family_key
-from ..text_standin import seeded_text_embedding
+from ..text_standin import STANDIN_TEXT, seeded_text_embedding
 from ..videos import read_video
 from . import memory
-from .loading import CheckpointFormat, ModelBundle
+from .loading import CheckpointFormat, ModelBundle, PipelineFolder
+from .pipeline_parts import Sampler
 from .protocols import DiffusionProtocol, EvaluationProtocol, Run, Trajectory
 from .structure import TemporalStructure
 
@@ -176,6 +178,13 @@ class ModelAdapter(ABC):
     def conventions(self, bundle: ModelBundle) -> dict[str, Any]:
         """How a runtime must drive the exported graph beyond its names and shapes (JSON, for the contract)."""
 
+    def prepare_runs(self, bundle: ModelBundle, runs: list[Run]) -> None:
+        """Before ``runs`` (a calibration's or a validation's): whatever is made once for all of them."""
+
+    def text_source(self, bundle: ModelBundle) -> str | None:
+        """What made the runs' text conditioning, in words (scores.json, the report); None: no text."""
+        return None
+
     def pipeline_components(self, bundle: ModelBundle, shape: VideoShape) -> list:
         """The rest of the model's pipeline a runtime needs (``components.Component``s); none by default."""
         return []
@@ -260,16 +269,37 @@ class LatentVideoDiffusionAdapter(ModelAdapter):
         width = self.text_width(bundle.model)
         return torch.cat([torch.from_numpy(seeded_text_embedding(p, self.text_tokens, width)) for p in prompts])
 
+    def prepare_runs(self, bundle, runs):
+        """Every prompt the runs read, encoded at once, and the text encoder freed before the denoiser runs (a
+        T5-XXL's weights need not stay beside the transformer's)."""
+        if bundle.encode_text is not None:
+            bundle.encode_text([p for run in runs for p in (run.negative_prompt, run.prompt)])
+            bundle.encode_text.release()
+
+    def text_source(self, bundle):
+        if bundle.encode_text is not None:
+            return bundle.encode_text.describe()
+        return f"{STANDIN_TEXT} (seeded random embeddings of {self.text_tokens} x {self.text_width(bundle.model)}: " \
+               "no text encoder in the model folder)"
+
     def pipeline_components(self, bundle, shape):
         from ..components import pipeline_components
 
         return pipeline_components(bundle, shape, self.latent_channels(bundle.model))
 
-    scheduler_class: ClassVar[type[SchedulerMixin]] = DDIMScheduler  # the sampler the family's pipeline uses
+    checkpoint: PipelineFolder
 
-    def scheduler(self, bundle: ModelBundle) -> SchedulerMixin:
-        """The sampler of calibration and validation: the family's, with the folder's schedule (else its default)."""
-        return self.scheduler_class.from_config(bundle.scheduler_config or self.default_scheduler)
+    @property
+    def scheduler_class(self) -> type[SchedulerMixin]:
+        """The family's default sampler (a folder may name another its pipeline accepts)."""
+        return getattr(diffusers, self.checkpoint.parts.schedulers[0])
+
+    def scheduler(self, bundle: ModelBundle) -> Sampler:
+        """The sampler of calibration and validation, with the folder's schedule (else the family's default): the
+        class the folder names where the family's pipeline samples with it, else the family's."""
+        config = bundle.scheduler_config or self.default_scheduler
+        name = self.checkpoint.parts.scheduler_class(config, "scheduler/scheduler_config.json", self.family)
+        return Sampler(getattr(diffusers, name).from_config(config))
 
     def conventions(self, bundle):
         scheduler = self.scheduler(bundle)
@@ -287,10 +317,8 @@ class LatentVideoDiffusionAdapter(ModelAdapter):
                                      "of the prompt (the model folder's text encoder); the empty prompt's for the "
                                      "unconditional rows",
             # how a runtime makes them: the folder's encoder, or (none in the folder) the seeded stand-in
-            "text_conditioning": {"source": "text encoder" if bundle.encode_text is not None else
-                                  "seeded stand-in (f3export.text_standin.seeded_text_embedding)",
-                                  "tokens": self.text_tokens, "width": self.text_width(bundle.model)},
-            "scheduler": {"class": type(scheduler).__name__, "config": config,
+            "text_conditioning": self.text_conditioning(bundle),
+            "scheduler": {"class": type(scheduler.scheduler).__name__, "config": config,
                           "note": "the scheduler the model was calibrated and validated with"},
             "guidance": {"batch_layout": ["unconditional", "conditional"],
                          "combine": "uncond, cond = noise[:B/2], noise[B/2:]; "
@@ -302,11 +330,23 @@ class LatentVideoDiffusionAdapter(ModelAdapter):
                                      "the DDIM sampler does not use" if channels > latent else "")},
         }
 
+    def text_conditioning(self, bundle: ModelBundle) -> dict[str, Any]:
+        """How a runtime makes the text embeddings: the folder's encoder (class, tokens, whether padding is zeroed),
+        or (none in the folder) the seeded stand-in."""
+        text = bundle.encode_text
+        if text is None:
+            return {"source": "seeded stand-in (f3export.text_standin.seeded_text_embedding)",
+                    "tokens": self.text_tokens, "width": self.text_width(bundle.model)}
+        return {"source": "text encoder", "class": text.class_name, "tokens": text.tokens,
+                "width": self.text_width(bundle.model), "padding_zeroed": text.encoding.masked,
+                "prompt_clean": text.encoding.clean is not None}
+
     @torch.no_grad()
     def trajectory(self, bundle, model, run, shape, on_step=None):
         channels = self.latent_channels(bundle.model)  # the model's I/O: a pruned or wrapped copy shares it
         latent_shape = (1, channels, shape.frames, shape.latent_height, shape.latent_width)
-        context = self.encode_prompts(bundle, ["", run.prompt])
+        guided = self.protocol.guided(run)
+        context = self.encode_prompts(bundle, [run.negative_prompt, run.prompt] if guided else [run.prompt])
         source = self.source_latents(bundle, Path(run.source), latent_shape) if run.source else None
         result = self.protocol.trajectory(model, run, self.scheduler(bundle), context, latent_shape, channels,
                                           on_step, source)

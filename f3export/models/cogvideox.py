@@ -13,13 +13,14 @@ anything for CogVideoX-2B, whose sincos positions the patch embedding computes f
 from __future__ import annotations
 
 import torch
-from diffusers import CogVideoXDDIMScheduler
 from diffusers.models.embeddings import apply_rotary_emb, get_3d_rotary_pos_embed
 from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 
 from .diffusers_video import DiffusersFolder
 from .joint_attention import JointStyle
 from .joint_video import JointVideoAdapter, JointVideoNet
+from .pipeline_parts import PipelineParts, PromptEncoding
+from .protocols import DiffusionProtocol
 from .structure import JointAttentionPatterns
 
 
@@ -86,7 +87,8 @@ class CogVideoXNet(JointVideoNet):
             frames, height, width = sample.shape[2:]  # traced sizes while exporting
             table = self.rotary_embedding(max(ROPE_FRAMES * self.temporal_patch, int(frames)), int(height),
                                           int(width))
-            rows = frames // self.temporal_patch * self.layout.tokens_per_frame
+            patch = self.spatial_patch
+            rows = frames // self.temporal_patch * (height // patch) * (width // patch)
             rotary = tuple(part[:rows] for part in table)
         out = self.inner(hidden_states=sample.transpose(1, 2), encoder_hidden_states=encoder_hidden_states,
                          timestep=timestep, image_rotary_emb=rotary, return_dict=False)[0]
@@ -116,11 +118,15 @@ class CogVideoXAdapter(JointVideoAdapter):
                  "sample_width": 16, "sample_height": 16, "sample_frames": 13, "max_text_seq_length": 226},
         "cogvideox-2b": _COGVIDEOX_2B,
         "cogvideox-5b": _COGVIDEOX_5B,
-    })
+    }, parts=PipelineParts(
+        # T5 prompts padded to max_sequence_length (CogVideoXPipeline); CLIP for the reference model trained here
+        text_encoders={"T5EncoderModel": PromptEncoding(tokens=226), "CLIPTextModel": PromptEncoding()},
+        vaes=("AutoencoderKLCogVideoX",),
+        schedulers=("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler"), folder_scheduler=True))
     structure = JointAttentionPatterns((CogVideoXNet.self_attention,), "transformer")
     fixed_axes = ("frames", "height", "width")  # sincos positions (2B) are computed from the clip's shape
     text_tokens = 226  # T5 tokens the pipeline pads every prompt to
-    scheduler_class = CogVideoXDDIMScheduler
+    protocol = DiffusionProtocol(inversion=False, dynamic_cfg=True, skip_unconditional=True)
     default_scheduler = {  # THUDM/CogVideoX-2b scheduler/scheduler_config.json
         "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False,
         "num_train_timesteps": 1000, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,

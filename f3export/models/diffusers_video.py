@@ -20,6 +20,7 @@ from ..errors import CheckpointError
 from ..weights import read_json
 from .base import LatentVideoDiffusionAdapter
 from .loading import MODEL_SUFFIXES, PipelineFolder, component_files
+from .pipeline_parts import PipelineParts
 from .structure import AttentionPatterns
 from .configs import CONFIG_ERRORS, build_diffusers_model
 
@@ -56,10 +57,12 @@ class DiffusersFolder(PipelineFolder):
     held as that ``component`` inside ``DiffusersVideoNet``."""
 
     def __init__(self, class_name: str, component: str = "unet", text_per_frame: bool = False,
-                 presets: dict[str, dict[str, Any]] | None = None, net: type[DiffusersVideoNet] = DiffusersVideoNet):
+                 presets: dict[str, dict[str, Any]] | None = None, net: type[DiffusersVideoNet] = DiffusersVideoNet,
+                 parts: PipelineParts = PipelineParts()):
         self.class_name, self.component, self.text_per_frame = class_name, component, text_per_frame
         self.presets = presets or {}
         self.net = net
+        self.parts, self.owner = parts, class_name
 
     def wrap(self, model: nn.Module) -> DiffusersVideoNet:
         return self.net(self.component, model, self.text_per_frame).eval()
@@ -97,7 +100,10 @@ class DiffusersFolder(PipelineFolder):
         component = self._component_dir(folder)
         cls = diffusers_class(self.class_name)
         try:
-            model = cls.from_pretrained(component, local_files_only=True, low_cpu_mem_usage=False)
+            # A class that keeps modules in float32 (WanTransformer3DModel) loads only through accelerate's
+            # low-memory path; the others as before, their weights read into modules built in full.
+            model = cls.from_pretrained(component, local_files_only=True,
+                                        low_cpu_mem_usage=cls._keep_in_fp32_modules is not None)
         except (OSError, *CONFIG_ERRORS) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise CheckpointError(f"{component}: cannot load {self.class_name} ({reason})") from None

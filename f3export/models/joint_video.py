@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 from abc import abstractmethod
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -19,6 +20,18 @@ from .diffusers_video import DiffusersVideoAdapter, DiffusersVideoNet
 from .joint_attention import FrameLayout, JointStyle, install_processors
 from .protocols import DiffusionProtocol
 from .structure import JointAttentionPatterns
+
+
+@dataclass
+class LayoutFromInput:
+    """A forward pre-hook of the diffusers model: the tokens per frame of the latents it is called with."""
+
+    layout: FrameLayout
+    patch: int
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        latents = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        self.layout.tokens_per_frame = (latents.shape[3] // self.patch) * (latents.shape[4] // self.patch)
 
 
 class JointVideoNet(DiffusersVideoNet):
@@ -31,6 +44,9 @@ class JointVideoNet(DiffusersVideoNet):
         names = [f"{component}.{name}" for name, _ in model.named_modules()
                  if fnmatch.fnmatchcase(name, self.self_attention)]
         install_processors(self, names, self.style, self.layout)
+        # Whoever calls the diffusers model (this net, or a diffusers pipeline it was put into), its attentions
+        # learn the frame layout from the call's latents: [B, F, C, H, W] or [B, C, F, H, W], H and W last.
+        model.register_forward_pre_hook(LayoutFromInput(self.layout, self.spatial_patch), with_kwargs=True)
 
     @property
     def spatial_patch(self) -> int:
@@ -42,8 +58,6 @@ class JointVideoNet(DiffusersVideoNet):
         return self.inner.config.patch_size[0]
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
-        patch = self.spatial_patch
-        self.layout.tokens_per_frame = (sample.shape[3] // patch) * (sample.shape[4] // patch)
         return self.run(sample, timestep.reshape(-1).expand(sample.shape[0]), encoder_hidden_states)
 
     @abstractmethod

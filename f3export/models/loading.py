@@ -11,7 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,6 +19,8 @@ from torch import nn
 from ..errors import CheckpointError, RecipeError
 from ..weights import read_json
 from . import memory
+from .pipeline_parts import (SCHEDULER, TEXT_ENCODER, TOKENIZER, VAE, PipelineParts, PromptEncoder, VideoAutoencoder,
+                             named_class)
 
 
 @dataclass
@@ -29,7 +31,7 @@ class ModelBundle:
     config: dict[str, Any]
     description: str
     random_weights: bool
-    encode_text: Callable[[list[str]], torch.Tensor] | None = None
+    encode_text: PromptEncoder | None = None  # the folder's text encoder (else a stand-in embeds prompts)
     scheduler_config: dict[str, Any] = field(default_factory=dict)
     vae: VideoAutoencoder | None = None  # the folder's: latents <-> RGB frames
 
@@ -103,20 +105,30 @@ class CheckpointFormat(ABC):
 
 
 class PipelineFolder(CheckpointFormat):
-    """A diffusers-layout pipeline folder: the network's own folder, plus the scheduler, the CLIP text
-    encoder and the VAE that runs read (the contract records the scheduler)."""
+    """A diffusers-layout pipeline folder: the network's own folder, plus the scheduler, text encoder and VAE that
+    runs read, each by the class the folder names and the family accepts (``parts``)."""
+
+    parts: PipelineParts = PipelineParts()
+    owner: str = "this"  # the family's network, named in refusals
 
     def bundle(self, folder: Path, model: nn.Module, config: dict[str, Any]) -> ModelBundle:
+        scheduler = read_scheduler_config(folder)
+        named = named_class(folder, SCHEDULER)  # model_index.json's, which diffusers loads by
+        if named is not None:
+            scheduler = {**scheduler, "_class_name": named}
+        self.parts.scheduler_class(scheduler, str(folder / SCHEDULER_CONFIG), self.owner)  # refused before any run
         return ModelBundle(model, config, f"checkpoint {folder}", random_weights=False,
-                           encode_text=load_clip_text_encoder(folder), scheduler_config=read_scheduler_config(folder),
-                           vae=load_vae(folder))
+                           encode_text=self.parts.text_encoder(folder, self.owner), scheduler_config=scheduler,
+                           vae=self.parts.vae(folder, self.owner))
 
     def sampling_files(self, folder):
-        return scheduler_files(folder) + clip_text_encoder_files(folder) + \
-            component_files(folder / VAE, MODEL_SUFFIXES)
+        return scheduler_files(folder) + text_encoder_files(folder) + \
+            component_files(folder / VAE, MODEL_SUFFIXES) + index_files(folder)
 
     def conventions_files(self, folder):
-        return scheduler_files(folder)
+        """The contract records the scheduler, and the text encoder's class and token length (not its weights)."""
+        configs = [f for f in text_encoder_files(folder) if f.suffix != ".safetensors" and f.suffix != ".bin"]
+        return scheduler_files(folder) + configs + index_files(folder)
 
     @abstractmethod
     def save_network(self, model: nn.Module, config: dict[str, Any], folder: Path) -> None:
@@ -139,101 +151,18 @@ def component_files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in suffixes)
 
 
-def clip_text_encoder_files(folder: Path) -> list[Path]:
-    """What ``load_clip_text_encoder`` reads: nothing without ``text_encoder/``, else the tokenizer and the encoder."""
-    if not (folder / "text_encoder").is_dir():
+def text_encoder_files(folder: Path) -> list[Path]:
+    """What the text encoder reads: nothing without ``text_encoder/``, else the tokenizer and the encoder."""
+    if not (folder / TEXT_ENCODER).is_dir():
         return []
-    return component_files(folder / "tokenizer", TOKENIZER_SUFFIXES) + \
-        component_files(folder / "text_encoder", MODEL_SUFFIXES)
+    return component_files(folder / TOKENIZER, TOKENIZER_SUFFIXES) + \
+        component_files(folder / TEXT_ENCODER, MODEL_SUFFIXES)
 
 
-@dataclass(frozen=True)
-class ClipTextEncoder:
-    """A folder's CLIP tokenizer and text encoder: called on prompts, their embeddings."""
-
-    folder: Path  # the tokenizer's folder
-    tokenizer: Any
-    encoder: nn.Module
-    tokens: int  # every prompt padded (or truncated) to this many tokens
-
-    def token_ids(self, prompts: list[str]) -> torch.Tensor:
-        return self.tokenizer(prompts, padding="max_length", max_length=self.tokens, truncation=True,
-                              return_tensors="pt").input_ids
-
-    @torch.no_grad()
-    def __call__(self, prompts: list[str]) -> torch.Tensor:
-        return self.encoder(self.token_ids(prompts))[0]
-
-
-def load_clip_text_encoder(folder: Path) -> ClipTextEncoder | None:
-    """CLIP text encoder + tokenizer from ``text_encoder/`` and ``tokenizer/``, if the folder has them. Prompts
-    are padded to the tokenizer's ``model_max_length``, as diffusers' pipelines do (77 for SD's CLIP), at most
-    the encoder's position table (a tokenizer that sets no length reads as 10^30)."""
-    if not (folder / "text_encoder").is_dir():
-        return None
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
-        encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True).eval()
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{folder}: cannot load the CLIP text encoder ({str(exc).splitlines()[0]})") from None
-    return ClipTextEncoder(folder / "tokenizer", tokenizer, encoder,
-                           min(tokenizer.model_max_length, encoder.config.max_position_embeddings))
-
-
-VAE = "vae"
-
-
-@dataclass(frozen=True)
-class VideoAutoencoder:
-    """A folder's ``vae/`` (diffusers ``AutoencoderKL``) applied to videos frame by frame, latents scaled by its
-    ``scaling_factor`` as the pipelines do."""
-
-    vae: nn.Module
-
-    @property
-    def scale(self) -> int:
-        """Pixels per latent position along height and width (diffusers pipelines' ``vae_scale_factor``)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents [B, C, F, h, w] -> RGB frames [B, 3, F, H, W] in [-1, 1]."""
-        return _videos(self.decode_frames(_frames(latents)), latents)
-
-    def decode_frames(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents of single frames [N, C, h, w] -> RGB images [N, 3, H, W] in [-1, 1] (what a runtime's VAE
-        decoder engine computes)."""
-        return self.vae.decode(latents / self.vae.config.scaling_factor).sample.clamp(-1, 1)
-
-    @torch.no_grad()
-    def encode(self, video: torch.Tensor) -> torch.Tensor:
-        """RGB frames [B, 3, F, H, W] in [-1, 1] -> latents [B, C, F, h, w]: the mode of the latent
-        distribution (Tune-A-Video draws a sample; the mode makes a source's inversion reproducible)."""
-        return _videos(self.vae.encode(_frames(video)).latent_dist.mode() * self.vae.config.scaling_factor, video)
-
-
-def _frames(videos: torch.Tensor) -> torch.Tensor:
-    """[B, C, F, H, W] -> [B * F, C, H, W]."""
-    return videos.permute(0, 2, 1, 3, 4).flatten(0, 1)
-
-
-def _videos(frames: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """[B * F, C, H, W] -> [B, C, F, H, W] with ``like``'s batch and frames."""
-    return frames.unflatten(0, like.shape[:1] + like.shape[2:3]).permute(0, 2, 1, 3, 4)
-
-
-def load_vae(folder: Path) -> VideoAutoencoder | None:
-    """The folder's ``vae/``, if it has one."""
-    if not (folder / VAE).is_dir():
-        return None
-    from diffusers import AutoencoderKL
-
-    try:
-        return VideoAutoencoder(AutoencoderKL.from_pretrained(folder / VAE, local_files_only=True).eval())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{folder / VAE}: cannot load the VAE ({str(exc).splitlines()[0]})") from None
+def index_files(folder: Path) -> list[Path]:
+    """``model_index.json``, which names each part's class."""
+    path = folder / "model_index.json"
+    return [path] if path.is_file() else []
 
 
 SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"

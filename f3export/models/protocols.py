@@ -6,6 +6,7 @@ A family composes one; the core only asks it for runs, their count of network ca
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,13 +14,14 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
-from diffusers import DDIMInverseScheduler, DDIMScheduler
+from diffusers import DDIMInverseScheduler
 from torch import nn
 
 from ..errors import RecipeError
 from ..recipe import RecipeKey, family_key
 from ..tasks import TASKS
 from ..videos import read_video
+from .pipeline_parts import Sampler
 
 
 class Run(ABC):
@@ -50,6 +52,15 @@ class DiffusionRun(PromptRun):
     steps: int
     guidance_scale: float
     source: str | None = None  # a video file whose DDIM inversion is the initial latents (else the seed's noise)
+    negative_prompt: str = ""  # the unconditional row's prompt
+    dynamic_cfg: bool = False  # CogVideoX's use_dynamic_cfg: the guidance scale rises over the steps
+
+    def guidance(self, t: float) -> float:
+        """The guidance scale at timestep ``t``: constant, or CogVideoXPipeline's dynamic schedule (its formula
+        reads the timestep's value against the number of steps)."""
+        if not self.dynamic_cfg:
+            return self.guidance_scale
+        return 1 + self.guidance_scale * ((1 - math.cos(math.pi * ((self.steps - t) / self.steps) ** 5.0)) / 2)
 
     def label(self):
         return {"prompt": self.prompt, **({"source": self.source} if self.source else {"seed": self.seed})}
@@ -110,21 +121,34 @@ class EvaluationProtocol(ABC):
 
 
 class DiffusionProtocol(EvaluationProtocol):
-    """Every prompt with every seed, each a DDIM trajectory with classifier-free guidance; or, with
-    ``source_videos``, Tune-A-Video's editing protocol: every prompt sampled from the DDIM inversion of its
+    """Every prompt with every seed, each a trajectory of the family's sampler with classifier-free guidance; or,
+    with ``source_videos``, Tune-A-Video's editing protocol: every prompt sampled from the DDIM inversion of its
     source clip (under the empty prompt, as Tune-A-Video's ``ddim_inversion``), which carries the source's
-    layout and motion into the video the prompt describes."""
+    layout and motion into the video the prompt describes.
+
+    Options of the family's pipeline: ``inversion`` (its sampler is DDIM, so source videos can be inverted),
+    ``negative_prompt`` (the unconditional row's default prompt), ``dynamic_cfg`` (CogVideoX's
+    ``use_dynamic_cfg`` is a recipe key) and ``skip_unconditional`` (guidance <= 1 runs the conditional row
+    alone, as CogVideoXPipeline / WanPipeline do; the families f3export has long built keep both rows)."""
 
     recipe_keys = (*_both_sections("steps", int, 10, low=1, high=1000),
                    *_both_sections("guidance_scale", float, 7.5, low=0.0),
+                   # the unconditional row's prompt; unset: the family pipeline's default
+                   *_both_sections("negative_prompt", str | None, None),
                    # one animated image per prompt, or one for every prompt: runs start from its DDIM inversion
                    *_both_sections("source_videos", list[str], [], input_file=True),
                    # a task metric scoring the held-out videos of both models (f3export/tasks)
                    family_key("validation", "task", str | None, None, choices=tuple(TASKS)))
     batch = 2  # the unconditional and the conditional row together (inversion too: one batch for every call)
 
-    def __init__(self, inversion: bool = True):
-        self.inversion = inversion  # whether the family's sampler is DDIM, whose inversion source_videos runs
+    def __init__(self, inversion: bool = True, negative_prompt: str = "", dynamic_cfg: bool = False,
+                 skip_unconditional: bool = False):
+        self.inversion = inversion
+        self.negative_prompt = negative_prompt
+        self.dynamic_cfg = dynamic_cfg
+        self.skip_unconditional = skip_unconditional
+        if dynamic_cfg:
+            self.recipe_keys = (*type(self).recipe_keys, *_both_sections("use_dynamic_cfg", bool, False))
 
     def check_section(self, section, where, frames):
         sources, prompts = section.source_videos, section.prompts
@@ -146,51 +170,64 @@ class DiffusionProtocol(EvaluationProtocol):
                                   f"{frames} ([model].frames)")
 
     def runs(self, section):
+        settings = {"negative_prompt": self.negative_prompt if section.negative_prompt is None
+                    else section.negative_prompt,
+                    "dynamic_cfg": self.dynamic_cfg and section.use_dynamic_cfg}
         if section.source_videos:
             sources = section.source_videos * len(section.prompts) if len(section.source_videos) == 1 \
                 else section.source_videos
-            return [DiffusionRun(prompt, section.seeds[0], section.steps, section.guidance_scale, source)
+            return [DiffusionRun(prompt, section.seeds[0], section.steps, section.guidance_scale, source, **settings)
                     for prompt, source in zip(section.prompts, sources, strict=True)]
-        return [DiffusionRun(prompt, seed, section.steps, section.guidance_scale)
+        return [DiffusionRun(prompt, seed, section.steps, section.guidance_scale, **settings)
                 for prompt in section.prompts for seed in section.seeds]
 
     def calls(self, section):
         return section.steps * (2 if section.source_videos else 1)  # the inversion's steps, then the sampling's
 
+    def guided(self, run: DiffusionRun) -> bool:
+        """Whether a run computes the unconditional row (classifier-free guidance)."""
+        return not self.skip_unconditional or run.guidance_scale > 1.0
+
     @torch.no_grad()
-    def trajectory(self, model: nn.Module, run: DiffusionRun, scheduler: DDIMScheduler, context: torch.Tensor,
+    def trajectory(self, model: nn.Module, run: DiffusionRun, sampler: Sampler, context: torch.Tensor,
                    latent_shape: tuple[int, ...], noise_channels: int,
                    on_step: Callable[[int], None] | None = None, source: torch.Tensor | None = None) -> Denoising:
-        """``context``: the empty prompt's and the run's text conditioning, stacked; ``noise_channels``: the
-        output channels that are the noise (more are a learned variance, as in Latte); ``source``: the clean
-        latents of the run's source video, inverted into the initial latents (else the seed's noise)."""
+        """``context``: the negative prompt's and the run's text conditioning, stacked (the run's alone where
+        ``guided`` is false); ``noise_channels``: the output channels that are the noise (more are a learned
+        variance, as in Latte); ``source``: the clean latents of the run's source video, inverted into the
+        initial latents (else the seed's noise)."""
         inverted: list[int] = []
         if source is not None:
-            latents, inverted = self.invert(model, run.steps, scheduler, context[:1], source, noise_channels, on_step)
+            latents, inverted = self.invert(model, run.steps, sampler.config, context[:1], source, noise_channels,
+                                            on_step)
         else:
             latents = torch.randn(latent_shape, generator=torch.Generator().manual_seed(run.seed))
-        scheduler.set_timesteps(run.steps)
-        latents = latents * scheduler.init_noise_sigma
+        sampler.start(run.steps, run.seed)
+        latents = latents * sampler.init_noise_sigma
+        rows = len(context)
         noise_preds = []
-        for i, t in enumerate(scheduler.timesteps):
+        for i, t in enumerate(sampler.timesteps):
             if on_step is not None:
                 on_step(len(inverted) + i)
-            model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            noise = model(model_input, t.float().expand(2), context)[:, :noise_channels]
-            uncond, cond = noise.chunk(2)
-            guided = uncond + run.guidance_scale * (cond - uncond)
+            model_input = sampler.scale_model_input(torch.cat([latents] * rows), t)
+            noise = model(model_input, t.float().expand(rows), context)[:, :noise_channels].float()
+            if rows == 2:
+                uncond, cond = noise.chunk(2)
+                guided = uncond + run.guidance(t.item()) * (cond - uncond)
+            else:
+                guided = noise
             noise_preds.append(guided)
-            latents = scheduler.step(guided, t, latents).prev_sample
-        return Denoising(inverted + [int(t) for t in scheduler.timesteps], noise_preds, latents)
+            latents = sampler.step(guided, i, t, latents)
+        return Denoising(inverted + [int(t) for t in sampler.timesteps], noise_preds, latents)
 
     @staticmethod
-    def invert(model: nn.Module, steps: int, scheduler: DDIMScheduler, empty: torch.Tensor, latents: torch.Tensor,
+    def invert(model: nn.Module, steps: int, schedule: Any, empty: torch.Tensor, latents: torch.Tensor,
                noise_channels: int, on_step: Callable[[int], None] | None) -> tuple[torch.Tensor, list[int]]:
         """DDIM inversion of clean ``latents`` under the empty prompt's conditioning ``empty`` (no guidance), with
         diffusers' ``DDIMInverseScheduler`` on the sampler's schedule: Tune-A-Video's ``ddim_inversion``, which
         steps t -> t + T/steps over the sampler's own timesteps in reverse. Returns the final (noisiest) latents
         and the timesteps of its network calls."""
-        inverse = DDIMInverseScheduler.from_config(scheduler.config)
+        inverse = DDIMInverseScheduler.from_config(schedule)
         inverse.set_timesteps(steps)
         for i, t in enumerate(inverse.timesteps):
             if on_step is not None:

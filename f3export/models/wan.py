@@ -10,11 +10,12 @@ keeps frames, height and width dynamic.
 from __future__ import annotations
 
 import torch
-from diffusers import UniPCMultistepScheduler
 
 from .diffusers_video import DiffusersFolder
 from .joint_attention import JointStyle
 from .joint_video import JointVideoAdapter, JointVideoNet
+from .pipeline_parts import PipelineParts, PromptEncoding, wan_prompt_clean
+from .protocols import DiffusionProtocol
 from .structure import JointAttentionPatterns
 
 
@@ -55,6 +56,14 @@ class WanNet(JointVideoNet):
         return self.inner(sample, timestep, encoder_hidden_states, return_dict=False)[0]
 
 
+# The negative prompt of Wan's documented usage (WanPipeline's example; the pipeline itself defaults to ""): what
+# the unconditional row reads unless the recipe's [calibration] / [validation] negative_prompt says otherwise.
+WAN_NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, overall "
+    "gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly drawn hands, "
+    "poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy background, three "
+    "legs, many people in the background, walking backwards")
+
 # The real layouts (transformer/config.json of Wan-AI/Wan2.1-T2V-1.3B-Diffusers and -14B-Diffusers).
 _WAN_1_3B = {
     "patch_size": [1, 2, 2], "num_attention_heads": 12, "attention_head_dim": 128, "in_channels": 16,
@@ -73,10 +82,14 @@ class WanAdapter(JointVideoAdapter):
                  "rope_max_seq_len": 64},
         "wan2.1-1.3b": _WAN_1_3B,
         "wan2.1-14b": _WAN_14B,
-    })
+    }, parts=PipelineParts(
+        # WanPipeline: prompts cleaned, padded to 512 tokens, encoded with their mask, padding zeroed
+        text_encoders={"UMT5EncoderModel": PromptEncoding(tokens=512, masked=True, clean=wan_prompt_clean)},
+        vaes=("AutoencoderKLWan",),
+        schedulers=("UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler"), folder_scheduler=True))
     structure = JointAttentionPatterns((WanNet.self_attention,), "transformer")
     text_tokens = 512  # UMT5 tokens the pipeline pads every prompt to
-    scheduler_class = UniPCMultistepScheduler
+    protocol = DiffusionProtocol(inversion=False, negative_prompt=WAN_NEGATIVE_PROMPT, skip_unconditional=True)
     default_scheduler = {  # Wan-AI/Wan2.1-T2V-1.3B-Diffusers scheduler/scheduler_config.json
         "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear", "num_train_timesteps": 1000,
         "prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": 3.0, "solver_order": 2,

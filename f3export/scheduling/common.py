@@ -1,0 +1,162 @@
+"""What the NumPy samplers share: the interface ``f3export generate`` drives, refusals of what is not ported,
+and the pieces of diffusers' schedules that several schedulers compute alike.
+
+The ports copy diffusers' arithmetic, dtypes included (which tables are float64, which float32), so that they step
+as diffusers does to float32 rounding; a coefficient is cast to the sample's dtype before it meets an array, as a
+0-d torch tensor is."""
+
+from __future__ import annotations
+
+import abc
+import math
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..errors import CheckError
+
+
+def unported(name: str, key: str, value: Any, note: str = "") -> CheckError:
+    return CheckError(f"scheduler {name} {key} = {value!r}: not implemented by the engines-only sampler{note}")
+
+
+class Sampler(abc.ABC):
+    """A diffusers scheduler's sampling, torch-free. The loop is the same for all::
+
+        s.set_timesteps(steps)
+        latents = noise * s.init_noise_sigma
+        for t in s.timesteps:
+            latents = s.step(model(s.scale_model_input(latents, t), t), t, latents)
+
+    A multistep sampler keeps its history inside, reset by ``set_timesteps``. ``random``: whether ``step`` draws
+    noise (from the ``rng`` its constructor takes)."""
+
+    name: str  # diffusers' class name, as a model's scheduler config records it
+    defaults: Mapping[str, Any] = {}  # diffusers' defaults for keys a config may leave out
+    random = False
+    init_noise_sigma = 1.0
+    timesteps: np.ndarray
+
+    def __init__(self, config: Mapping[str, Any]):
+        self.config = {**self.defaults, **config}
+
+    def unported(self, key: str, note: str = "") -> CheckError:
+        return unported(self.name, key, self.config.get(key), note)
+
+    def refuse(self, *keys: str) -> None:
+        """Refuse options that change the sampling when set and that this port does not implement."""
+        for key in keys:
+            if self.config.get(key):
+                raise self.unported(key)
+
+    def choice(self, key: str, allowed: tuple[Any, ...]) -> Any:
+        if self.config.get(key) not in allowed:
+            raise self.unported(key, f" (it implements {', '.join(map(str, allowed))})")
+        return self.config[key]
+
+    @abc.abstractmethod
+    def set_timesteps(self, steps: int) -> None:
+        """``timesteps`` for ``steps`` sampling steps, as diffusers' ``set_timesteps`` makes them."""
+
+    @abc.abstractmethod
+    def step(self, model_output: np.ndarray, t: Any, sample: np.ndarray) -> np.ndarray:
+        """The sample at the next timestep: diffusers' ``step(...).prev_sample``."""
+
+    def scale_model_input(self, sample: np.ndarray, t: Any) -> np.ndarray:
+        return sample  # each ported scheduler's scale_model_input is the identity (or it has none)
+
+
+def betas(name: str, config: Mapping[str, Any], scaled_linear_dtype: type = np.float32) -> np.ndarray:
+    """The training betas. ``scaled_linear_dtype``: the CogVideoX schedulers square a float64 linspace, the
+    others a float32 one."""
+    count, start, end = config["num_train_timesteps"], config["beta_start"], config["beta_end"]
+    schedule = config.get("beta_schedule", "linear")
+    if config.get("trained_betas") is not None:
+        return np.asarray(config["trained_betas"], dtype=np.float32)
+    if schedule == "linear":
+        return np.linspace(start, end, count, dtype=np.float32)
+    if schedule == "scaled_linear":
+        return np.linspace(start ** 0.5, end ** 0.5, count, dtype=scaled_linear_dtype) ** 2
+    if schedule == "squaredcos_cap_v2":
+        def alpha_bar(t: float) -> float:
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+        return np.asarray([min(1 - alpha_bar((i + 1) / count) / alpha_bar(i / count), 0.999) for i in range(count)],
+                          dtype=np.float32)
+    raise unported(name, "beta_schedule", schedule)
+
+
+def alphas_cumprod(name: str, config: Mapping[str, Any], scaled_linear_dtype: type = np.float32) -> np.ndarray:
+    """The cumulative product of ``1 - betas``, in the betas' dtype, accumulated in float64 as torch's cumprod
+    does."""
+    alphas = 1.0 - betas(name, config, scaled_linear_dtype)
+    return np.cumprod(alphas, dtype=np.float64).astype(alphas.dtype)
+
+
+def spaced_timesteps(name: str, config: Mapping[str, Any], steps: int, grid: int | None = None) -> np.ndarray:
+    """``steps`` training timesteps, descending, by ``timestep_spacing``. ``grid``: how many points linspace and
+    leading spacing lay before keeping the first ``steps`` (UniPC lays ``steps + 1``; DDIM ``steps``)."""
+    count, grid = config["num_train_timesteps"], grid or steps
+    spacing = config.get("timestep_spacing", "leading")
+    if spacing == "linspace":
+        return np.linspace(0, count - 1, grid).round()[::-1][:steps].astype(np.int64)
+    if spacing == "leading":
+        return (np.arange(0, grid) * (count // grid)).round()[::-1][:steps].astype(np.int64) \
+            + config.get("steps_offset", 0)
+    if spacing == "trailing":
+        return np.round(np.arange(count, 0, -count / steps)).astype(np.int64) - 1
+    raise unported(name, "timestep_spacing", spacing, " (it implements linspace, leading, trailing)")
+
+
+PREDICTIONS = ("epsilon", "sample", "v_prediction")
+
+
+def predicted_original(kind: str, alpha: Any, sigma: Any, sample: np.ndarray, output: np.ndarray) -> np.ndarray:
+    """x0 from the model's output at noise level ``sample = alpha * x0 + sigma * noise`` (for a flow
+    ``alpha = 1 - sigma``, and a flow prediction is noise - x0)."""
+    alpha, sigma = sample.dtype.type(alpha), sample.dtype.type(sigma)
+    if kind == "epsilon":
+        return (sample - sigma * output) / alpha
+    if kind == "sample":
+        return output
+    if kind == "v_prediction":
+        return alpha * sample - sigma * output
+    return sample - sigma * output  # flow_prediction: the constructors let no other kind through
+
+
+def shifted(name: str, sigmas: np.ndarray, shift: float, terminal: float | None = None) -> np.ndarray:
+    """Flow-matching sigmas shifted toward noise (``shift`` > 1), then stretched so the last is
+    ``1 - terminal`` when ``terminal`` (diffusers' ``shift_terminal``) is set."""
+    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    if terminal:
+        remaining = 1 - sigmas
+        if remaining[-1] == 0:
+            raise unported(name, "shift_terminal", terminal, " for a single step (diffusers' own stretches its "
+                                                             "sigma to NaN)")
+        sigmas = 1 - remaining / (remaining[-1] / (1 - terminal))
+    return sigmas
+
+
+class AlphaSchedule(Sampler):
+    """DDIM-style sampling over the training timesteps' ``alphas_cumprod`` (which ``table`` computes), each step
+    from timestep ``t`` to ``t - num_train_timesteps // steps`` (past 0: ``final_alpha_cumprod``)."""
+
+    def __init__(self, config: Mapping[str, Any]):
+        super().__init__(config)
+        self.train_steps = self.config["num_train_timesteps"]
+        self.alphas_cumprod = self.table()
+        self.final_alpha_cumprod = np.float32(1.0) if self.config.get("set_alpha_to_one", True) \
+            else self.alphas_cumprod[0]
+        self.timesteps = np.arange(self.train_steps)[::-1]
+        self.steps = self.train_steps
+
+    @abc.abstractmethod
+    def table(self) -> np.ndarray:
+        """``alphas_cumprod`` over the training timesteps, in diffusers' dtype."""
+
+    def set_timesteps(self, steps: int) -> None:
+        self.timesteps, self.steps = spaced_timesteps(self.name, self.config, steps), steps
+
+    def alphas(self, t: int) -> tuple[Any, Any]:
+        """``alphas_cumprod`` at ``t`` and at the timestep the step goes to."""
+        previous = t - self.train_steps // self.steps
+        return self.alphas_cumprod[t], self.alphas_cumprod[previous] if previous >= 0 else self.final_alpha_cumprod

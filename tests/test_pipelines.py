@@ -1,0 +1,129 @@
+"""Today's pipelines from a real folder: a tiny but complete CogVideoX / Wan pipeline folder (T5 / UMT5 text
+encoder with a tokenizer trained here, the causal 3D VAE, the transformer, the folder's scheduler), read by
+f3export by the classes the folder names, and sampled from text to pixels exactly as diffusers' own
+``CogVideoXPipeline`` / ``WanPipeline`` sample it, for the original model and for the pruned one (frame-local
+heads, ratio 0.5) put into the pipeline as its transformer."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import CogVideoXPipeline, WanPipeline
+
+from f3export.errors import CheckpointError
+from f3export.models import get_adapter
+from f3export.models.base import VideoShape
+from f3export.models.protocols import DiffusionRun
+from f3export.prune import apply_plan, make_plan
+from f3export.recipe import PruningSection
+from zoo.tiny_pipelines import COGVIDEOX_CALL, LATENT_SIZE, WAN_CALL, write_cogvideox_pipeline, write_wan_pipeline
+
+from conftest import relative_l2, scores_for
+
+FAMILIES = {  # family -> (folder writer, the diffusers pipeline, its call sizes)
+    "cogvideox": (write_cogvideox_pipeline, CogVideoXPipeline, COGVIDEOX_CALL),
+    "wan": (write_wan_pipeline, WanPipeline, WAN_CALL),
+}
+CASES = [("cogvideox", "CogVideoXDDIMScheduler", False), ("cogvideox", "CogVideoXDDIMScheduler", True),
+         ("cogvideox", "CogVideoXDPMScheduler", False), ("cogvideox", "CogVideoXDPMScheduler", True),
+         ("wan", "UniPCMultistepScheduler", False), ("wan", "FlowMatchEulerDiscreteScheduler", False)]
+PROMPT, NEGATIVE, SEED, STEPS = "a dog is running on the beach", "blurry, low quality", 3, 4
+
+
+def frame_local(adapter, model):
+    """The model with half its joint-attention heads frame-local (a seeded ranking: any plan must agree)."""
+    plan = make_plan(scores_for(model, adapter=adapter), PruningSection(ratio=0.5, action="frame-local"))
+    pruned = copy.deepcopy(model)
+    apply_plan(pruned, adapter.structure.temporal_sites(pruned), plan.kept_heads, plan.local_heads)
+    assert sum(len(heads) for heads in plan.local_heads.values()) > 0
+    return pruned
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    made = {}
+    for family, scheduler, _ in CASES:
+        if (family, scheduler) not in made:
+            made[family, scheduler] = FAMILIES[family][0](tmp_path_factory.mktemp(family) / "pipe",
+                                                          scheduler=scheduler)
+    return made
+
+
+@pytest.mark.parametrize("family,scheduler,dynamic_cfg", CASES)
+def test_f3export_samples_text_to_pixels_as_the_diffusers_pipeline_does(folders, family, scheduler, dynamic_cfg):
+    folder = folders[family, scheduler]
+    adapter = get_adapter(family)
+    bundle = adapter.checkpoint.load_folder(folder)
+    assert type(adapter.scheduler(bundle).scheduler).__name__ == scheduler
+    call = FAMILIES[family][2]
+    shape = VideoShape((call["num_frames"] - 1) // 4 + 1, LATENT_SIZE, LATENT_SIZE)
+    run = DiffusionRun(PROMPT, SEED, STEPS, 6.0, negative_prompt=NEGATIVE, dynamic_cfg=dynamic_cfg)
+    channels = adapter.latent_channels(bundle.model)
+    noise = torch.randn((1, channels, shape.frames, shape.latent_height, shape.latent_width),
+                        generator=torch.Generator().manual_seed(SEED))
+    pipeline_class = FAMILIES[family][1]
+    extra = {"use_dynamic_cfg": dynamic_cfg} if family == "cogvideox" else {}
+    for variant, model in (("original", bundle.model), ("pruned", frame_local(adapter, bundle.model))):
+        ours = adapter.trajectory(bundle, model, run, shape)
+        pipe = pipeline_class.from_pretrained(folder, local_files_only=True)
+        pipe.transformer = model.inner  # the pruned transformer as the pipeline's own, called by the pipeline
+        latents = noise.transpose(1, 2) if family == "cogvideox" else noise  # the pipeline's layout
+        theirs = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=6.0,
+                      latents=latents, generator=torch.Generator().manual_seed(SEED), output_type="np", **call,
+                      **extra).frames[0]
+        video = (ours.video / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).numpy()  # [F, H, W, 3] as theirs
+        assert video.shape == theirs.shape == (call["num_frames"], call["height"], call["width"], 3)
+        error = relative_l2(torch.from_numpy(video), torch.from_numpy(theirs))
+        assert error <= 1e-5, f"{variant}: video rel. L2 {error:.2e}"
+
+
+def test_without_guidance_the_unconditional_row_is_not_run_as_the_pipelines_do(folders):
+    adapter = get_adapter("wan")
+    bundle = adapter.checkpoint.load_folder(folders["wan", "UniPCMultistepScheduler"])
+    batches = []
+    hook = bundle.model.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    adapter.trajectory(bundle, bundle.model, DiffusionRun(PROMPT, 0, 2, 1.0), VideoShape(3, 8, 8))
+    adapter.trajectory(bundle, bundle.model, DiffusionRun(PROMPT, 0, 2, 5.0), VideoShape(3, 8, 8))
+    hook.remove()
+    assert batches == [1, 1, 2, 2]
+
+
+def test_a_t5_folder_gives_real_embeddings_and_says_so(folders):
+    adapter = get_adapter("cogvideox")
+    bundle = adapter.checkpoint.load_folder(folders["cogvideox", "CogVideoXDDIMScheduler"])
+    assert bundle.encode_text.class_name == "T5EncoderModel" and bundle.encode_text.tokens == 226
+    assert adapter.text_source(bundle).startswith("T5EncoderModel (")
+    a, b = bundle.encode_text(["a dog is running", "a man is skiing"])
+    assert a.shape == (226, 32) and not torch.allclose(a, b)
+    ids = bundle.encode_text.token_ids(["a dog"])[0]
+    assert ids[-1] == 0 and 1 in ids.tolist()  # padded with <pad> after T5's </s>
+
+
+def test_wan_embeddings_of_padding_are_zero_as_wan_pipeline_trims_them(folders):
+    adapter = get_adapter("wan")
+    bundle = adapter.checkpoint.load_folder(folders["wan", "UniPCMultistepScheduler"])
+    ids = bundle.encode_text.token_ids(["a dog"])[0]
+    length = int((ids != 0).sum())
+    embedding = bundle.encode_text(["a dog"])[0]
+    assert embedding.shape == (512, 32) and length < 10
+    assert embedding[:length].abs().min() > 0 and embedding[length:].abs().max() == 0
+
+
+@pytest.mark.parametrize("component,config_name,value,message", [
+    ("scheduler", "scheduler_config.json", "EulerAncestralDiscreteScheduler", "is not a scheduler f3export runs"),
+    ("text_encoder", "config.json", "BertModel", "is not a text_encoder f3export runs"),
+    ("vae", "config.json", "AutoencoderKL", "is not a vae f3export runs"),
+])
+def test_a_folder_naming_a_part_the_family_cannot_run_is_refused_in_one_line(tmp_path, component, config_name,
+                                                                             value, message):
+    folder = write_cogvideox_pipeline(tmp_path / "pipe")
+    index = json.loads((folder / "model_index.json").read_text())
+    index[component][1] = value
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=message) as error:
+        get_adapter("cogvideox").checkpoint.load_folder(folder)
+    assert "\n" not in str(error.value) and value in str(error.value)
