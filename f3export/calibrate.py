@@ -66,6 +66,7 @@ class Scores:
     samples: int
     note: str | None = None  # the family's ``calibration_note``
     text: str | None = None  # what made the runs' text embeddings (a text encoder, or the seeded stand-in)
+    random_weights: bool = False  # the model's weights were never trained: its scores rank noise
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -74,13 +75,14 @@ class Scores:
             "timesteps": self.timesteps,
             **({"note": self.note} if self.note else {}),
             **({"text": self.text} if self.text else {}),
+            "random_weights": self.random_weights,
             "modules": {name: vars(m) for name, m in self.modules.items()},
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Scores":
         return cls({n: ModuleScores(**m) for n, m in data["modules"].items()}, data["timesteps"], data["samples"],
-                   data.get("note"), data.get("text"))
+                   data.get("note"), data.get("text"), data.get("random_weights", False))
 
 
 @dataclass
@@ -295,7 +297,7 @@ def placed(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
 
 
 def scores_of(model: nn.Module, sites: list[TemporalSite], total: RunStatistics, samples: int,
-              note: str | None = None, text: str | None = None) -> Scores:
+              note: str | None = None, text: str | None = None, random_weights: bool = False) -> Scores:
     """Every criterion per module: token criteria from the summed runs, weight criteria from the model."""
     modules = {}
     for site in sites:
@@ -306,7 +308,7 @@ def scores_of(model: nn.Module, sites: list[TemporalSite], total: RunStatistics,
         overall = {c: (sums[c].sum(0) / tokens.sum().clamp_min(1.0)).tolist() if c in sums
                    else scorer.score(heads.projections()).tolist() for c, scorer in CRITERIA.items()}
         modules[site.attention] = ModuleScores(heads.heads, heads.head_dim, overall, per_step)
-    return Scores(modules, total.timesteps, samples, note, text)
+    return Scores(modules, total.timesteps, samples, note, text, random_weights)
 
 
 def calibrate(adapter: ModelAdapter, bundle: ModelBundle, shape: VideoShape, section: CalibrationSection,
@@ -358,4 +360,5 @@ def calibrate(adapter: ModelAdapter, bundle: ModelBundle, shape: VideoShape, sec
     total = RunStatistics.zeros(recorder.sizes, recorder.criteria, steps)
     for index in range(len(runs)):
         total.add(done[index])
-    return scores_of(model, sites, total, len(runs), adapter.calibration_note, adapter.text_source(bundle))
+    return scores_of(model, sites, total, len(runs), adapter.calibration_note, adapter.text_source(bundle),
+                     bundle.random_weights)

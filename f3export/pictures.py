@@ -98,15 +98,18 @@ def _sweep_lines(sweep: dict[str, Any], picture: bool) -> list[str]:
 
 
 def _unvouched_lines(root: Path) -> list[str]:
-    """What the build cannot vouch for, said where a person reads it: prompts the model never read."""
-    scores = root / "scores.json"
-    text = json.loads(scores.read_text()).get("text") if scores.is_file() else None
-    if text is None:
-        return []
-    if text.startswith(STANDIN_TEXT):
-        return ["", f"**Text conditioning: {text}.** Heads were ranked and fidelity measured on embeddings the "
-                    "model never sees in use: a folder with its text encoder gives real ones."]
-    return ["", f"Text conditioning: {text}."]
+    """What the build cannot vouch for, said where a person reads it: weights never trained, prompts the model
+    never read."""
+    scores = json.loads((root / "scores.json").read_text()) if (root / "scores.json").is_file() else {}
+    lines = ["", "**Random weights**: the model was never trained, so its head ranking and fidelity say nothing "
+                 "about a trained model."] if scores.get("random_weights") else []
+    text = scores.get("text")
+    if text is not None and text.startswith(STANDIN_TEXT):
+        lines += ["", f"**Text conditioning: {text}.** Heads were ranked and fidelity measured on embeddings the "
+                      "model never sees in use: a folder with its text encoder gives real ones."]
+    elif text is not None:
+        lines += ["", f"Text conditioning: {text}."]
+    return lines
 
 
 def write_report(root: Path, title: str) -> None:

@@ -70,6 +70,11 @@ class ModelSection:
     frames: int = spec(8, low=1, high=1024)
     latent_height: int = spec(32, low=8, high=512)
     latent_width: int = spec(32, low=8, high=512)
+    # or as a pipeline is called, in video frames and pixels: mapped to the latent sizes above through the VAE
+    # of the folder (path): latent frames = (num_frames - 1) / temporal compression + 1, height / spatial, ...
+    num_frames: int | None = spec(None, low=1, high=8192)
+    height: int | None = spec(None, low=8, high=16384)
+    width: int | None = spec(None, low=8, high=16384)
 
     @property
     def adapter_options(self) -> dict:
@@ -413,6 +418,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raise RecipeError(f"{path.name}: [output].dir/name = {_shown(str(recipe.artifact_dir))} is not a usable "
                           f"path ({problem})")
     _check_model_family(recipe)
+    recipe = _with_latent_sizes(recipe, raw["model"])
     recipe = _with_family_action(recipe)
     _check_engine(recipe)
     _check_backend_keys(recipe, set(raw.get("engine", {})))
@@ -502,6 +508,40 @@ def _check_engine(recipe: Recipe) -> None:
         if not values[0] <= recipe.export_shape[axis] <= values[2]:
             raise RecipeError(f"{where}.profile_{axis} = {values} does not contain the export shape's "
                               f"{axis} = {recipe.export_shape[axis]}")
+
+
+PIXEL_SIZES = {"num_frames": "frames", "height": "latent_height", "width": "latent_width"}  # -> latent keys
+
+
+def _with_latent_sizes(recipe: Recipe, given: dict[str, Any]) -> Recipe:
+    """The recipe with [model] num_frames / height / width (video frames, pixels) turned into latent sizes through
+    the folder's VAE, as the family's pipeline does; refused where they do not divide, where the latent key is
+    given too, or where there is no VAE to say how."""
+    from .models import get_adapter
+    from .models.loading import PipelineFolder
+
+    pixels = {key: getattr(recipe.model, key) for key in PIXEL_SIZES if getattr(recipe.model, key) is not None}
+    if not pixels:
+        return recipe
+    where = f"{recipe.source.name}: [model]"
+    both = [f"{key} and {PIXEL_SIZES[key]}" for key in pixels if PIXEL_SIZES[key] in given]
+    if both:
+        raise RecipeError(f"{where}: {both[0]} both set; give the size once")
+    checkpoint = get_adapter(recipe.model.family, recipe.model.adapter_options).checkpoint
+    factors = checkpoint.parts.vae_factors(Path(recipe.model.path), checkpoint.owner) \
+        if recipe.model.path is not None and isinstance(checkpoint, PipelineFolder) else None
+    if factors is None:
+        raise RecipeError(f"{where}.{next(iter(pixels))}: sizes in pixels need a model folder with a vae/ to map "
+                          f"them to latents; give {', '.join(PIXEL_SIZES[k] for k in pixels)} instead")
+    temporal, spatial = factors
+    latent = {}
+    for key, value in pixels.items():
+        step, offset = (temporal, 1) if key == "num_frames" else (spatial, 0)
+        if (value - offset) % step:
+            unit = f"1 + a multiple of {step}" if offset else f"a multiple of {step}"
+            raise RecipeError(f"{where}.{key} = {value}: the VAE takes {unit} (its compression is {step}x)")
+        latent[PIXEL_SIZES[key]] = (value - offset) // step + offset
+    return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, **latent))
 
 
 def _with_family_action(recipe: Recipe) -> Recipe:

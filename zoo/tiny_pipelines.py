@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from f3export.models.loading import RANDOM_WEIGHTS
+
 # Video captions the tokenizer is trained on (and tests may prompt with).
 CAPTIONS = (
     "a dog is running on the beach",
@@ -229,6 +231,11 @@ def _save(pipe, folder: Path, readme: str) -> Path:
         elif path.exists():
             path.unlink()
     pipe.save_pretrained(folder, safe_serialization=True)
+    # Said where f3export reads it, so that every build of this folder says its weights are random (diffusers
+    # ignores model_index.json keys that start with "_").
+    index = folder / "model_index.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), RANDOM_WEIGHTS: True}, indent=2, sort_keys=True)
+                     + "\n")
     (folder / "README.md").write_text(readme)
     return folder
 

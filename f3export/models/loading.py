@@ -117,7 +117,9 @@ class PipelineFolder(CheckpointFormat):
         if named is not None:
             scheduler = {**scheduler, "_class_name": named}
         self.parts.scheduler_class(scheduler, str(folder / SCHEDULER_CONFIG), self.owner)  # refused before any run
-        return ModelBundle(model, config, f"checkpoint {folder}", random_weights=False,
+        random = random_weights(folder)
+        return ModelBundle(model, config, f"checkpoint {folder}" + (" (random-initialised weights, as its "
+                           f"model_index.json says)" if random else ""), random_weights=random,
                            encode_text=self.parts.text_encoder(folder, self.owner), scheduler_config=scheduler,
                            vae=self.parts.vae(folder, self.owner))
 
@@ -157,6 +159,15 @@ def text_encoder_files(folder: Path) -> list[Path]:
         return []
     return component_files(folder / TOKENIZER, TOKENIZER_SUFFIXES) + \
         component_files(folder / TEXT_ENCODER, MODEL_SUFFIXES)
+
+
+RANDOM_WEIGHTS = "_random_weights"  # a model_index.json key: the folder's weights were never trained
+
+
+def random_weights(folder: Path) -> bool:
+    """Whether the folder says its weights are random-initialised (a test or demo folder written here)."""
+    path = folder / "model_index.json"
+    return path.is_file() and read_json(path).get(RANDOM_WEIGHTS) is True
 
 
 def index_files(folder: Path) -> list[Path]:

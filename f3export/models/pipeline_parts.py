@@ -107,6 +107,7 @@ class PromptEncoder:
         if self._encoder is None:
             import transformers
 
+            transformers.utils.logging.disable_progress_bar()  # f3export's own progress is what a log should show
             try:
                 self._encoder = getattr(transformers, self.class_name).from_pretrained(
                     self.folder / TEXT_ENCODER, local_files_only=True).eval()
@@ -152,14 +153,20 @@ class VideoAutoencoder:
     def __init__(self, vae: nn.Module):
         self.vae = vae
 
+    @staticmethod
+    def factors(config: dict[str, Any]) -> tuple[int, int]:
+        """(temporal, spatial) compression of a VAE of this ``config`` (its config.json): video frames per latent
+        frame after the first, and pixels per latent position along height and width (the pipelines'
+        ``vae_scale_factor``)."""
+        return 1, 2 ** (len(config["block_out_channels"]) - 1)
+
     @property
     def scale(self) -> int:
-        """Pixels per latent position along height and width (diffusers pipelines' ``vae_scale_factor``)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.factors(self.vae.config)[1]
 
     @property
     def temporal(self) -> int:
-        return 1
+        return self.factors(self.vae.config)[0]
 
     def video_frames(self, latent_frames: int) -> int:
         return (latent_frames - 1) * self.temporal + 1 if self.temporal > 1 else latent_frames
@@ -191,9 +198,9 @@ class CausalVideoAutoencoder(VideoAutoencoder):
 
     per_frame = False
 
-    @property
-    def temporal(self) -> int:
-        return self.vae.config.temporal_compression_ratio
+    @staticmethod
+    def factors(config):
+        return int(config.get("temporal_compression_ratio", 4)), 2 ** (len(config["block_out_channels"]) - 1)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -207,13 +214,9 @@ class WanVideoAutoencoder(CausalVideoAutoencoder):
     """``AutoencoderKLWan``: latents normalised per channel by the config's ``latents_mean`` and
     ``latents_std`` (``WanPipeline``: ``latents * std + mean`` before decoding)."""
 
-    @property
-    def scale(self) -> int:
-        return self.vae.config.scale_factor_spatial
-
-    @property
-    def temporal(self) -> int:
-        return self.vae.config.scale_factor_temporal
+    @staticmethod
+    def factors(config):
+        return int(config.get("scale_factor_temporal") or 4), int(config.get("scale_factor_spatial") or 8)
 
     def to_vae(self, latents):
         config = self.vae.config
@@ -324,6 +327,18 @@ class PipelineParts:
         except (OSError, ValueError, TypeError) as exc:
             raise CheckpointError(f"{folder / VAE}: cannot load {found} ({str(exc).splitlines()[0]})") from None
         return VAE_CLASSES[found](vae)
+
+    def vae_factors(self, folder: Path, owner: str) -> tuple[int, int] | None:
+        """(temporal, spatial) compression of the folder's VAE, read from its config alone; None without one."""
+        if not (folder / VAE / "config.json").is_file():
+            return None
+        found = named_class(folder, VAE) or "AutoencoderKL"
+        if found not in self.vaes:
+            raise refuse(folder, VAE, found, self.vaes, owner)
+        try:
+            return VAE_CLASSES[found].factors(read_json(folder / VAE / "config.json"))
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{folder / VAE / 'config.json'}: no compression factors ({found})") from None
 
     def scheduler_class(self, config: dict[str, Any], where: str, owner: str) -> str:
         """The scheduler class a run uses: the folder's (``config``'s ``_class_name``) where the family's
