@@ -249,21 +249,26 @@ def check(artifact_dir: Path, expect_sha256: str | None, as_json: bool) -> None:
 @main.command()
 @click.argument("artifact_dir", type=click.Path(path_type=Path))
 @click.option("--prompt", required=True, help="What the video shows.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="The animated image to write "
-              "(.gif, .webp or .png).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The file to write: an animated "
+              "image (.gif, .webp, .png) or an H.264 video (.mp4).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the initial noise (NumPy's generator).")
 @click.option("--steps", type=click.IntRange(1, 1000), help="Denoising steps [default: the build's validation "
               "steps].")
 @click.option("--guidance-scale", type=click.FloatRange(0), help="Classifier-free guidance [default: the build's "
               "validation guidance].")
+@click.option("--negative-prompt", help="The unconditional row's prompt [default: the build's validation one, else "
+              "the family pipeline's].")
+@click.option("--dynamic-cfg/--no-dynamic-cfg", default=None, help="CogVideoX's rising guidance scale [default: as "
+              "the build was validated].")
 @click.option("--compare", is_flag=True, help="Also run the original engine on the same noise: original (left) "
               "and pruned (right) side by side, with their PSNR.")
 @click.option("--scale", default=4, show_default=True, type=click.IntRange(1, 64), help="Pixels per output pixel "
               "in the file (small models make small frames).")
 @user_errors
 def generate(artifact_dir: Path, prompt: str, out: Path, seed: int, steps: int | None,
-             guidance_scale: float | None, compare: bool, scale: int) -> None:
-    """Generate a video from a build's engines alone (no PyTorch): text, the DDIM loop, frames."""
+             guidance_scale: float | None, negative_prompt: str | None, dynamic_cfg: bool | None, compare: bool,
+             scale: int) -> None:
+    """Generate a video from a build's engines alone (no PyTorch): text, the build's sampler, frames."""
     from .generate import EnginePipeline, animation_format, psnr, side_by_side, write_animation
     from .report import progress
 
@@ -277,8 +282,11 @@ def generate(artifact_dir: Path, prompt: str, out: Path, seed: int, steps: int |
     with progress() as bar:
         for variant in variants:
             task = bar.add_task(variant, total=steps)
-            clips[variant] = pipeline.sample(variant, prompt, seed, steps, guidance,
-                                             on_step=lambda i, task=task: bar.update(task, completed=i + 1))
+            clips[variant] = pipeline.sample(
+                variant, prompt, seed, steps, guidance,
+                validation["negative_prompt"] if negative_prompt is None else negative_prompt,
+                validation["dynamic_cfg"] if dynamic_cfg is None else dynamic_cfg,
+                on_step=lambda i, task=task: bar.update(task, completed=i + 1))
     video = side_by_side(clips["original"].video, clips["pruned"].video) if compare else clips["pruned"].video
     write_animation(out, video, scale)
     shown = clips["pruned"].shown_as

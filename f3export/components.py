@@ -6,7 +6,9 @@ T5, UMT5) and VAE decoder, exported beside the denoiser, built as engines and ch
                    the padding positions' embeddings are zeroed inside the graph)
     vae_decoder:   latents [frames, channels, h, w] (as the denoiser leaves them)
                                                               -> frames [frames, 3, H, W] in [-1, 1]
-                   (a per-frame VAE; a causal 3D VAE's decoder is not deployed yet: generate refuses such a build)
+                   a causal 3D VAE (CogVideoX, Wan): the whole clip, latents [1, channels, F, h, w] -> frames
+                   [1, 3, F', H, W], F' = (F - 1) x its temporal compression + 1; F is the build's latent frames,
+                   fixed (it decodes frame groups with a conv cache, traced for that count)
 
 The tokenizer goes with them as ``tokenizer.json`` (Hugging Face ``tokenizers``, which needs no PyTorch), with
 the padding and truncation the build's text encoder used. A model folder without them (a preset, a
@@ -16,6 +18,7 @@ its output or a picture of its latents (``generate``).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +56,31 @@ class VaeDecoderNet(nn.Module):
         return self.autoencoder.decode_frames(latents)
 
 
+class VideoDecoderNet(VaeDecoderNet):
+    """Latents of a whole clip [B, C, F, h, w] -> RGB video [B, 3, F', H, W] in [-1, 1]:
+    ``VideoAutoencoder.decode`` (a causal 3D VAE decodes the clip at once)."""
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.decode(latents)
+
+
+def exportable(module: nn.Module) -> nn.Module:
+    """``module``, or a copy the TorchScript exporter can trace computing the same: nearest-exact upsampling
+    (Wan's VAE), which it has no symbolic for, equals nearest at the integer scale factors used here (the copy's
+    engine is validated against ``module`` itself)."""
+    upsamplers = [m for m in module.modules() if isinstance(m, nn.Upsample) and m.mode == "nearest-exact"]
+    if not upsamplers:
+        return module
+    if any(m.scale_factor is None or any(float(f) != int(f) for f in torch.as_tensor(m.scale_factor).flatten())
+           for m in upsamplers):
+        raise ValueError("nearest-exact upsampling by a non-integer factor cannot be exported")
+    copied = copy.deepcopy(module)
+    for m in copied.modules():
+        if isinstance(m, nn.Upsample) and m.mode == "nearest-exact":
+            m.mode = "nearest"
+    return copied
+
+
 @dataclass(frozen=True)
 class Component:
     name: str
@@ -82,6 +110,16 @@ def pipeline_components(bundle: ModelBundle, shape: VideoShape, latent_channels:
             {"latents": latents(5)}, ["frames"], {"latents": {0: "frames"}, "frames": {0: "frames"}}),
             "the final latents, frame by frame ([frames, channels, h, w]) -> RGB frames in [-1, 1]",
             {"latents": latents(6)}))
+    elif bundle.vae is not None:
+        def clip(seed: int) -> torch.Tensor:
+            return torch.randn((1, latent_channels, shape.frames, shape.latent_height, shape.latent_width),
+                               generator=torch.Generator().manual_seed(seed))
+
+        components.append(Component("vae_decoder", VideoDecoderNet(bundle.vae).eval(), ExportSpec(
+            {"latents": clip(5)}, ["frames"], {}),
+            f"the final latents of a clip ([1, channels, {shape.frames}, h, w]: exactly {shape.frames} latent "
+            f"frames) -> its {bundle.vae.video_frames(shape.frames)} RGB frames [1, 3, frames, H, W] in [-1, 1] "
+            f"({type(bundle.vae.vae).__name__})", {"latents": clip(6)}))
     return components
 
 

@@ -1,10 +1,12 @@
 """``f3export generate``: a video from a build's engines alone, with no PyTorch in the process.
 
-Text -> embeddings -> the DDIM loop with classifier-free guidance (the scheduler config recorded in the
-build's contract) -> frames -> an animated image. The text conditioning is what the build calibrated with: the
+Text -> embeddings -> the sampling loop with classifier-free guidance (the NumPy port of the scheduler class and
+config recorded in the build's contract, with the family pipeline's guidance conventions: negative prompt, the
+unconditional row skipped at guidance <= 1, CogVideoX's dynamic guidance) -> frames -> an animated image or an
+MP4 video. The text conditioning is what the build calibrated with: the
 build's text encoder engine on the tokens of its ``tokenizer.json`` (``components``), or the seeded stand-in
 of a model folder without a text encoder (``text_standin``). Frames: the build's VAE decoder engine on the
-final latents; else a pixel-space model's output as is; else latents shown as their first three channels,
+final latents (frame by frame, or the whole clip for a causal 3D VAE); else a pixel-space model's output as is; else latents shown as their first three channels,
 each scaled to [-1, 1] over the clip (a picture of the latents, stated in the caption line). The initial noise is NumPy's from ``seed``:
 the same seed gives the same video here, not the PyTorch sampler's video of that seed.
 
@@ -23,7 +25,9 @@ from .artifacts import atomic_path, open_build
 from .engines import make_backend
 from .errors import CheckError, RecipeError
 from .runtime import EngineRunner
-from .scheduling import DDIM
+from .prompts import CLEANERS, clean_prompt
+from .scheduling import numpy_sampler
+from .scheduling.guidance import guidance_at
 from .text_standin import seeded_text_embedding
 from .videos import FRAME_MILLISECONDS, uint8_frames
 
@@ -39,7 +43,7 @@ class Clip:
 
 
 class EnginePipeline:
-    """The denoising loop of a finished build on its engines (``variant``: "pruned" or "original")."""
+    """The sampling loop of a finished build on its engines (``variant``: "pruned" or "original")."""
 
     def __init__(self, root: Path, variants: tuple[str, ...] = ("pruned",)):
         build = open_build(root, runtime=True)
@@ -48,11 +52,8 @@ class EnginePipeline:
         where = f"{root / 'manifest.json'}: contract.conventions"
         scheduler, text = conventions.get("scheduler"), conventions.get("text_conditioning")
         if not isinstance(scheduler, dict) or "guidance" not in conventions:
-            raise CheckError(f"{where}: not a diffusion model's contract (no scheduler and guidance); generate "
-                             "runs text-to-video denoisers")
-        if scheduler.get("class") != "DDIMScheduler":
-            raise CheckError(f"{where}.scheduler.class = {scheduler.get('class')!r}: the engines-only sampler is "
-                             "DDIM (DDIMScheduler)")
+            raise RecipeError(f"{where}: not a diffusion model's contract (no scheduler and guidance); generate "
+                              "runs text-to-video denoisers")
         if not isinstance(text, dict):
             raise CheckError(f"{where}.text_conditioning: missing (a build from before f3export generate; "
                              "rebuild it)")
@@ -74,15 +75,24 @@ class EnginePipeline:
         if "vae_decoder" in components:
             self.decoder = onnxruntime.load(build.component_engine("vae_decoder"))
         try:  # the manifest is untrusted input: a malformed field is one line, not a traceback
-            self.scheduler_config = dict(scheduler["config"])
-            DDIM(self.scheduler_config)
+            self.scheduler_class, self.scheduler_config = str(scheduler["class"]), dict(scheduler["config"])
+            guidance = conventions["guidance"]
+            self.negative_prompt = str(guidance.get("negative_prompt", ""))
+            self.skip_unconditional = bool(guidance.get("skip_unconditional", False))
+            self.dynamic_cfg_known = "dynamic_cfg" in guidance
             self.noise_channels = int(conventions["output"]["noise_channels"][1])
             sample = next(t for t in contract["inputs"] if t["name"] == "sample")
             self.channels = int(sample["shape"][1])
             self.standin = (int(text["tokens"]), int(text["width"]))  # [tokens, width] of the stand-in
-        except (KeyError, TypeError, IndexError, ValueError, StopIteration):
-            raise CheckError(f"{where}: malformed (scheduler config, text conditioning, output noise channels or "
+            self.prompt_clean = text.get("prompt_clean")
+            self.decoder_takes_clips = "vae_decoder" in components and \
+                len(components["vae_decoder"]["inputs"][0]["shape"]) == 5  # [1, C, F, h, w], else per frame
+            if self.prompt_clean is not None and self.prompt_clean not in CLEANERS:
+                raise ValueError
+        except (KeyError, TypeError, IndexError, ValueError, StopIteration, AttributeError):
+            raise CheckError(f"{where}: malformed (scheduler, guidance, text conditioning, output noise channels or "
                              "the sample input)") from None
+        numpy_sampler(self.scheduler_class, self.scheduler_config)  # refused in one line before any work
         model = build.recipe.model
         self.frames, self.height, self.width = model.frames, model.latent_height, model.latent_width
         self.validation = _sampling_defaults(build.doc["recipe"].get("validation"), root)
@@ -92,30 +102,46 @@ class EnginePipeline:
         """[1, tokens, width]: the build's text encoder engine on the prompt's tokens, else the seeded stand-in."""
         if self.text_encoder is None:
             return seeded_text_embedding(prompt, *self.standin)
-        ids = np.asarray([self.tokenizer.encode(prompt).ids], dtype=np.int64)
+        ids = np.asarray([self.tokenizer.encode(clean_prompt(self.prompt_clean, prompt)).ids], dtype=np.int64)
         return self.text_encoder.run({"input_ids": ids})["text_embeddings"]
 
     def sample(self, variant: str, prompt: str, seed: int, steps: int, guidance_scale: float,
-               on_step=None) -> Clip:
+               negative_prompt: str | None = None, dynamic_cfg: bool = False, on_step=None,
+               noise: np.ndarray | None = None) -> Clip:
+        """One video. ``noise``: the initial latents (default: NumPy's normal draw of ``seed``, whose generator then
+        draws whatever a random sampler's steps need)."""
+        if dynamic_cfg and not self.dynamic_cfg_known:
+            raise RecipeError("--dynamic-cfg: this build's family samples with a constant guidance scale")
         engine = self.engines[variant]
-        context = np.concatenate([self.embed(""), self.embed(prompt)])
-        scheduler = DDIM(self.scheduler_config)
-        scheduler.set_timesteps(steps)
-        latents = np.random.default_rng(seed).standard_normal(
-            (1, self.channels, self.frames, self.height, self.width), dtype=np.float32)
-        for i, t in enumerate(scheduler.timesteps):
-            noise = engine(sample=np.concatenate([latents, latents]), timestep=np.float32(t),
-                           encoder_hidden_states=context)[:, :self.noise_channels]
-            uncond, cond = noise[:1], noise[1:]
-            latents = scheduler.step(uncond + guidance_scale * (cond - uncond), int(t), latents)
+        rng = np.random.default_rng(seed)
+        latents = rng.standard_normal((1, self.channels, self.frames, self.height, self.width), dtype=np.float32) \
+            if noise is None else noise
+        sampler = numpy_sampler(self.scheduler_class, self.scheduler_config, rng)
+        sampler.set_timesteps(steps)
+        guided = not self.skip_unconditional or guidance_scale > 1.0
+        negative = self.negative_prompt if negative_prompt is None else negative_prompt
+        context = np.concatenate([self.embed(negative), self.embed(prompt)]) if guided else self.embed(prompt)
+        latents = (latents * sampler.init_noise_sigma).astype(np.float32)
+        for i, t in enumerate(sampler.timesteps):
+            model_input = sampler.scale_model_input(latents, t)
+            noise_pred = engine(sample=np.concatenate([model_input] * len(context)), timestep=np.float32(t),
+                                encoder_hidden_states=context)[:, :self.noise_channels]
+            if guided:
+                uncond, cond = noise_pred[:1], noise_pred[1:]
+                noise_pred = uncond + guidance_at(guidance_scale, dynamic_cfg, steps, float(t)) * (cond - uncond)
+            latents = sampler.step(noise_pred, t, latents)
             if on_step is not None:
                 on_step(i)
         return self._frames(latents)
 
     def _frames(self, latents: np.ndarray) -> Clip:
         if self.decoder is not None:
-            frames = self.decoder.run({"latents": np.ascontiguousarray(latents[0].transpose(1, 0, 2, 3))})["frames"]
-            return Clip(frames.transpose(1, 0, 2, 3), latents, "frames decoded by the build's VAE decoder engine")
+            if self.decoder_takes_clips:  # a causal 3D VAE: the clip at once
+                video = self.decoder.run({"latents": latents})["frames"][0]
+            else:  # frame by frame
+                frames = self.decoder.run({"latents": np.ascontiguousarray(latents[0].transpose(1, 0, 2, 3))})
+                video = frames["frames"].transpose(1, 0, 2, 3)
+            return Clip(video, latents, "frames decoded by the build's VAE decoder engine")
         if self.channels == 3:
             return Clip(latents[0], latents, "RGB frames (a pixel-space model)")
         shown = latents[0, :3]
@@ -125,13 +151,17 @@ class EnginePipeline:
                     "latent channels 0-2, each scaled over the clip (no VAE decoder in this build)")
 
 
-def _sampling_defaults(section, root: Path) -> dict[str, float]:
-    """The build's held-out sampling settings (steps, guidance), the defaults of generation."""
+def _sampling_defaults(section, root: Path) -> dict:
+    """The build's held-out sampling settings (steps, guidance, negative prompt, dynamic guidance), the defaults
+    of generation."""
     section = section if isinstance(section, dict) else {}
     steps, guidance = section.get("steps"), section.get("guidance_scale")
-    if not (isinstance(steps, int) and 1 <= steps <= 1000 and isinstance(guidance, (int, float)) and guidance >= 0):
-        raise CheckError(f"{root / 'manifest.json'}: recipe.validation steps / guidance_scale missing or malformed")
-    return {"steps": steps, "guidance_scale": float(guidance)}
+    negative, dynamic = section.get("negative_prompt"), section.get("use_dynamic_cfg", False)
+    if not (isinstance(steps, int) and 1 <= steps <= 1000 and isinstance(guidance, (int, float)) and guidance >= 0
+            and isinstance(negative, (str, type(None))) and isinstance(dynamic, bool)):
+        raise CheckError(f"{root / 'manifest.json'}: recipe.validation steps / guidance_scale / negative_prompt / "
+                         "use_dynamic_cfg missing or malformed")
+    return {"steps": steps, "guidance_scale": float(guidance), "negative_prompt": negative, "dynamic_cfg": dynamic}
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -146,22 +176,43 @@ def side_by_side(left: np.ndarray, right: np.ndarray, gap: int = 2) -> np.ndarra
     return np.concatenate([left, spacer, right], axis=3)
 
 
+VIDEO_FORMATS = {".mp4": "mp4"}  # videos PyAV writes with the FFmpeg its wheel ships (H.264, yuv420p)
+
+
 def animation_format(path: Path) -> str:
-    """Pillow's format for an animated image file named ``path``; RecipeError for any other suffix."""
-    form = FORMATS.get(path.suffix.lower())
+    """The container or image format of the file ``path`` names; RecipeError for any other suffix."""
+    suffix = path.suffix.lower()
+    form = FORMATS.get(suffix) or VIDEO_FORMATS.get(suffix)
     if form is None:
-        raise RecipeError(f"{path}: write {', '.join(FORMATS)} (MP4 needs ffmpeg, which f3export does not depend on)")
+        raise RecipeError(f"{path}: write one of {', '.join([*FORMATS, *VIDEO_FORMATS])}")
     return form
 
 
 def write_animation(path: Path, video: np.ndarray, scale: int = 1) -> None:
-    """``video`` ([3, F, H, W] in [-1, 1]) as a looping animated image (GIF, WebP or APNG by the suffix), each
-    pixel shown as a ``scale`` x ``scale`` block."""
-    from PIL import Image
-
+    """``video`` ([3, F, H, W] in [-1, 1]) as a looping animated image (GIF, WebP or APNG) or an H.264 MP4 by the
+    suffix, each pixel shown as a ``scale`` x ``scale`` block, at 8 frames per second."""
     form = animation_format(path)
     frames = uint8_frames(video).repeat(scale, axis=1).repeat(scale, axis=2)
-    images = [Image.fromarray(frame) for frame in frames]
     with atomic_path(path) as tmp:
+        if form in VIDEO_FORMATS.values():
+            _write_video(tmp, form, frames)
+            return
+        from PIL import Image
+
+        images = [Image.fromarray(frame) for frame in frames]
         images[0].save(tmp, format=form, save_all=True, append_images=images[1:], duration=FRAME_MILLISECONDS,
                        loop=0)
+
+
+def _write_video(path: Path, form: str, frames: np.ndarray) -> None:
+    """8-bit RGB frames [F, H, W, 3] as H.264 (yuv420p, what players take: sizes padded to even by edge pixels)."""
+    import av
+
+    frames = np.pad(frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)), mode="edge")
+    with av.open(str(path), mode="w", format=form) as container:
+        stream = container.add_stream("libx264", rate=1000 // FRAME_MILLISECONDS)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.options = {"crf": "12"}  # near-lossless: the frames are the result, not a preview
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+        container.mux(stream.encode())

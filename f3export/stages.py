@@ -21,7 +21,7 @@ import torch
 from . import __version__
 from .artifacts import MODEL_VARIANTS, StageRecord, content_key, sha256_file, write_json
 from .cache import StageCache
-from .components import TOKENIZER_FILE, Component, write_tokenizer
+from .components import TOKENIZER_FILE, Component, exportable, write_tokenizer
 from .contract import graph_io
 from .calibrate import RunStore, Scores, calibrate
 from .distributed import Team
@@ -331,7 +331,7 @@ def export_component(ctx: StageContext, component: Component) -> StageOutput:
     """One of the pipeline's other models (text encoder, VAE decoder) to ONNX, with the tokenizer the text
     encoder needs."""
     section = ctx.recipe.export
-    info = export_onnx(component.module, component.spec, ctx.root / "onnx" / f"{component.name}.onnx",
+    info = export_onnx(exportable(component.module), component.spec, ctx.root / "onnx" / f"{component.name}.onnx",
                        section.opset, section.external_data)
     files = list(info.files)
     entry = {"path": str(info.path.relative_to(ctx.root)), "parameters": info.parameters,

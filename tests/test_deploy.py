@@ -58,8 +58,9 @@ def test_generate_writes_a_gif_from_engines_alone_without_importing_torch(built,
 
 def test_generate_refuses_an_unwritable_format_in_one_line(built, tmp_path):
     _, root, _ = built
-    result = run("generate", root, "--prompt", "x", "--out", tmp_path / "clip.mp4")
-    assert result.exit_code == 2 and "MP4 needs ffmpeg" in result.output
+    result = run("generate", root, "--prompt", "x", "--out", tmp_path / "clip.avi")
+    assert result.exit_code == 2 and "clip.avi: write one of .gif, .webp, .png, .mp4" in result.output
+    assert len(result.output.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("config", [

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from diffusers import CogVideoXPipeline, WanPipeline
 
+from f3export.dropin import pruned_denoiser
 from f3export.errors import CheckpointError
 from f3export.models import get_adapter
 from f3export.models.base import VideoShape
@@ -22,7 +26,8 @@ from f3export.prune import apply_plan, make_plan
 from f3export.recipe import PruningSection
 from zoo.tiny_pipelines import COGVIDEOX_CALL, LATENT_SIZE, WAN_CALL, write_cogvideox_pipeline, write_wan_pipeline
 
-from conftest import relative_l2, scores_for
+from conftest import relative_l2, run, scores_for
+from test_deploy import NO_TORCH, REPO
 
 FAMILIES = {  # family -> (folder writer, the diffusers pipeline, its call sizes)
     "cogvideox": (write_cogvideox_pipeline, CogVideoXPipeline, COGVIDEOX_CALL),
@@ -127,3 +132,78 @@ def test_a_folder_naming_a_part_the_family_cannot_run_is_refused_in_one_line(tmp
     with pytest.raises(CheckpointError, match=message) as error:
         get_adapter("cogvideox").checkpoint.load_folder(folder)
     assert "\n" not in str(error.value) and value in str(error.value)
+
+
+# --- the recipes' builds, deployed ------------------------------------------------------------------------------
+
+def pipeline_recipe(tmp_path, family: str, folder) -> Path:
+    """recipes/<family>-pipeline.toml on ``folder``, 3 steps, output under tmp_path."""
+    text = (REPO / "recipes" / f"{family}-pipeline.toml").read_text()
+    text = text.replace(f'path = "zoo/{family}-pipeline"', f'path = "{folder}"').replace("steps = 10", "steps = 3")
+    recipe = tmp_path / f"{family}-pipeline.toml"
+    recipe.write_text(text.replace('dir = "artifacts"', f'dir = "{tmp_path / "artifacts"}"'))
+    return recipe
+
+
+@pytest.fixture(scope="module", params=["cogvideox", "wan"])
+def pipeline_build(request, tmp_path_factory):
+    family = request.param
+    tmp_path = tmp_path_factory.mktemp(f"{family}-build")
+    result = run("build", pipeline_recipe(tmp_path, family, REPO / "zoo" / f"{family}-pipeline"), "--json")
+    assert result.exit_code == 0, result.output
+    return family, tmp_path / "artifacts" / f"{family}-pipeline", json.loads(result.stdout)
+
+
+def test_a_pipeline_build_validates_in_video_space_through_the_3d_vae_with_real_text(pipeline_build):
+    family, root, summary = pipeline_build
+    pruning = json.loads((root / "validation.json").read_text())["metrics"]["pruning"]
+    assert pruning["video_psnr_min"] > 20 and 0.9 < pruning["video_ssim_min"] <= 1
+    assert len(pruning["per_run"][0]["video_psnr"]) == 9  # frames decoded: (3 latent frames - 1) x 4 + 1
+    scores = json.loads((root / "scores.json").read_text())
+    assert scores["text"].startswith({"cogvideox": "T5EncoderModel", "wan": "UMT5EncoderModel"}[family])
+    assert scores["random_weights"] is True  # the tiny folder says so, and the report repeats it
+    assert "**Random weights**" in (root / "report.md").read_text()
+    components = json.loads((root / "manifest.json").read_text())["components"]
+    assert components["vae_decoder"]["inputs"][0]["shape"] == [1, 4, 3, 8, 8]
+    gates = {g["metric"]: g["passed"] for g in summary["gates"]}
+    assert gates["export.vae_decoder.onnxruntime.rel_l2"] and gates["export.text_encoder.onnxruntime.rel_l2"]
+
+
+def test_generate_writes_an_mp4_from_engines_alone_without_importing_torch(pipeline_build, tmp_path):
+    import av
+
+    family, root, _ = pipeline_build
+    out = tmp_path / "clip.mp4"
+    done = subprocess.run([sys.executable, "-c", NO_TORCH, "generate", str(root), "--prompt", "a dog is running",
+                           "--compare", "--steps", "3", "--scale", "2", "--out", str(out)],
+                          capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    height = FAMILIES[family][2]["height"]
+    with av.open(str(out)) as container:
+        stream = container.streams.video[0]
+        frames = list(container.decode(stream))
+    assert len(frames) == 9 and (stream.codec_context.name, stream.height) == ("h264", 2 * height)
+    assert stream.width == 2 * (2 * height + 2)  # original | gap | pruned
+    assert "decoded by the build's VAE decoder engine" in done.stdout
+    assert 20 < float(done.stdout.split("PSNR ")[1].split(" dB")[0]) < 100
+
+
+def test_engines_only_generation_equals_the_diffusers_pipeline_with_the_pruned_transformer(pipeline_build):
+    """From the same noise, the engines (text encoder, pruned transformer, VAE decoder) and the NumPy sampler give
+    the video diffusers' own pipeline gives with the build's pruned transformer as its transformer."""
+    from f3export.generate import EnginePipeline
+
+    family, root, _ = pipeline_build
+    writer, pipeline_class, call = FAMILIES[family]
+    engines = EnginePipeline(root)
+    noise = np.random.default_rng(5).standard_normal((1, 4, 3, 8, 8), dtype=np.float32)
+    dynamic = family == "cogvideox"
+    clip = engines.sample("pruned", PROMPT, 5, 3, 6.0, NEGATIVE, dynamic, noise=noise)
+    pipe = pipeline_class.from_pretrained(REPO / "zoo" / f"{family}-pipeline", local_files_only=True)
+    pipe.transformer = pruned_denoiser(root)
+    latents = torch.from_numpy(noise)
+    theirs = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=3, guidance_scale=6.0,
+                  latents=latents.transpose(1, 2) if family == "cogvideox" else latents, output_type="np", **call,
+                  **({"use_dynamic_cfg": True} if dynamic else {})).frames[0]
+    ours = np.clip(clip.video / 2 + 0.5, 0, 1).transpose(1, 2, 3, 0)
+    assert np.linalg.norm(ours - theirs) / np.linalg.norm(theirs) < 1e-4

@@ -29,6 +29,7 @@ from ..videos import read_video
 from . import memory
 from .loading import CheckpointFormat, ModelBundle, PipelineFolder
 from .pipeline_parts import Sampler
+from ..scheduling.guidance import DYNAMIC_CFG
 from .protocols import DiffusionProtocol, EvaluationProtocol, Run, Trajectory
 from .structure import TemporalStructure
 
@@ -322,7 +323,11 @@ class LatentVideoDiffusionAdapter(ModelAdapter):
                           "note": "the scheduler the model was calibrated and validated with"},
             "guidance": {"batch_layout": ["unconditional", "conditional"],
                          "combine": "uncond, cond = noise[:B/2], noise[B/2:]; "
-                                    "guided = uncond + guidance_scale * (cond - uncond)"},
+                                    "guided = uncond + guidance_scale * (cond - uncond)",
+                         "negative_prompt": self.protocol.negative_prompt,  # the unconditional row's default
+                         # guidance <= 1: the conditional row alone, as the family's pipeline runs it
+                         "skip_unconditional": self.protocol.skip_unconditional,
+                         **({"dynamic_cfg": DYNAMIC_CFG} if self.protocol.dynamic_cfg else {})},
             "output": {"name": "noise_pred", "channels": channels, "noise_channels": [0, latent],
                        "meaning": f"noise_pred[:, :{latent}] is the model output the scheduler "
                                   f"steps with (prediction_type = {config['prediction_type']!r})"
@@ -339,7 +344,7 @@ class LatentVideoDiffusionAdapter(ModelAdapter):
                     "tokens": self.text_tokens, "width": self.text_width(bundle.model)}
         return {"source": "text encoder", "class": text.class_name, "tokens": text.tokens,
                 "width": self.text_width(bundle.model), "padding_zeroed": text.encoding.masked,
-                "prompt_clean": text.encoding.clean is not None}
+                "prompt_clean": text.encoding.clean}
 
     @torch.no_grad()
     def trajectory(self, bundle, model, run, shape, on_step=None):

@@ -10,16 +10,15 @@ decoded with the VAE's own latent normalisation, and sampling stepped with the s
 
 from __future__ import annotations
 
-import html
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..prompts import clean_prompt
 from ..weights import read_json
 
 TEXT_ENCODER, TOKENIZER, VAE, SCHEDULER = "text_encoder", "tokenizer", "vae", "scheduler"
@@ -51,22 +50,17 @@ def refuse(folder: Path, component: str, found: str, accepted: tuple[str, ...], 
 
 # --- text encoders -------------------------------------------------------------------------------------------
 
-def wan_prompt_clean(text: str) -> str:
-    """``WanPipeline``'s ``prompt_clean`` (without ftfy, which f3export does not install): HTML entities
-    unescaped twice, whitespace collapsed."""
-    return re.sub(r"\s+", " ", html.unescape(html.unescape(text)).strip()).strip()
-
-
 @dataclass(frozen=True)
 class PromptEncoding:
     """How a family's pipeline turns prompts into embeddings: padded (and truncated) to ``tokens`` (None: the
     tokenizer's ``model_max_length``, at most the encoder's positions, as the CLIP pipelines do); ``masked``:
     the attention mask is passed and the padding positions' embeddings are zeroed (``WanPipeline`` trims each
-    prompt's embeddings to its length and pads them back with zeros); ``clean``: applied to every prompt first."""
+    prompt's embeddings to its length and pads them back with zeros); ``clean``: the cleaning applied to every
+    prompt first (a name in ``prompts.CLEANERS``)."""
 
     tokens: int | None = None
     masked: bool = False
-    clean: Callable[[str], str] | None = None
+    clean: str | None = None
 
 
 class PromptEncoder:
@@ -121,8 +115,7 @@ class PromptEncoder:
         self._encoder = None
 
     def token_ids(self, prompts: list[str]) -> torch.Tensor:
-        clean = self.encoding.clean or (lambda p: p)
-        return self.tokenizer([clean(p) for p in prompts], padding="max_length", max_length=self.tokens,
+        return self.tokenizer([clean_prompt(self.encoding.clean, p) for p in prompts], padding="max_length", max_length=self.tokens,
                               truncation=True, add_special_tokens=True, return_tensors="pt").input_ids
 
     @torch.no_grad()

@@ -6,7 +6,6 @@ A family composes one; the core only asks it for runs, their count of network ca
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from ..errors import RecipeError
 from ..recipe import RecipeKey, family_key
 from ..tasks import TASKS
 from ..videos import read_video
+from ..scheduling.guidance import guidance_at
 from .pipeline_parts import Sampler
 
 
@@ -56,11 +56,9 @@ class DiffusionRun(PromptRun):
     dynamic_cfg: bool = False  # CogVideoX's use_dynamic_cfg: the guidance scale rises over the steps
 
     def guidance(self, t: float) -> float:
-        """The guidance scale at timestep ``t``: constant, or CogVideoXPipeline's dynamic schedule (its formula
-        reads the timestep's value against the number of steps)."""
-        if not self.dynamic_cfg:
-            return self.guidance_scale
-        return 1 + self.guidance_scale * ((1 - math.cos(math.pi * ((self.steps - t) / self.steps) ** 5.0)) / 2)
+        return guidance_at(self.guidance_scale, self.dynamic_cfg, self.steps, t)
+
+
 
     def label(self):
         return {"prompt": self.prompt, **({"source": self.source} if self.source else {"seed": self.seed})}

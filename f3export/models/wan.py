@@ -14,7 +14,7 @@ import torch
 from .diffusers_video import DiffusersFolder
 from .joint_attention import JointStyle
 from .joint_video import JointVideoAdapter, JointVideoNet
-from .pipeline_parts import PipelineParts, PromptEncoding, wan_prompt_clean
+from .pipeline_parts import PipelineParts, PromptEncoding
 from .protocols import DiffusionProtocol
 from .structure import JointAttentionPatterns
 
@@ -84,7 +84,7 @@ class WanAdapter(JointVideoAdapter):
         "wan2.1-14b": _WAN_14B,
     }, parts=PipelineParts(
         # WanPipeline: prompts cleaned, padded to 512 tokens, encoded with their mask, padding zeroed
-        text_encoders={"UMT5EncoderModel": PromptEncoding(tokens=512, masked=True, clean=wan_prompt_clean)},
+        text_encoders={"UMT5EncoderModel": PromptEncoding(tokens=512, masked=True, clean="wan")},
         vaes=("AutoencoderKLWan",),
         schedulers=("UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler"), folder_scheduler=True))
     structure = JointAttentionPatterns((WanNet.self_attention,), "transformer")
