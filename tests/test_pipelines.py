@@ -17,7 +17,7 @@ import pytest
 import torch
 from diffusers import CogVideoXPipeline, WanPipeline
 
-from f3export.dropin import pruned_denoiser
+from f3export.dropin import EngineDenoiser, pruned_denoiser
 from f3export.errors import CheckpointError
 from f3export.models import get_adapter
 from f3export.models.base import VideoShape
@@ -207,3 +207,19 @@ def test_engines_only_generation_equals_the_diffusers_pipeline_with_the_pruned_t
                   **({"use_dynamic_cfg": True} if dynamic else {})).frames[0]
     ours = np.clip(clip.video / 2 + 0.5, 0, 1).transpose(1, 2, 3, 0)
     assert np.linalg.norm(ours - theirs) / np.linalg.norm(theirs) < 1e-4
+
+
+def test_the_engine_stands_in_for_the_transformer_inside_the_diffusers_pipeline(pipeline_build):
+    """diffusers' own pipeline with ``EngineDenoiser`` as its transformer gives the video it gives with the pruned
+    PyTorch transformer (CogVideoX: latents frames-first, the rotary table passed and recomputed in the graph)."""
+    family, root, _ = pipeline_build
+    writer, pipeline_class, call = FAMILIES[family]
+    pipe = pipeline_class.from_pretrained(REPO / "zoo" / f"{family}-pipeline", local_files_only=True)
+    videos = []
+    for transformer in (pruned_denoiser(root), EngineDenoiser(root)):
+        pipe.register_modules(transformer=transformer)
+        videos.append(pipe(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=3, guidance_scale=6.0,
+                           generator=torch.Generator().manual_seed(4), output_type="np", **call).frames[0])
+    assert relative_l2(torch.from_numpy(videos[1]), torch.from_numpy(videos[0])) < 1e-4
+    with pytest.raises(TypeError, match="attention_mask"):
+        EngineDenoiser(root)(torch.zeros(2, 4, 3, 8, 8), 1, torch.zeros(2, 8, 32), attention_mask=torch.ones(2))

@@ -229,12 +229,24 @@ def video_fidelity(video: torch.Tensor, reference: torch.Tensor) -> dict[str, li
 LATENT_AXES = {0: "batch", 2: "frames", 3: "height", 4: "width"}  # of latents [B, C, F, H, W]
 
 
+@dataclass(frozen=True)
+class PipelineCall:
+    """How a family's diffusers pipeline calls its denoiser, for an engine standing in for it (``dropin``): the
+    latents' argument name, whether the pipeline holds them frames-first ([B, F, C, H, W]), and the arguments the
+    engine's graph computes itself from the latents (so a pipeline may pass them, and they are not ignored)."""
+
+    sample: str = "sample"
+    frames_first: bool = False
+    computed_in_graph: tuple[str, ...] = ()
+
+
 class LatentVideoDiffusionAdapter(ModelAdapter):
     """Families whose network is ``noise_pred = unet(sample, timestep, encoder_hidden_states)``
     over latents ``[B, C, F, H, W]``, sampled with DDIM and classifier-free guidance."""
 
     text_tokens: ClassVar[int] = 77
     protocol = DiffusionProtocol()
+    pipeline_call: ClassVar[PipelineCall] = PipelineCall()
     io = ExportIO(inputs={"sample": LATENT_AXES, "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch"}},
                   outputs={"noise_pred": LATENT_AXES})
     fidelity_gates = (fidelity_gate("step_cosine", "pruning_min_step_cosine", 0.9, low=-1.0, high=1.0),

@@ -17,6 +17,7 @@ from diffusers.models.embeddings import apply_rotary_emb, get_3d_rotary_pos_embe
 from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 
 from .diffusers_video import DiffusersFolder
+from .base import PipelineCall
 from .joint_attention import JointStyle
 from .joint_video import JointVideoAdapter, JointVideoNet
 from .pipeline_parts import PipelineParts, PromptEncoding
@@ -127,6 +128,8 @@ class CogVideoXAdapter(JointVideoAdapter):
     fixed_axes = ("frames", "height", "width")  # sincos positions (2B) are computed from the clip's shape
     text_tokens = 226  # T5 tokens the pipeline pads every prompt to
     protocol = DiffusionProtocol(inversion=False, dynamic_cfg=True, skip_unconditional=True)
+    # CogVideoXPipeline holds latents [B, F, C, H, W] and passes the 3D RoPE it computed, which the graph computes
+    pipeline_call = PipelineCall(sample="hidden_states", frames_first=True, computed_in_graph=("image_rotary_emb",))
     default_scheduler = {  # THUDM/CogVideoX-2b scheduler/scheduler_config.json
         "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False,
         "num_train_timesteps": 1000, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,

@@ -16,6 +16,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from .base import PipelineCall
 from .diffusers_video import DiffusersVideoAdapter, DiffusersVideoNet
 from .joint_attention import FrameLayout, JointStyle, install_processors
 from .protocols import DiffusionProtocol
@@ -71,6 +72,7 @@ class JointVideoAdapter(DiffusersVideoAdapter):
 
     structure: JointAttentionPatterns
     protocol = DiffusionProtocol(inversion=False)
+    pipeline_call = PipelineCall(sample="hidden_states")
     calibration_note = ("statistics over the video tokens' queries (text tokens belong to no frame); "
                         "'mixing' is each head's cross-frame attention mass")
 
