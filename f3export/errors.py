@@ -65,3 +65,8 @@ class EngineError(F3ExportError):
 
 class BackendUnavailable(F3ExportError):
     """An engine backend was asked for, but its runtime is not installed or has no device."""
+
+
+class Unsupported(F3ExportError):
+    """A valid input asks for what f3export does not implement (a scheduler the engines-only sampler has no port
+    of, a family a command does not run); the message names what and where."""

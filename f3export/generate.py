@@ -3,12 +3,13 @@
 Text -> embeddings -> the sampling loop with classifier-free guidance (the NumPy port of the scheduler class and
 config recorded in the build's contract, with the family pipeline's guidance conventions: negative prompt, the
 unconditional row skipped at guidance <= 1, CogVideoX's dynamic guidance) -> frames -> an animated image or an
-MP4 video. The text conditioning is what the build calibrated with: the
-build's text encoder engine on the tokens of its ``tokenizer.json`` (``components``), or the seeded stand-in
-of a model folder without a text encoder (``text_standin``). Frames: the build's VAE decoder engine on the
-final latents (frame by frame, or the whole clip for a causal 3D VAE); else a pixel-space model's output as is; else latents shown as their first three channels,
-each scaled to [-1, 1] over the clip (a picture of the latents, stated in the caption line). The initial noise is NumPy's from ``seed``:
-the same seed gives the same video here, not the PyTorch sampler's video of that seed.
+MP4 video. The text conditioning is what the build calibrated with: the build's text encoder engine on the
+tokens of its ``tokenizer.json`` (``components``), or the seeded stand-in of a model folder without a text
+encoder (``text_standin``). Frames: the build's VAE decoder engine on the final latents (frame by frame, or the
+whole clip for a causal 3D VAE); else a pixel-space model's output as is; else latents shown as their first
+three channels, each scaled to [-1, 1] over the clip (a picture of the latents, stated in the caption line).
+The initial noise is NumPy's from ``seed`` (which then draws what a random sampler's steps need): the same
+seed gives the same video here, not the PyTorch sampler's video of that seed.
 
 With ``compare``, the same prompt and noise run through the original engine too, and the file shows original
 (left) and pruned (right) side by side, with the PSNR between them.
@@ -23,7 +24,7 @@ import numpy as np
 
 from .artifacts import atomic_path, open_build
 from .engines import make_backend
-from .errors import CheckError, RecipeError
+from .errors import CheckError, RecipeError, Unsupported
 from .runtime import EngineRunner
 from .prompts import CLEANERS, clean_prompt
 from .scheduling import numpy_sampler
@@ -52,7 +53,7 @@ class EnginePipeline:
         where = f"{root / 'manifest.json'}: contract.conventions"
         scheduler, text = conventions.get("scheduler"), conventions.get("text_conditioning")
         if not isinstance(scheduler, dict) or "guidance" not in conventions:
-            raise RecipeError(f"{where}: not a diffusion model's contract (no scheduler and guidance); generate "
+            raise Unsupported(f"{where}: not a diffusion model's contract (no scheduler and guidance); generate "
                               "runs text-to-video denoisers")
         if not isinstance(text, dict):
             raise CheckError(f"{where}.text_conditioning: missing (a build from before f3export generate; "

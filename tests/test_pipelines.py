@@ -7,6 +7,7 @@ heads, ratio 0.5) put into the pipeline as its transformer."""
 from __future__ import annotations
 
 import copy
+import re
 import json
 import subprocess
 import sys
@@ -223,3 +224,33 @@ def test_the_engine_stands_in_for_the_transformer_inside_the_diffusers_pipeline(
     assert relative_l2(torch.from_numpy(videos[1]), torch.from_numpy(videos[0])) < 1e-4
     with pytest.raises(TypeError, match="attention_mask"):
         EngineDenoiser(root)(torch.zeros(2, 4, 3, 8, 8), 1, torch.zeros(2, 8, 32), attention_mask=torch.ones(2))
+
+
+@pytest.mark.parametrize("model_keys,error", [
+    ("num_frames = 9\nheight = 32\nwidth = 32", None),
+    ("num_frames = 10", "num_frames = 10: the VAE takes 1 + a multiple of 4 (its compression is 4x)"),
+    ("height = 30", "height = 30: the VAE takes a multiple of 4"),
+    ("num_frames = 9\nframes = 3", "num_frames and frames both set"),
+])
+def test_sizes_in_video_frames_and_pixels_map_to_latents_through_the_folders_vae(tmp_path, model_keys, error):
+    from f3export.errors import RecipeError
+    from f3export.recipe import load_recipe
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'[model]\nfamily = "cogvideox"\npath = "{REPO / "zoo" / "cogvideox-pipeline"}"\n{model_keys}\n')
+    if error is None:
+        model = load_recipe(recipe).model
+        assert (model.frames, model.latent_height, model.latent_width) == (3, 8, 8)
+        return
+    with pytest.raises(RecipeError, match=re.escape(error)):
+        load_recipe(recipe)
+
+
+def test_sizes_in_pixels_need_a_folder_with_a_vae(tmp_path):
+    from f3export.errors import RecipeError
+    from f3export.recipe import load_recipe
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[model]\nfamily = "cogvideox"\npreset = "tiny"\nnum_frames = 9\n')
+    with pytest.raises(RecipeError, match=r"num_frames: sizes in pixels need a model folder with a vae/"):
+        load_recipe(recipe)

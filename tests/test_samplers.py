@@ -14,7 +14,7 @@ import torch
 from diffusers import (CogVideoXDDIMScheduler, CogVideoXDPMScheduler, FlowMatchEulerDiscreteScheduler,
                        UniPCMultistepScheduler)
 
-from f3export.errors import CheckError
+from f3export.errors import Unsupported
 from f3export.scheduling import numpy_sampler
 
 COGVIDEOX_2B = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False,
@@ -156,7 +156,7 @@ def test_the_numpy_flow_match_euler_steps_as_diffusers_flow_match_euler_discrete
 
 
 def one_line_refusal(class_name: str, config: dict) -> str:
-    with pytest.raises(CheckError) as refused:
+    with pytest.raises(Unsupported) as refused:
         numpy_sampler(class_name, config)
     message = str(refused.value)
     assert "\n" not in message and "not implemented by the engines-only sampler" in message
@@ -206,7 +206,7 @@ def test_unipc_refuses_a_last_step_to_sigma_zero_where_diffusers_own_ends_in_nan
                                                 ("FlowMatchEulerDiscreteScheduler", FLOW_MATCH["shift-3-terminal"])])
 def test_a_terminal_shift_of_a_single_step_is_refused_in_one_line(class_name, config):
     sampler = numpy_sampler(class_name, config)
-    with pytest.raises(CheckError, match=f"^scheduler {class_name} shift_terminal = .* for a single step") as refused:
+    with pytest.raises(Unsupported, match=f"^scheduler {class_name} shift_terminal = .* for a single step") as refused:
         sampler.set_timesteps(1)
     assert "\n" not in str(refused.value)
 

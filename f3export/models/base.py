@@ -24,12 +24,12 @@ from torch import nn
 
 from ..errors import RecipeError
 from ..recipe import RecipeKey, family_key
+from ..scheduling.guidance import DYNAMIC_CFG
 from ..text_standin import STANDIN_TEXT, seeded_text_embedding
 from ..videos import read_video
 from . import memory
 from .loading import CheckpointFormat, ModelBundle, PipelineFolder
 from .pipeline_parts import Sampler
-from ..scheduling.guidance import DYNAMIC_CFG
 from .protocols import DiffusionProtocol, EvaluationProtocol, Run, Trajectory
 from .structure import TemporalStructure
 
@@ -327,8 +327,8 @@ class LatentVideoDiffusionAdapter(ModelAdapter):
                          "meaning": "the scheduler's integer timestep of this step, as float32, the same value "
                                     "for every batch row (both halves of the guidance batch)"},
             "encoder_hidden_states": f"text embeddings [batch, {self.text_tokens}, {self.text_width(bundle.model)}] "
-                                     "of the prompt (the model folder's text encoder); the empty prompt's for the "
-                                     "unconditional rows",
+                                     "of the prompt (the model folder's text encoder); the negative prompt's for "
+                                     "the unconditional rows (guidance.negative_prompt by default)",
             # how a runtime makes them: the folder's encoder, or (none in the folder) the seeded stand-in
             "text_conditioning": self.text_conditioning(bundle),
             "scheduler": {"class": type(scheduler.scheduler).__name__, "config": config,

@@ -115,8 +115,9 @@ class PromptEncoder:
         self._encoder = None
 
     def token_ids(self, prompts: list[str]) -> torch.Tensor:
-        return self.tokenizer([clean_prompt(self.encoding.clean, p) for p in prompts], padding="max_length", max_length=self.tokens,
-                              truncation=True, add_special_tokens=True, return_tensors="pt").input_ids
+        return self.tokenizer([clean_prompt(self.encoding.clean, p) for p in prompts], padding="max_length",
+                              max_length=self.tokens, truncation=True, add_special_tokens=True,
+                              return_tensors="pt").input_ids
 
     @torch.no_grad()
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
@@ -290,8 +291,9 @@ class Sampler:
 @dataclass(frozen=True)
 class PipelineParts:
     """The pipeline parts a family runs: the text encoder classes it accepts and how its pipeline encodes prompts
-    with each, the VAE and scheduler classes it accepts, and whether it samples with the folder's scheduler class (diffusers' pipelines) or builds
-    its own from the folder's schedule (``schedulers[0]``: Tune-A-Video's DDIM from any ``scheduler/``)."""
+    with each, the VAE and scheduler classes it accepts, and whether it samples with the folder's scheduler
+    class (diffusers' pipelines) or builds its own from the folder's schedule (``schedulers[0]``: Tune-A-Video's
+    DDIM from any ``scheduler/``)."""
 
     # transformers class -> how the family's pipeline encodes prompts with it
     text_encoders: dict[str, PromptEncoding] = field(default_factory=lambda: {"CLIPTextModel": PromptEncoding()})

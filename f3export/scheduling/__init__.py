@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CheckError
+from ..errors import Unsupported
 from .cogvideox_ddim import CogVideoXDDIM
 from .cogvideox_dpm import CogVideoXDPM
 from .common import Sampler
@@ -28,6 +28,6 @@ def numpy_sampler(class_name: str, config: dict[str, Any], rng: np.random.Genera
     noise source of a sampler whose step is random (``Sampler.random``); the others draw nothing."""
     sampler = SAMPLERS.get(class_name)
     if sampler is None:
-        raise CheckError(f"scheduler {class_name}: not implemented by the engines-only sampler (it implements "
+        raise Unsupported(f"scheduler {class_name}: not implemented by the engines-only sampler (it implements "
                          f"{', '.join(SAMPLERS)})")
     return sampler(config, rng=rng) if sampler.random else sampler(config)

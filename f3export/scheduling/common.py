@@ -13,11 +13,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import CheckError
+from ..errors import Unsupported
 
 
-def unported(name: str, key: str, value: Any, note: str = "") -> CheckError:
-    return CheckError(f"scheduler {name} {key} = {value!r}: not implemented by the engines-only sampler{note}")
+def unported(name: str, key: str, value: Any, note: str = "") -> Unsupported:
+    return Unsupported(f"scheduler {name} {key} = {value!r}: not implemented by the engines-only sampler{note}")
 
 
 class Sampler(abc.ABC):
@@ -40,7 +40,7 @@ class Sampler(abc.ABC):
     def __init__(self, config: Mapping[str, Any]):
         self.config = {**self.defaults, **config}
 
-    def unported(self, key: str, note: str = "") -> CheckError:
+    def unported(self, key: str, note: str = "") -> Unsupported:
         return unported(self.name, key, self.config.get(key), note)
 
     def refuse(self, *keys: str) -> None:
