@@ -254,3 +254,14 @@ def test_sizes_in_pixels_need_a_folder_with_a_vae(tmp_path):
     recipe.write_text('[model]\nfamily = "cogvideox"\npreset = "tiny"\nnum_frames = 9\n')
     with pytest.raises(RecipeError, match=r"num_frames: sizes in pixels need a model folder with a vae/"):
         load_recipe(recipe)
+
+
+def test_a_text_encoder_larger_than_memory_is_refused_in_one_line_before_loading(tmp_path):
+    folder = write_cogvideox_pipeline(tmp_path / "pipe")
+    adapter = get_adapter("cogvideox")
+    bundle = adapter.checkpoint.load_folder(folder)
+    with open(folder / "text_encoder" / "model-00002-of-00002.safetensors", "wb") as shard:
+        shard.truncate(2**42)  # 4 TiB, sparse: what its size says, nothing written
+    with pytest.raises(CheckpointError, match=r"text_encoder: its weights alone need 4.0 TiB, more than the") as error:
+        bundle.encode_text(["a dog"])
+    assert "\n" not in str(error.value)

@@ -18,9 +18,9 @@ ordered by score, then by text. Weights: ``torch.manual_seed(seed)`` before each
 (LayerNorm, GroupNorm, RMSNorm and the T5 / Wan variants) then moved off 1 by 0.1 * N(0, 1) from the same stream.
 The same seed writes byte-identical files.
 
-Loading the Wan folder: diffusers 0.42's ``WanTransformer3DModel.from_pretrained`` needs ``accelerate`` (the model
-keeps modules in float32, which diffusers refuses with ``low_cpu_mem_usage=False``, forced when accelerate is
-missing); in float32, setting ``WanTransformer3DModel._keep_in_fp32_modules = None`` first is equivalent.
+Loading the Wan folder: diffusers 0.42's ``WanTransformer3DModel.from_pretrained`` needs ``accelerate`` (a
+dependency of f3export: the model keeps modules in float32, which diffusers refuses with
+``low_cpu_mem_usage=False``, forced when accelerate is missing).
 
 ``python -m zoo.tiny_pipelines`` writes ``zoo/cogvideox-pipeline/`` and ``zoo/wan-pipeline/``.
 """
@@ -354,8 +354,7 @@ def write_wan_pipeline(folder: Path, seed: int = 0, scheduler: str = "UniPCMulti
         "Prompts: max_sequence_length 512 (WanPipeline's default).\n\n"
         "Loading: diffusers (0.42) loads `WanTransformer3DModel` (it keeps some modules in float32) only with "
         "`accelerate` installed; without it, `from_pretrained` raises \"`low_cpu_mem_usage` cannot be False when "
-        "`keep_in_fp32_modules` is True\". In float32, `WanTransformer3DModel._keep_in_fp32_modules = None` "
-        "before loading changes nothing else.\n")
+        "`keep_in_fp32_modules` is True\" (f3export depends on accelerate).\n")
     return _save(pipe, folder, readme)
 
 

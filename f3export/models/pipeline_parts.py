@@ -20,6 +20,7 @@ from torch import nn
 from ..errors import CheckpointError
 from ..prompts import clean_prompt
 from ..weights import read_json
+from . import memory
 
 TEXT_ENCODER, TOKENIZER, VAE, SCHEDULER = "text_encoder", "tokenizer", "vae", "scheduler"
 
@@ -102,6 +103,7 @@ class PromptEncoder:
             import transformers
 
             transformers.utils.logging.disable_progress_bar()  # f3export's own progress is what a log should show
+            self._refuse_if_too_large()
             try:
                 self._encoder = getattr(transformers, self.class_name).from_pretrained(
                     self.folder / TEXT_ENCODER, local_files_only=True).eval()
@@ -109,6 +111,14 @@ class PromptEncoder:
                 raise CheckpointError(f"{self.folder / TEXT_ENCODER}: cannot load {self.class_name} "
                                       f"({str(exc).splitlines()[0]})") from None
         return self._encoder
+
+    def _refuse_if_too_large(self) -> None:
+        """One line, before loading, where the encoder's weight files alone exceed the memory available."""
+        files = [f for f in (self.folder / TEXT_ENCODER).iterdir() if f.suffix in (".safetensors", ".bin")]
+        needed, available = sum(f.stat().st_size for f in files), memory.available_memory_bytes()
+        if available is not None and needed > available:
+            raise CheckpointError(f"{self.folder / TEXT_ENCODER}: its weights alone need {memory.size_text(needed)}, "
+                                  f"more than the {memory.size_text(available)} of memory available on this machine")
 
     def release(self) -> None:
         """Free the encoder (the embeddings already made are kept; a new prompt loads it again)."""
