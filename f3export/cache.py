@@ -26,6 +26,9 @@ from .errors import CheckError
 
 CACHE_FOLDER = ".cache"
 ENTRY = "entry.json"
+# <output dir>/.cache/text-embeddings/<key>.safetensors: a text encoder's embedding of one prompt, each checked
+# against the hash its metadata records (``PromptEncoder.keep_on_disk``)
+TEXT_EMBEDDINGS = "text-embeddings"
 
 
 class CachedOutput(NamedTuple):

@@ -20,7 +20,7 @@ import torch
 
 from . import __version__
 from .artifacts import MODEL_VARIANTS, StageRecord, content_key, sha256_file, write_json
-from .cache import StageCache
+from .cache import CACHE_FOLDER, TEXT_EMBEDDINGS, StageCache
 from .components import TOKENIZER_FILE, Component, exportable, write_tokenizer
 from .contract import graph_io
 from .calibrate import RunStore, Scores, calibrate
@@ -78,6 +78,9 @@ class SourceModel:
             console.print(f"[bold yellow]note:[/] {model.family} {bundle.description}: "
                           "RANDOM weights, so scores and fidelity say nothing about a trained model. "
                           "Set \\[model].path to a checkpoint folder for real results.", soft_wrap=True)
+        if bundle.encode_text is not None:
+            bundle.encode_text.keep_on_disk(Path(self.recipe.output.dir) / CACHE_FOLDER / TEXT_EMBEDDINGS,
+                                            self.digest("sampling"))
         text = self.adapter.text_source(bundle)
         if text is not None and text.startswith(STANDIN_TEXT) and model.path is not None and not self._text_noted:
             self._text_noted = True

@@ -265,3 +265,24 @@ def test_a_text_encoder_larger_than_memory_is_refused_in_one_line_before_loading
     with pytest.raises(CheckpointError, match=r"text_encoder: its weights alone need 4.0 TiB, more than the") as error:
         bundle.encode_text(["a dog"])
     assert "\n" not in str(error.value)
+
+
+def test_embeddings_kept_on_disk_spare_a_later_run_the_encoder_and_a_bad_file_is_encoded_again(tmp_path):
+    adapter = get_adapter("wan")
+    folder = REPO / "zoo" / "wan-pipeline"
+    first = adapter.checkpoint.load_folder(folder).encode_text
+    first.keep_on_disk(tmp_path / "text", "files-key")
+    made = first(["a dog", "a cat"])
+    later = adapter.checkpoint.load_folder(folder).encode_text
+    later.keep_on_disk(tmp_path / "text", "files-key")
+    assert torch.equal(later(["a cat", "a dog"]), made.flip(0)) and later._encoder is None  # never loaded
+    stored = sorted((tmp_path / "text").iterdir())
+    assert len(stored) == 2
+    stored[0].write_bytes(stored[0].read_bytes()[:-8] + bytes(8))  # a tensor that no longer hashes as recorded
+    again = adapter.checkpoint.load_folder(folder).encode_text
+    again.keep_on_disk(tmp_path / "text", "files-key")
+    assert torch.equal(again(["a dog", "a cat"]), made) and again._encoder is not None
+    other = adapter.checkpoint.load_folder(folder).encode_text
+    other.keep_on_disk(tmp_path / "text", "other-files")  # another encoder's files: nothing of theirs is read
+    other(["a dog"])
+    assert len(list((tmp_path / "text").iterdir())) == 3

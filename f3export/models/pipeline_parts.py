@@ -10,13 +10,17 @@ decoded with the VAE's own latent normalisation, and sampling stepped with the s
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
+from ..artifacts import content_key
 from ..errors import CheckpointError
 from ..prompts import clean_prompt
 from ..weights import read_json
@@ -89,6 +93,7 @@ class PromptEncoder:
                                   f"{vocabulary} of {folder / TEXT_ENCODER / 'config.json'}")
         self._encoder: nn.Module | None = None
         self._memo: dict[str, torch.Tensor] = {}
+        self._disk: tuple[Path, str] | None = None
 
     @property
     def pad_token_id(self) -> int:
@@ -138,11 +143,54 @@ class PromptEncoder:
         mask = (ids != self.pad_token_id).long()
         return self.encoder(ids, attention_mask=mask)[0] * mask[..., None]
 
+    def keep_on_disk(self, folder: Path, files_key: str) -> None:
+        """Keep every embedding in ``folder`` too, under a key of the encoder's files (``files_key``), its
+        class, its encoding and the prompt: a later stage or build encodes nothing encoded before (a large
+        encoder is then not even loaded). A file whose tensor does not hash as its metadata says is encoded
+        again."""
+        self._disk = (folder, files_key)
+
+    def _disk_path(self, prompt: str) -> Path:
+        folder, files_key = self._disk
+        return folder / f"{content_key(files_key, self.class_name, vars(self.encoding), self.tokens, prompt)}.safetensors"
+
+    def _read(self, prompt: str) -> torch.Tensor | None:
+        path = self._disk_path(prompt)
+        try:
+            with safe_open(path, framework="pt") as stored:
+                embedding, recorded = stored.get_tensor(EMBEDDING), stored.metadata().get("sha256")
+        except (OSError, ValueError, KeyError, AttributeError, RuntimeError):  # absent or malformed: a miss
+            return None
+        return embedding if recorded == _tensor_sha256(embedding) else None
+
+    def _write(self, prompt: str, embedding: torch.Tensor) -> None:
+        from ..artifacts import atomic_path
+
+        path = self._disk_path(prompt)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        embedding = embedding.contiguous()
+        with atomic_path(path) as tmp:
+            save_file({EMBEDDING: embedding}, str(tmp), metadata={"sha256": _tensor_sha256(embedding)})
+
     def __call__(self, prompts: list[str]) -> torch.Tensor:
         missing = list(dict.fromkeys(p for p in prompts if p not in self._memo))
+        if missing and self._disk is not None:
+            found = {p: e for p in missing if (e := self._read(p)) is not None}
+            self._memo.update(found)
+            missing = [p for p in missing if p not in found]
         if missing:
-            self._memo.update(zip(missing, self.embed_ids(self.token_ids(missing)).float()))
+            made = dict(zip(missing, self.embed_ids(self.token_ids(missing)).float()))
+            self._memo.update(made)
+            for prompt, embedding in made.items() if self._disk is not None else ():
+                self._write(prompt, embedding)
         return torch.stack([self._memo[p] for p in prompts])
+
+
+EMBEDDING = "embedding"
+
+
+def _tensor_sha256(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
 
 
 # --- VAEs ------------------------------------------------------------------------------------------------------
