@@ -80,7 +80,7 @@ class EnginePipeline:
             guidance = conventions["guidance"]
             self.negative_prompt = str(guidance.get("negative_prompt", ""))
             self.skip_unconditional = bool(guidance.get("skip_unconditional", False))
-            self.dynamic_cfg_known = "dynamic_cfg" in guidance
+            self.has_dynamic_cfg = "dynamic_cfg" in guidance
             self.noise_channels = int(conventions["output"]["noise_channels"][1])
             sample = next(t for t in contract["inputs"] if t["name"] == "sample")
             self.channels = int(sample["shape"][1])
@@ -111,7 +111,7 @@ class EnginePipeline:
                noise: np.ndarray | None = None) -> Clip:
         """One video. ``noise``: the initial latents (default: NumPy's normal draw of ``seed``, whose generator then
         draws whatever a random sampler's steps need)."""
-        if dynamic_cfg and not self.dynamic_cfg_known:
+        if dynamic_cfg and not self.has_dynamic_cfg:
             raise RecipeError("--dynamic-cfg: this build's family samples with a constant guidance scale")
         engine = self.engines[variant]
         rng = np.random.default_rng(seed)

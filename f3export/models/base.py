@@ -29,7 +29,7 @@ from ..text_standin import STANDIN_TEXT, seeded_text_embedding
 from ..videos import read_video
 from . import memory
 from .loading import CheckpointFormat, ModelBundle, PipelineFolder
-from .pipeline_parts import Sampler
+from .pipeline_parts import DiffusersSampler
 from .protocols import DiffusionProtocol, EvaluationProtocol, Run, Trajectory
 from .structure import TemporalStructure
 
@@ -307,12 +307,12 @@ class LatentVideoDiffusionAdapter(ModelAdapter):
         """The family's default sampler (a folder may name another its pipeline accepts)."""
         return getattr(diffusers, self.checkpoint.parts.schedulers[0])
 
-    def scheduler(self, bundle: ModelBundle) -> Sampler:
+    def scheduler(self, bundle: ModelBundle) -> DiffusersSampler:
         """The sampler of calibration and validation, with the folder's schedule (else the family's default): the
         class the folder names where the family's pipeline samples with it, else the family's."""
         config = bundle.scheduler_config or self.default_scheduler
-        name = self.checkpoint.parts.scheduler_class(config, "scheduler/scheduler_config.json", self.family)
-        return Sampler(getattr(diffusers, name).from_config(config))
+        name = self.checkpoint.parts.scheduler_class(config, "scheduler/scheduler_config.json", self.checkpoint.owner)
+        return DiffusersSampler(getattr(diffusers, name).from_config(config))
 
     def conventions(self, bundle):
         scheduler = self.scheduler(bundle)

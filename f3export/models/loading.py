@@ -19,8 +19,8 @@ from torch import nn
 from ..errors import CheckpointError, RecipeError
 from ..weights import read_json
 from . import memory
-from .pipeline_parts import (SCHEDULER, TEXT_ENCODER, TOKENIZER, VAE, PipelineParts, PromptEncoder, VideoAutoencoder,
-                             named_class)
+from .pipeline_parts import (MODEL_INDEX, SCHEDULER, TEXT_ENCODER, TOKENIZER, VAE, PipelineParts, PromptEncoder,
+                             VideoAutoencoder, named_class)
 
 
 @dataclass
@@ -129,7 +129,7 @@ class PipelineFolder(CheckpointFormat):
 
     def conventions_files(self, folder):
         """The contract records the scheduler, and the text encoder's class and token length (not its weights)."""
-        configs = [f for f in text_encoder_files(folder) if f.suffix != ".safetensors" and f.suffix != ".bin"]
+        configs = [f for f in text_encoder_files(folder) if f.suffix not in (".safetensors", ".bin")]
         return scheduler_files(folder) + configs + index_files(folder)
 
     @abstractmethod
@@ -166,13 +166,13 @@ RANDOM_WEIGHTS = "_random_weights"  # a model_index.json key: the folder's weigh
 
 def random_weights(folder: Path) -> bool:
     """Whether the folder says its weights are random-initialised (a test or demo folder written here)."""
-    path = folder / "model_index.json"
+    path = folder / MODEL_INDEX
     return path.is_file() and read_json(path).get(RANDOM_WEIGHTS) is True
 
 
 def index_files(folder: Path) -> list[Path]:
     """``model_index.json``, which names each part's class."""
-    path = folder / "model_index.json"
+    path = folder / MODEL_INDEX
     return [path] if path.is_file() else []
 
 

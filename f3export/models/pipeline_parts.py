@@ -27,12 +27,13 @@ from ..weights import read_json
 from . import memory
 
 TEXT_ENCODER, TOKENIZER, VAE, SCHEDULER = "text_encoder", "tokenizer", "vae", "scheduler"
+MODEL_INDEX = "model_index.json"
 
 
 def named_class(folder: Path, component: str) -> str | None:
     """The class a pipeline folder names for ``component``: ``model_index.json``'s entry, else the component
     config's ``_class_name`` (diffusers) or ``architectures[0]`` (transformers); None without the component."""
-    index = folder / "model_index.json"
+    index = folder / MODEL_INDEX
     if index.is_file():
         entry = read_json(index).get(component)
         if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str):
@@ -152,7 +153,8 @@ class PromptEncoder:
 
     def _disk_path(self, prompt: str) -> Path:
         folder, files_key = self._disk
-        return folder / f"{content_key(files_key, self.class_name, vars(self.encoding), self.tokens, prompt)}.safetensors"
+        key = content_key(files_key, self.class_name, vars(self.encoding), self.tokens, prompt)
+        return folder / f"{key}.safetensors"
 
     def _read(self, prompt: str) -> torch.Tensor | None:
         path = self._disk_path(prompt)
@@ -297,7 +299,7 @@ def _videos(frames: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 # --- schedulers ------------------------------------------------------------------------------------------------
 
-class Sampler:
+class DiffusersSampler:
     """A diffusers scheduler driven as its pipeline drives it: ``start(steps, seed)``, then per step
     ``step(output, index, t, latents)``. CogVideoXDPMScheduler's step takes the previous prediction of x0 and the
     previous timestep (``CogVideoXPipeline``), kept here so every loop is the same, and draws noise even at

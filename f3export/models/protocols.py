@@ -21,7 +21,7 @@ from ..recipe import RecipeKey, family_key
 from ..tasks import TASKS
 from ..videos import read_video
 from ..scheduling.guidance import guidance_at
-from .pipeline_parts import Sampler
+from .pipeline_parts import DiffusersSampler
 
 
 class Run(ABC):
@@ -187,7 +187,7 @@ class DiffusionProtocol(EvaluationProtocol):
         return not self.skip_unconditional or run.guidance_scale > 1.0
 
     @torch.no_grad()
-    def trajectory(self, model: nn.Module, run: DiffusionRun, sampler: Sampler, context: torch.Tensor,
+    def trajectory(self, model: nn.Module, run: DiffusionRun, sampler: DiffusersSampler, context: torch.Tensor,
                    latent_shape: tuple[int, ...], noise_channels: int,
                    on_step: Callable[[int], None] | None = None, source: torch.Tensor | None = None) -> Denoising:
         """``context``: the negative prompt's and the run's text conditioning, stacked (the run's alone where
