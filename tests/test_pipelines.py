@@ -7,8 +7,8 @@ heads, ratio 0.5) put into the pipeline as its transformer."""
 from __future__ import annotations
 
 import copy
-import re
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,8 +75,9 @@ def test_f3export_samples_text_to_pixels_as_the_diffusers_pipeline_does(folders,
     extra = {"use_dynamic_cfg": dynamic_cfg} if family == "cogvideox" else {}
     for variant, model in (("original", bundle.model), ("pruned", frame_local(adapter, bundle.model))):
         ours = adapter.trajectory(bundle, model, run, shape)
-        pipe = pipeline_class.from_pretrained(folder, local_files_only=True)
-        pipe.transformer = model.inner  # the pruned transformer as the pipeline's own, called by the pipeline
+        pipe = pipeline_class.from_pretrained(folder, local_files_only=True)  # diffusers' own transformer and
+        if variant == "pruned":  # attention processors; the pruned one put in its place, called by the pipeline
+            pipe.transformer = model.inner
         latents = noise.transpose(1, 2) if family == "cogvideox" else noise  # the pipeline's layout
         theirs = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=6.0,
                       latents=latents, generator=torch.Generator().manual_seed(SEED), output_type="np", **call,
