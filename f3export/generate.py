@@ -23,10 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from .artifacts import atomic_path, open_build
-from .engines import make_backend
 from .errors import CheckError, RecipeError, Unsupported
-from .runtime import EngineRunner
 from .prompts import CLEANERS, clean_prompt
+from .runtime import EngineRunner
 from .scheduling import numpy_sampler
 from .scheduling.guidance import guidance_at
 from .text_standin import seeded_text_embedding
@@ -62,7 +61,6 @@ class EnginePipeline:
         if not isinstance(components, dict):
             raise CheckError(f"{root / 'manifest.json'}: components: expected a table")
         self.text_encoder = self.tokenizer = self.decoder = None
-        onnxruntime = make_backend("onnxruntime", build.recipe, build.root)  # the components' engines
         if not str(text.get("source", "")).startswith(STANDIN):
             if "text_encoder" not in components:
                 raise CheckError(f"{where}.text_conditioning: this model's prompts go through its text encoder, and "
@@ -72,9 +70,9 @@ class EnginePipeline:
             entry = components["text_encoder"]
             self.tokenizer = Tokenizer.from_file(str(build.verified_file(
                 entry.get("tokenizer"), "export", "components.text_encoder.tokenizer")))
-            self.text_encoder = onnxruntime.load(build.component_engine("text_encoder"))
+            self.text_encoder = EngineRunner(root, "text_encoder")
         if "vae_decoder" in components:
-            self.decoder = onnxruntime.load(build.component_engine("vae_decoder"))
+            self.decoder = EngineRunner(root, "vae_decoder")
         try:  # the manifest is untrusted input: a malformed field is one line, not a traceback
             self.scheduler_class, self.scheduler_config = str(scheduler["class"]), dict(scheduler["config"])
             guidance = conventions["guidance"]
@@ -86,8 +84,6 @@ class EnginePipeline:
             self.channels = int(sample["shape"][1])
             self.standin = (int(text["tokens"]), int(text["width"]))  # [tokens, width] of the stand-in
             self.prompt_clean = text.get("prompt_clean")
-            self.decoder_takes_clips = "vae_decoder" in components and \
-                len(components["vae_decoder"]["inputs"][0]["shape"]) == 5  # [1, C, F, h, w], else per frame
             if self.prompt_clean is not None and self.prompt_clean not in CLEANERS:
                 raise ValueError
         except (KeyError, TypeError, IndexError, ValueError, StopIteration, AttributeError):
@@ -104,7 +100,7 @@ class EnginePipeline:
         if self.text_encoder is None:
             return seeded_text_embedding(prompt, *self.standin)
         ids = np.asarray([self.tokenizer.encode(clean_prompt(self.prompt_clean, prompt)).ids], dtype=np.int64)
-        return self.text_encoder.run({"input_ids": ids})["text_embeddings"]
+        return self.text_encoder(input_ids=ids)
 
     def sample(self, variant: str, prompt: str, seed: int, steps: int, guidance_scale: float,
                negative_prompt: str | None = None, dynamic_cfg: bool = False, on_step=None,
@@ -137,11 +133,10 @@ class EnginePipeline:
 
     def _frames(self, latents: np.ndarray) -> Clip:
         if self.decoder is not None:
-            if self.decoder_takes_clips:  # a causal 3D VAE: the clip at once
-                video = self.decoder.run({"latents": latents})["frames"][0]
+            if self.decoder.inputs[0].rank == 5:  # a causal 3D VAE: the clip at once, [1, C, F, h, w]
+                video = self.decoder(latents=latents)[0]
             else:  # frame by frame
-                frames = self.decoder.run({"latents": np.ascontiguousarray(latents[0].transpose(1, 0, 2, 3))})
-                video = frames["frames"].transpose(1, 0, 2, 3)
+                video = self.decoder(latents=latents[0].transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
             return Clip(video, latents, "frames decoded by the build's VAE decoder engine")
         if self.channels == 3:
             return Clip(latents[0], latents, "RGB frames (a pixel-space model)")

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .artifacts import FinishedBuild, open_build
-from .engines import make_backend
+from .engines import COMPONENT_BACKEND, make_backend
 from .errors import CheckError
 
 
@@ -35,29 +35,41 @@ class TensorSpec:
     rank: int
 
 
-def contract_tensors(build: FinishedBuild, kind: str) -> list[TensorSpec]:
-    """The contract's ``inputs`` or ``outputs``, checked (the manifest is untrusted input)."""
-    where = f"{build.root / 'manifest.json'}: contract.{kind}"
+def contract_tensors(build: FinishedBuild, kind: str, section: str = "contract") -> list[TensorSpec]:
+    """The ``inputs`` or ``outputs`` of the engine contract (or of ``components.<name>``), checked (the manifest
+    is untrusted input)."""
+    where = f"{build.root / 'manifest.json'}: {section}.{kind}"
     try:
-        return [TensorSpec(t["name"], np.dtype(t["dtype"]), len(t["shape"])) for t in build.doc["contract"][kind]]
+        table = build.doc
+        for key in section.split("."):
+            table = table[key]
+        return [TensorSpec(t["name"], np.dtype(t["dtype"]), len(t["shape"])) for t in table[kind]]
     except (KeyError, TypeError, ValueError):
         raise CheckError(f"{where}: missing or malformed (a list of {{name, dtype, shape}})") from None
 
 
 class EngineRunner:
-    """Serves one engine of a finished build that passed, after checking its hash against the manifest."""
+    """Serves one engine of a finished build that passed, after checking its hash against the manifest:
+    the denoiser's (``variant`` "pruned" or "original") or a pipeline component's ("text_encoder",
+    "vae_decoder": the ONNX Runtime engine the build made and checked for it)."""
 
     def __init__(self, artifact_dir: str | Path, variant: str = "pruned", backend: str | None = None,
                  expect_sha256: str | None = None):
         build = open_build(Path(artifact_dir), expect_sha256, runtime=True)
-        entries = [e for e in build.engines.values()
-                   if e.variant == variant and (backend is None or e.backend == backend)]
-        if not entries:
-            raise CheckError(f"{artifact_dir}: no {variant} engine{' for ' + backend if backend else ''} "
-                             "in the manifest")
-        self.inputs, self.outputs = contract_tensors(build, "inputs"), contract_tensors(build, "outputs")
-        entry = build.verified_engine(entries[0].name)
-        self.engine = make_backend(entry.backend, build.recipe, build.root).load(entry.path)
+        components = build.doc.get("components") or {}
+        if isinstance(components, dict) and variant in components and backend in (None, COMPONENT_BACKEND):
+            section = f"components.{variant}"
+            path, backend = build.component_engine(variant), COMPONENT_BACKEND
+        else:
+            entries = [e for e in build.engines.values()
+                       if e.variant == variant and (backend is None or e.backend == backend)]
+            if not entries:
+                raise CheckError(f"{artifact_dir}: no {variant} engine{' for ' + backend if backend else ''} "
+                                 "in the manifest")
+            entry = build.verified_engine(entries[0].name)
+            section, path, backend = "contract", entry.path, entry.backend
+        self.inputs, self.outputs = (contract_tensors(build, kind, section) for kind in ("inputs", "outputs"))
+        self.engine = make_backend(backend, build.recipe, build.root).load(path)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         names = [t.name for t in self.inputs]

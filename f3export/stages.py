@@ -25,7 +25,7 @@ from .components import TOKENIZER_FILE, Component, exportable, write_tokenizer
 from .contract import graph_io
 from .calibrate import RunStore, Scores, calibrate
 from .distributed import Team
-from .engines import Backend, profile_ranges, validated_shapes
+from .engines import COMPONENT_BACKEND, Backend, profile_ranges, validated_shapes
 from .errors import RecipeError
 from .export import ContractTerms, export_onnx
 from .models.base import ModelAdapter, VideoShape, family_sources
@@ -398,7 +398,6 @@ def build_engines(ctx: StageContext) -> StageOutput:
     return files, data
 
 
-COMPONENT_BACKEND = "onnxruntime"  # the text encoder's and VAE decoder's engines (TensorRT ones: not yet)
 
 
 def validate_engines(ctx: StageContext) -> StageOutput:

@@ -287,3 +287,16 @@ def test_embeddings_kept_on_disk_spare_a_later_run_the_encoder_and_a_bad_file_is
     other.keep_on_disk(tmp_path / "text", "other-files")  # another encoder's files: nothing of theirs is read
     other(["a dog"])
     assert len(list((tmp_path / "text").iterdir())) == 3
+
+
+def test_engine_runner_serves_the_pipeline_components_by_their_recorded_io(pipeline_build):
+    from f3export.runtime import EngineRunner
+
+    family, root, _ = pipeline_build
+    text = EngineRunner(root, "text_encoder")
+    decoder = EngineRunner(root, "vae_decoder")
+    assert [(t.name, t.rank) for t in text.inputs] == [("input_ids", 2)]
+    embeddings = text(input_ids=np.zeros((1, {"cogvideox": 226, "wan": 512}[family]), dtype=np.int64))
+    assert embeddings.shape[-1] == 32
+    frames = decoder(latents=np.zeros((1, 4, 3, 8, 8), dtype=np.float32))
+    assert frames.shape[:3] == (1, 3, 9)

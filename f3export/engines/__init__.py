@@ -10,6 +10,9 @@ import numpy as np
 from ..recipe import Recipe
 
 
+COMPONENT_BACKEND = "onnxruntime"  # the text encoder's and VAE decoder's engines (TensorRT ones: not yet)
+
+
 class Engine(Protocol):
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
