@@ -25,7 +25,7 @@ from filelock import FileLock, Timeout
 
 from . import __version__
 from .artifacts import Manifest, StageRecord
-from .cache import CACHE_FOLDER, StageCache
+from .cache import CACHE_FOLDER, TEXT_EMBEDDINGS, StageCache
 from .engines import make_backend
 from .distributed import Team
 from .errors import F3ExportError, RecipeError, activity
@@ -143,7 +143,9 @@ class Build:
         self.versions = library_versions()
         # Every backend asked for is set up now, so one that cannot run here fails before any work.
         backends = [make_backend(name, recipe, self.root) for name in recipe.engine.selected]
-        self.model = SourceModel(recipe, self.adapter)
+        # Under torchrun only rank 0 writes, here as in the artifact folder
+        embeddings = Path(recipe.output.dir) / CACHE_FOLDER / TEXT_EMBEDDINGS if team is None or team.leader else None
+        self.model = SourceModel(recipe, self.adapter, embeddings)
         frugal = weight_bytes(self.model.skeleton) >= FRUGAL_ABOVE
         self.cache = StageCache(Path(recipe.output.dir) / CACHE_FOLDER)
         self.context = StageContext(recipe, self.adapter, self.root, self.model, backends, team=team, frugal=frugal,

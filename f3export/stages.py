@@ -20,7 +20,7 @@ import torch
 
 from . import __version__
 from .artifacts import MODEL_VARIANTS, StageRecord, content_key, sha256_file, write_json
-from .cache import CACHE_FOLDER, TEXT_EMBEDDINGS, StageCache
+from .cache import StageCache
 from .components import TOKENIZER_FILE, Component, exportable, write_tokenizer
 from .contract import graph_io
 from .calibrate import RunStore, Scores, calibrate
@@ -49,8 +49,9 @@ BACKENDS = "backends"  # as a library: the version report of every engine backen
 class SourceModel:
     """The recipe's network: its skeleton, its weights and the digests of its files, each made once, when needed."""
 
-    def __init__(self, recipe: Recipe, adapter: ModelAdapter):
-        self.recipe, self.adapter = recipe, adapter
+    def __init__(self, recipe: Recipe, adapter: ModelAdapter, text_embeddings: Path | None = None):
+        """``text_embeddings``: the folder a text encoder keeps its embeddings in (None: in memory only)."""
+        self.recipe, self.adapter, self.text_embeddings = recipe, adapter, text_embeddings
         self._digests: dict[str, str] = {}
         self._noted = self._text_noted = False
 
@@ -78,9 +79,8 @@ class SourceModel:
             console.print(f"[bold yellow]note:[/] {model.family} {bundle.description}: "
                           "RANDOM weights, so scores and fidelity say nothing about a trained model. "
                           "Set \\[model].path to a checkpoint folder for real results.", soft_wrap=True)
-        if bundle.encode_text is not None:
-            bundle.encode_text.keep_on_disk(Path(self.recipe.output.dir) / CACHE_FOLDER / TEXT_EMBEDDINGS,
-                                            self.digest("sampling"))
+        if bundle.encode_text is not None and self.text_embeddings is not None:
+            bundle.encode_text.keep_on_disk(self.text_embeddings, self.digest("sampling"))
         text = self.adapter.text_source(bundle)
         if text is not None and text.startswith(STANDIN_TEXT) and model.path is not None and not self._text_noted:
             self._text_noted = True
