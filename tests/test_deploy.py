@@ -41,13 +41,18 @@ main(sys.argv[1:])
 """
 
 
+def generate_without_torch(root, out, *options: str) -> subprocess.CompletedProcess:
+    """``f3export generate`` in a process that refuses every import of torch (it must succeed)."""
+    done = subprocess.run([sys.executable, "-c", NO_TORCH, "generate", str(root), "--prompt", "a dog is running",
+                           *options, "--out", str(out)], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 def test_generate_writes_a_gif_from_engines_alone_without_importing_torch(built, tmp_path):
     _, root, _ = built
     out = tmp_path / "clip.gif"
-    done = subprocess.run([sys.executable, "-c", NO_TORCH, "generate", str(root), "--prompt", "a dog is running",
-                           "--compare", "--steps", "3", "--scale", "2", "--out", str(out)],
-                          capture_output=True, text=True, cwd=REPO)
-    assert done.returncode == 0, done.stderr
+    done = generate_without_torch(root, out, "--compare", "--steps", "3", "--scale", "2")
     with Image.open(out) as gif:
         assert gif.n_frames == 4  # the recipe's frames
         assert gif.size == (2 * (8 + 2 + 8), 2 * 8)  # original | gap | pruned, latents 8 x 8 at scale 2
@@ -255,9 +260,7 @@ def test_a_folder_with_text_encoder_and_vae_deploys_them_and_generates_from_engi
     for prompt in ("a dog is running", "", "x" * 200):
         assert fast.encode(prompt).ids == slow(prompt, padding="max_length", max_length=77, truncation=True).input_ids
     out = tmp_path / "clip.gif"
-    done = subprocess.run([sys.executable, "-c", NO_TORCH, "generate", str(root), "--prompt", "a dog is running",
-                           "--steps", "2", "--scale", "1", "--out", str(out)], capture_output=True, text=True, cwd=REPO)
-    assert done.returncode == 0, done.stderr
+    done = generate_without_torch(root, out, "--steps", "2", "--scale", "1")
     assert "decoded by the build's VAE decoder engine" in done.stdout
     with Image.open(out) as gif:
         assert gif.n_frames == 4 and gif.size == (16, 16)

@@ -9,8 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +26,7 @@ from f3export.recipe import PruningSection
 from zoo.tiny_pipelines import COGVIDEOX_CALL, LATENT_SIZE, WAN_CALL, write_cogvideox_pipeline, write_wan_pipeline
 
 from conftest import relative_l2, run, scores_for
-from test_deploy import NO_TORCH, REPO
+from test_deploy import REPO, generate_without_torch
 
 FAMILIES = {  # family -> (folder writer, the diffusers pipeline, its call sizes)
     "cogvideox": (write_cogvideox_pipeline, CogVideoXPipeline, COGVIDEOX_CALL),
@@ -176,10 +174,7 @@ def test_generate_writes_an_mp4_from_engines_alone_without_importing_torch(pipel
 
     family, root, _ = pipeline_build
     out = tmp_path / "clip.mp4"
-    done = subprocess.run([sys.executable, "-c", NO_TORCH, "generate", str(root), "--prompt", "a dog is running",
-                           "--compare", "--steps", "3", "--scale", "2", "--out", str(out)],
-                          capture_output=True, text=True, cwd=REPO)
-    assert done.returncode == 0, done.stderr
+    done = generate_without_torch(root, out, "--compare", "--steps", "3", "--scale", "2")
     height = FAMILIES[family][2]["height"]
     with av.open(str(out)) as container:
         stream = container.streams.video[0]

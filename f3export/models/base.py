@@ -286,7 +286,8 @@ class LatentVideoDiffusionAdapter(ModelAdapter):
         """Every prompt the runs read, encoded at once, and the text encoder freed before the denoiser runs (a
         T5-XXL's weights need not stay beside the transformer's)."""
         if bundle.encode_text is not None:
-            bundle.encode_text([p for run in runs for p in (run.negative_prompt, run.prompt)])
+            bundle.encode_text([p for run in runs for p in
+                                ((run.negative_prompt, run.prompt) if self.protocol.guided(run) else (run.prompt,))])
             bundle.encode_text.release()
 
     def text_source(self, bundle):

@@ -223,7 +223,7 @@ class VideoAutoencoder:
         return self.factors(self.vae.config)[0]
 
     def video_frames(self, latent_frames: int) -> int:
-        return (latent_frames - 1) * self.temporal + 1 if self.temporal > 1 else latent_frames
+        return (latent_frames - 1) * self.temporal + 1
 
     def to_vae(self, latents: torch.Tensor) -> torch.Tensor:
         """The denoiser's latents in the VAE's own scale."""
