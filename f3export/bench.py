@@ -32,6 +32,7 @@ import numpy as np
 
 from .artifacts import MODEL_VARIANTS, StageRecord, open_build, write_json
 from .build import Build
+from .calibrate import COMPENSATION
 from .engines import make_backend
 from .engines.onnxruntime import OnnxRuntimeBackend
 from .flops import onnx_flops
@@ -274,7 +275,9 @@ class Bench:
         """The build's stages from plan to engine with other [pruning] values (the same scores), for the pruned
         model alone, in ``folder`` (not cached: a sweep's folders are scratch)."""
         folder.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.root / "scores.json", folder / "scores.json")
+        for name in ("scores.json", COMPENSATION):
+            if (self.root / name).is_file():
+                shutil.copyfile(self.root / name, folder / name)
         recipe = dataclasses.replace(self.recipe, pruning=pruning)
         context = StageContext(recipe, self.adapter, folder, source, [self._ort], variants=("pruned",))
         for stage in RATIO_STAGES:

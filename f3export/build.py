@@ -346,6 +346,9 @@ def summary_tables(result: BuildResult, manifest: Manifest) -> list:
         if manifest.doc["recipe"]["pruning"]["ratio"] == AUTO_RATIO else ""
     if plan.get("action") == "frame-local":
         numbers.caption = f"{plan['removed_heads']} of {plan['total_heads']} heads made frame-local{chosen}"
+    elif plan.get("action") == "temporal-window":
+        numbers.caption = (f"{plan['removed_heads']} of {plan['total_heads']} heads reading {plan['window']} "
+                           f"frame(s) on each side{chosen}")
     else:
         numbers.caption = (f"{plan['removed_heads']} of {plan['total_heads']} temporal heads removed{chosen}, "
                            f"{plural(len(plan['modules_removed']), 'module')} removed entirely")

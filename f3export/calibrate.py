@@ -15,6 +15,12 @@ A_h the frame-by-frame attention probabilities of head h:
 * ``magnitude``: the norm of the head's weights (q, k, v rows and W_o columns), data-free.
 
 Token criteria are averaged per step (``per_step``) and overall; weight criteria have no steps.
+``sensitivity`` (an output criterion) is measured only when the recipe ranks by it (``sensitivity.py``),
+for the recipe's action: the mean per call of the model's relative change with the head alone changed.
+
+Beside the scores, what a plan's choices read: every head's mean attention mass by frame distance
+(``distance_mass``: which window it needs) and, in ``compensation.safetensors``, the mean of what it writes
+and of what its write loses to each window (what ``[pruning] compensate`` folds into the output bias).
 
 Each run's sums are kept apart (``RunStatistics``), saved as the run finishes (``RunStore``) and summed in
 run order at the end, so a calibration resumed after a crash, or shared among torchrun's processes
@@ -39,16 +45,20 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils._pytree import tree_map_only
 
-from .artifacts import atomic_path
-from .criteria import CRITERIA, token_scorers
+from .artifacts import atomic_path, write_json
+from .criteria import CRITERIA, OutputScorer, WeightScorer, token_scorers
 from .models.base import ModelAdapter, VideoShape
 from .models.loading import ModelBundle
 from .models.structure import TemporalSite
 from .recipe import CalibrationSection
 from .report import console, plural, progress
+from .sensitivity import OutputMeasure, SensitivityProbe
 
 if TYPE_CHECKING:
     from .distributed import Team
+
+
+COMPENSATION = "compensation.safetensors"  # beside scores.json: module/written [H, C], module/window_loss [H, F, C]
 
 
 @dataclass
@@ -57,6 +67,8 @@ class ModuleScores:
     head_dim: int
     scores: dict[str, list[float]]  # criterion -> per head
     per_step: dict[str, list[list[float]]] = field(default_factory=dict)  # criterion -> step -> per head
+    # per head, the mean attention mass of a query on keys 0, 1, 2, .. frames away (of the video keys)
+    distance_mass: list[list[float]] | None = None
 
 
 @dataclass
@@ -67,6 +79,9 @@ class Scores:
     note: str | None = None  # the family's ``calibration_note``
     text: str | None = None  # what made the runs' text embeddings (a text encoder, or the seeded stand-in)
     random_weights: bool = False  # the model's weights were never trained: its scores rank noise
+    sensitivity_of: dict[str, Any] | None = None  # the action (and window) ``sensitivity`` was measured for
+    # module -> {"written": [H, C], "window_loss": [H, F, C]}: means per query (COMPENSATION); not in the JSON
+    compensation: dict[str, dict[str, torch.Tensor]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -76,13 +91,38 @@ class Scores:
             **({"note": self.note} if self.note else {}),
             **({"text": self.text} if self.text else {}),
             "random_weights": self.random_weights,
+            **({"sensitivity_of": self.sensitivity_of} if self.sensitivity_of else {}),
             "modules": {name: vars(m) for name, m in self.modules.items()},
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Scores":
         return cls({n: ModuleScores(**m) for n, m in data["modules"].items()}, data["timesteps"], data["samples"],
-                   data.get("note"), data.get("text"), data.get("random_weights", False))
+                   data.get("note"), data.get("text"), data.get("random_weights", False), data.get("sensitivity_of"))
+
+    def save(self, folder: Path) -> list[Path]:
+        """scores.json and, where measured, the compensation means beside it."""
+        paths = [folder / "scores.json"]
+        write_json(paths[0], self.to_json())
+        if self.compensation:
+            paths.append(folder / COMPENSATION)
+            with atomic_path(paths[1]) as tmp:
+                save_file({f"{m}/{name}": t.contiguous() for m, parts in self.compensation.items()
+                           for name, t in parts.items()}, str(tmp))
+        return paths
+
+    @classmethod
+    def load(cls, folder: Path) -> "Scores":
+        """What ``save`` wrote (the build's stage records vouch for the files' hashes)."""
+        scores = cls.from_json(json.loads((folder / "scores.json").read_text()))
+        path = folder / COMPENSATION
+        if path.is_file():
+            scores.compensation = {}
+            with safe_open(str(path), "pt") as file:
+                for key in file.keys():
+                    module, _, name = key.rpartition("/")
+                    scores.compensation.setdefault(module, {})[name] = file.get_tensor(key)
+        return scores
 
 
 @dataclass
@@ -96,39 +136,73 @@ class RunStatistics:
     sums: dict[str, dict[str, torch.Tensor]]  # module -> criterion -> [steps, heads], float64
     tokens: dict[str, torch.Tensor]  # module -> [steps], float64
     timesteps: list[int]
+    # module -> distance_mass [heads, frames], written [heads, C], window_loss [heads, frames, C] and
+    # write_queries [1] (``WriteSums``), float64
+    writes: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    calls: torch.Tensor | None = None  # [steps]: the model calls an output criterion was measured on
 
     @classmethod
-    def zeros(cls, sizes: dict[str, int], criteria: list[str], steps: int) -> "RunStatistics":
-        """Empty statistics for modules of ``sizes`` (name -> heads)."""
+    def zeros(cls, sizes: dict[str, tuple[int, int]], criteria: list[str], steps: int, frames: int,
+              measured: bool = False) -> "RunStatistics":
+        """Empty statistics for modules of ``sizes`` (name -> heads, output channels); ``measured``: with an
+        output criterion (among ``criteria``) and its call counts."""
         return cls({name: {c: torch.zeros(steps, heads, dtype=torch.float64) for c in criteria}
-                    for name, heads in sizes.items()},
-                   {name: torch.zeros(steps, dtype=torch.float64) for name in sizes}, [])
+                    for name, (heads, _) in sizes.items()},
+                   {name: torch.zeros(steps, dtype=torch.float64) for name in sizes}, [],
+                   {name: {"distance_mass": torch.zeros(heads, frames, dtype=torch.float64),
+                           "written": torch.zeros(heads, channels, dtype=torch.float64),
+                           "window_loss": torch.zeros(heads, frames, channels, dtype=torch.float64),
+                           "write_queries": torch.zeros(1, dtype=torch.float64)}
+                    for name, (heads, channels) in sizes.items()},
+                   torch.zeros(steps, dtype=torch.float64) if measured else None)
 
     def add(self, other: "RunStatistics") -> None:
         for name, sums in self.sums.items():
             for criterion, total in sums.items():
                 total += other.sums[name][criterion]
             self.tokens[name] += other.tokens[name]
+            for part, total in self.writes[name].items():
+                total += other.writes[name][part]
+        if self.calls is not None:
+            self.calls += other.calls
         self.timesteps = other.timesteps
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Flat, for a safetensors file (``RunStore``)."""
         return {**{f"{name}/{c}": t for name, sums in self.sums.items() for c, t in sums.items()},
-                **{f"{name}/tokens": t for name, t in self.tokens.items()}}
+                **{f"{name}/tokens": t for name, t in self.tokens.items()},
+                **{f"{name}/{part}": t for name, parts in self.writes.items() for part, t in parts.items()},
+                **({"calls": self.calls} if self.calls is not None else {})}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], like: "RunStatistics", timesteps: list[int]
+                     ) -> "RunStatistics":
+        """The inverse of ``tensors``, laid out as ``like``."""
+        return cls({name: {c: tensors[f"{name}/{c}"] for c in sums} for name, sums in like.sums.items()},
+                   {name: tensors[f"{name}/tokens"] for name in like.tokens}, timesteps,
+                   {name: {part: tensors[f"{name}/{part}"] for part in parts} for name, parts in like.writes.items()},
+                   tensors.get("calls"))
 
 
 class TemporalStatsRecorder:
     """Forward hooks on every temporal attention that accumulate one run's per-step, per-head statistics."""
 
-    def __init__(self, model: nn.Module, sites: list[TemporalSite], steps: int):
+    def __init__(self, model: nn.Module, sites: list[TemporalSite], steps: int, frames: int,
+                 measured: list[str] = ()):
+        """``frames``: the most frames a head can see; ``measured``: output criteria measured beside."""
         self.model = model
         self.sites = sites
         self.step = 0
-        self.steps = steps
+        self.steps, self.frames, self.measured = steps, frames, bool(measured)
+        self.recording = True  # off while an output criterion's extra passes run
         self._residual_norm: dict[str, torch.Tensor] = {}
-        self.criteria = list(token_scorers())
-        self.sizes = {s.attention: s.heads_of(model).heads for s in sites}
-        self.run = RunStatistics.zeros(self.sizes, self.criteria, steps)
+        self.criteria = [*token_scorers(), *measured]
+        self.sizes = {s.attention: (s.heads_of(model).heads, s.heads_of(model).projections().output.out_features)
+                      for s in sites}
+        self.run = self.empty()
+
+    def empty(self) -> RunStatistics:
+        return RunStatistics.zeros(self.sizes, self.criteria, self.steps, self.frames, self.measured)
 
     @property
     def sums(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -136,7 +210,7 @@ class TemporalStatsRecorder:
 
     def take(self, timesteps: list[int]) -> RunStatistics:
         """The run recorded so far (with its ``timesteps``); the next starts from zero."""
-        run, self.run = self.run, RunStatistics.zeros(self.sizes, self.criteria, self.steps)
+        run, self.run = self.run, self.empty()
         run.timesteps = timesteps
         self.step = 0
         return run
@@ -156,24 +230,41 @@ class TemporalStatsRecorder:
             for handle in handles:
                 handle.remove()
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        self.recording = False
+        try:
+            yield
+        finally:
+            self.recording = True
+
     def _residual_hook(self, name: str):
         def hook(module, args):
-            self._residual_norm[name] = args[0].detach().norm(dim=-1)
+            if self.recording:
+                self._residual_norm[name] = args[0].detach().norm(dim=-1)
         return hook
 
     def _attention_hook(self, site: TemporalSite):
         def hook(attn, args, kwargs):
+            if not self.recording:
+                return
             hidden_states = args[0] if args else kwargs["hidden_states"]
             residual_norm = self._residual_norm.pop(site.attention, None)
             if residual_norm is None:
                 residual_norm = hidden_states.detach().norm(dim=-1)
             named = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            per_criterion, tokens = site.access(attn).statistics(hidden_states.detach(), residual_norm, *args[1:],
-                                                                 **named)
+            per_criterion, tokens, writes = site.access(attn).statistics(hidden_states.detach(), residual_norm,
+                                                                         *args[1:], **named)
             sums = self.run.sums[site.attention]
-            for criterion in self.criteria:
+            for criterion in per_criterion:
                 sums[criterion][self.step] += per_criterion[criterion].cpu()
             self.run.tokens[site.attention][self.step] += tokens
+            totals = self.run.writes[site.attention]
+            for part in ("distance_mass", "written", "window_loss"):
+                value = getattr(writes, part)
+                if value is not None:
+                    totals[part][:, :value.shape[1]] += value
+            totals["write_queries"] += writes.write_queries
         return hook
 
 
@@ -226,8 +317,7 @@ class RunStore:
                 t.dtype != expected[n].dtype or t.shape != expected[n].shape or not t.isfinite().all()
                 for n, t in tensors.items()):
             return None
-        return RunStatistics({name: {c: tensors[f"{name}/{c}"] for c in sums} for name, sums in like.sums.items()},
-                             {name: tensors[f"{name}/tokens"] for name in like.tokens}, timesteps)
+        return RunStatistics.from_tensors(tensors, like, timesteps)
 
     def clear(self) -> None:
         """Once the scores are written, the runs are no longer needed."""
@@ -298,32 +388,47 @@ def placed(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
 
 def scores_of(model: nn.Module, sites: list[TemporalSite], total: RunStatistics, samples: int,
               note: str | None = None, text: str | None = None, random_weights: bool = False) -> Scores:
-    """Every criterion per module: token criteria from the summed runs, weight criteria from the model."""
-    modules = {}
+    """Every criterion per module: token criteria from the summed runs, weight criteria from the model, output
+    criteria per model call; with the distance profile and the compensation means."""
+    modules, compensation = {}, {}
     for site in sites:
         heads = site.heads_of(model)
         sums = total.sums[site.attention]
-        tokens = total.tokens[site.attention]
-        per_step = {c: (t / tokens.clamp_min(1.0)[:, None]).tolist() for c, t in sums.items()}
-        overall = {c: (sums[c].sum(0) / tokens.sum().clamp_min(1.0)).tolist() if c in sums
-                   else scorer.score(heads.projections()).tolist() for c, scorer in CRITERIA.items()}
-        modules[site.attention] = ModuleScores(heads.heads, heads.head_dim, overall, per_step)
-    return Scores(modules, total.timesteps, samples, note, text, random_weights)
+        counts = {c: total.calls if isinstance(CRITERIA[c], OutputScorer) else total.tokens[site.attention]
+                  for c in sums}
+        per_step = {c: (t / counts[c].clamp_min(1.0)[:, None]).tolist() for c, t in sums.items()}
+        overall = {c: (sums[c].sum(0) / counts[c].sum().clamp_min(1.0)).tolist() if c in sums
+                   else scorer.score(heads.projections()).tolist() for c, scorer in CRITERIA.items()
+                   if c in sums or isinstance(scorer, WeightScorer)}
+        writes = total.writes[site.attention]
+        mass = writes["distance_mass"] / total.tokens[site.attention].sum().clamp_min(1.0)
+        modules[site.attention] = ModuleScores(heads.heads, heads.head_dim, overall, per_step, mass.tolist())
+        if writes["write_queries"].item():
+            compensation[site.attention] = {part: (writes[part] / writes["write_queries"]).float()
+                                            for part in ("written", "window_loss")}
+    return Scores(modules, total.timesteps, samples, note, text, random_weights, compensation=compensation or None)
 
 
 def calibrate(adapter: ModelAdapter, bundle: ModelBundle, shape: VideoShape, section: CalibrationSection,
-              store: RunStore | None = None, team: Team | None = None) -> Scores | None:
+              store: RunStore | None = None, team: Team | None = None, measure: OutputMeasure | None = None
+              ) -> Scores | None:
     """Run the model over the section's inputs (prompts x seeds, or token sequences) and score every temporal head.
 
     With ``store``, each finished run is saved there and a run found there is not run again (an interrupted
     calibration resumes); with ``team`` (torchrun), the runs left are shared among its processes and only its
     leader, which holds the store, returns the scores (the others None). Either way the runs are summed in
-    run order, so the scores are the same bytes.
+    run order, so the scores are the same bytes. With ``measure``, ``sensitivity`` is measured too, for its
+    action.
     """
     model = bundle.model
     sites = adapter.structure.temporal_sites(model)
     steps = adapter.protocol.calls(section)
-    recorder = TemporalStatsRecorder(model, sites, steps)
+    recorder = TemporalStatsRecorder(model, sites, steps, shape.frames, ["sensitivity"] if measure else [])
+
+    def record_sensitivity(changes: dict[str, torch.Tensor]) -> None:
+        for name, per_head in changes.items():
+            recorder.run.sums[name]["sensitivity"][recorder.step] += per_head
+        recorder.run.calls[recorder.step] += 1
     runs = adapter.protocol.runs(section)
     adapter.prepare_runs(bundle, runs)
     done = store.finished(len(runs), recorder.run) if store is not None else {}
@@ -348,6 +453,8 @@ def calibrate(adapter: ModelAdapter, bundle: ModelBundle, shape: VideoShape, sec
             store.save(index, run)
 
     with recorder.attached(), placed(model, calibration_device(section, team)) as runner:
+        if measure is not None:
+            runner = SensitivityProbe(runner, model, sites, measure, record_sensitivity, recorder.paused)
         if team is None:
             with RunProgress(len(runs), steps, len(done), 1) as bar:
                 for index in todo:
@@ -357,8 +464,10 @@ def calibrate(adapter: ModelAdapter, bundle: ModelBundle, shape: VideoShape, sec
             team.share(todo, lambda: RunProgress(len(runs), steps, len(done), team.size), run_one, finished)
     if team is not None and not team.leader:
         return None
-    total = RunStatistics.zeros(recorder.sizes, recorder.criteria, steps)
+    total = recorder.empty()
     for index in range(len(runs)):
         total.add(done[index])
-    return scores_of(model, sites, total, len(runs), adapter.calibration_note, adapter.text_source(bundle),
-                     bundle.random_weights)
+    scores = scores_of(model, sites, total, len(runs), adapter.calibration_note, adapter.text_source(bundle),
+                       bundle.random_weights)
+    scores.sensitivity_of = measure.to_json() if measure else None
+    return scores

@@ -13,6 +13,8 @@ Two kinds of scorer:
   the scorer sums its quantity over the observed tokens, and calibration
   averages the sums per step and overall.
 * ``WeightScorer``: from the head's weights alone (``HeadProjections``), data-free.
+* ``OutputScorer``: measured at the model's output, by calibration's extra forward passes with the head
+  changed (``sensitivity.py``): costly, so measured only when the recipe ranks by it.
 
 ``mixing`` is the design's ``cross_frame_mass``: for a temporal-only attention every key but the query's own
 is another frame's; for a joint 3D attention the keys of other frames (not the query's frame, not the text).
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
 if TYPE_CHECKING:  # torch is imported where a scorer runs: the recipe reads this registry in processes that
     import torch  # must not load torch (``f3export generate`` runs engines only)
@@ -42,6 +44,14 @@ class HeadObservation:
     residual_norm: torch.Tensor  # ||x||: the residual stream entering the module, at the same tokens
     cross_frame_mass: torch.Tensor  # the head's attention probability mass on other frames' keys
     cross_output_norm: torch.Tensor  # ||W_o[:, h] ((A_h * M_cross) V_h)||: what its cross-frame part writes
+    # Not scores: what a plan's choices read. Each summed over the observation's queries, per head.
+    distance_mass: Optional[torch.Tensor] = None  # [heads, frames]: attention mass on keys d frames away
+    written: Optional[torch.Tensor] = None  # [heads, C_out]: W_o[:, h] (A_h V_h), what the head writes (removal)
+    # [heads, frames, C_out]: what the head's write loses when it reads only w frames on each side (w = 0, 1, ..)
+    window_loss: Optional[torch.Tensor] = None
+    # the queries ``written`` / ``window_loss`` sum over, where more than the scored ones (a joint attention's
+    # text queries also receive the output projection's bias)
+    write_queries: Optional[int] = None
 
     @property
     def tokens(self) -> int:
@@ -63,6 +73,12 @@ class WeightScorer(NamedTuple):
     """Per head, from the head's weights alone."""
 
     score: Callable[["HeadProjections"], torch.Tensor]
+
+
+class OutputScorer(NamedTuple):
+    """Per head, measured at the model's output with the head changed by the recipe's action (sensitivity.py)."""
+
+    description: str
 
 
 def contribution(observed: HeadObservation) -> torch.Tensor:
@@ -110,6 +126,8 @@ CRITERIA: dict[str, TokenScorer | WeightScorer] = {
     "temporal_contribution": TokenScorer(temporal_contribution),
     "magnitude": WeightScorer(magnitude),
     "random": WeightScorer(random_baseline),
+    "sensitivity": OutputScorer("||y(head changed) - y|| / ||y||: the relative change of the model's prediction "
+                                "with this head alone pruned by the recipe's action, per step"),
 }
 
 

@@ -8,17 +8,18 @@ head is replaced by its constant remainder (the output bias) and its own norm
 by the identity.
 
 The plan's ``action`` says what happens to the heads ranked below the ratio:
-``remove`` (F3) as above, or ``frame-local`` (joint 3D attention,
+``remove`` (F3) as above, ``frame-local`` (joint 3D attention,
 ``models/joint_attention.py``): they keep their weights and attend within their
-own frame. A plan is structure plus provenance: which heads each module keeps
+own frame, or ``temporal-window``: within their own frame and ``window`` frames
+on each side. A plan is structure plus provenance: which heads each module keeps
 (``KeptHeads``) and which of them are frame-local (``LocalHeads``), all that
 pruning, masking and reloading read, and the recipe choices that produced it
 (recorded in plan.json). The saved pruned model records both in its config, so
 a reload rebuilds exactly those.
 
 Exactness: the pruned model equals the original with the removed heads'
-output-projection columns zeroed and the frame-local heads' cross-frame scores
-at -inf (``mask_heads``), to float tolerance.
+output-projection columns zeroed and the frame-local heads' scores of keys
+beyond their window at -inf (``mask_heads``), to float tolerance.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from .errors import CheckpointError
 from .models import FAMILIES, get_adapter
 from .models.base import ModelAdapter
 from .models.structure import TemporalSite
-from .recipe import PruningSection
+from .recipe import LOCAL_ACTIONS, PruningSection
 from .weights import load_into, load_state_dict, read_json, save_state_dict
 
 PRUNED_CONFIG = "config.json"
@@ -63,6 +64,8 @@ class PruningPlan:
     removed: dict[str, list[int]]  # module -> indices of removed heads (sorted)
     search: dict[str, Any] | None = None  # how ratio = "auto" chose ``ratio`` (search.py), None when given
     action: str = "remove"
+    window: int = 0  # frames on each side the local heads read (0: frame-local)
+    compensate: bool = False  # what the pruned heads no longer write is folded into the output bias
 
     @property
     def total_heads(self) -> int:
@@ -81,7 +84,7 @@ class PruningPlan:
     @property
     def local_heads(self) -> LocalHeads:
         """Every module's frame-local heads (none, when the pruned heads are removed)."""
-        return dict(self.removed) if self.action == "frame-local" else {}
+        return dict(self.removed) if self.action in LOCAL_ACTIONS else {}
 
     def head_counts(self) -> dict[str, int]:
         return {m: len(kept) for m, kept in self.kept_heads.items()}
@@ -94,6 +97,8 @@ class PruningPlan:
             "removed_heads": self.removed_heads,
             "modules_removed": sorted(m for m, n in self.head_counts().items() if n == 0),
             "action": self.action,
+            "window": self.window,
+            "compensate": self.compensate,
         }
         return data
 
@@ -140,7 +145,7 @@ def make_plan(scores: Scores, section: PruningSection) -> PruningPlan:
             take(candidates([module]), _round_half_up(section.ratio * heads[module]))
     return PruningPlan(section.criterion, section.scope, section.ratio, section.min_heads_per_module,
                        list(section.keep), heads, {m: sorted(v) for m, v in removed.items() if v},
-                       action=section.action or "remove")
+                       action=section.action or "remove", window=section.frames_window, compensate=section.compensate)
 
 
 def remove_site(model: nn.Module, site: TemporalSite) -> None:
@@ -150,14 +155,14 @@ def remove_site(model: nn.Module, site: TemporalSite) -> None:
         model.set_submodule(site.own_norm, nn.Identity())
 
 
-def apply_plan(model: nn.Module, sites: list[TemporalSite], kept: KeptHeads, local: LocalHeads | None = None
-               ) -> None:
+def apply_plan(model: nn.Module, sites: list[TemporalSite], kept: KeptHeads, local: LocalHeads | None = None,
+               window: int = 0) -> None:
     """Physically keep only the listed heads of each module (a module not listed keeps all) and make the
-    ``local`` heads frame-local, in place."""
+    ``local`` heads frame-local (``window`` frames on each side), in place."""
     for site in sites:
         heads = site.heads_of(model)
         if local and local.get(site.attention):
-            heads.localize(local[site.attention])
+            heads.localize(local[site.attention], window)
         keep = kept.get(site.attention)
         if keep is None or len(keep) == heads.heads:
             continue
@@ -167,25 +172,58 @@ def apply_plan(model: nn.Module, sites: list[TemporalSite], kept: KeptHeads, loc
             remove_site(model, site)
 
 
-def pruned_copy(adapter: ModelAdapter, model: nn.Module, plan: PruningPlan) -> nn.Module:
-    """A copy of ``model`` pruned by ``plan``; the model itself is left whole."""
+def compensation_shifts(plan: PruningPlan, compensation: dict[str, dict[str, torch.Tensor]] | None
+                        ) -> dict[str, torch.Tensor]:
+    """Per module with pruned heads, what ``compensate`` adds to its output bias: the calibration-mean of what
+    those heads no longer write (removed: their whole write; frame-local / windowed: what the window loses,
+    renormalised as the pruned head is). None without ``plan.compensate``."""
+    if not plan.compensate:
+        return {}
+    shifts = {}
+    for module, heads in plan.removed.items():
+        parts = (compensation or {}).get(module)
+        if parts is None:
+            raise CheckpointError(f"[pruning].compensate: the calibration measured no compensation means for "
+                                  f"{module!r} (its family's attention does not record them)")
+        lost = parts["written"][heads] if plan.action == "remove" else \
+            parts["window_loss"][heads, min(plan.window, parts["window_loss"].shape[1] - 1)]
+        shifts[module] = lost.sum(dim=0)
+    return shifts
+
+
+def compensate(model: nn.Module, sites: list[TemporalSite], shifts: dict[str, torch.Tensor]) -> None:
+    """Add each module's shift to its output bias, in place (before pruning: the bias is carried over)."""
+    for site in sites:
+        if site.attention in shifts:
+            try:
+                site.heads_of(model).add_output_bias(shifts[site.attention])
+            except ValueError as exc:
+                raise CheckpointError(f"[pruning].compensate: {site.attention}: {exc}") from None
+
+
+def pruned_copy(adapter: ModelAdapter, model: nn.Module, plan: PruningPlan,
+                compensation: dict[str, dict[str, torch.Tensor]] | None = None) -> nn.Module:
+    """A copy of ``model`` pruned by ``plan`` (compensated from ``compensation``, the calibration's means, where
+    the plan says); the model itself is left whole."""
     pruned = copy.deepcopy(model)
-    apply_plan(pruned, adapter.structure.temporal_sites(pruned), plan.kept_heads, plan.local_heads)
+    sites = adapter.structure.temporal_sites(pruned)
+    compensate(pruned, sites, compensation_shifts(plan, compensation))
+    apply_plan(pruned, sites, plan.kept_heads, plan.local_heads, plan.window)
     return pruned
 
 
 @torch.no_grad()
-def mask_heads(model: nn.Module, sites: list[TemporalSite], kept: KeptHeads, local: LocalHeads | None = None
-               ) -> None:
-    """Zero the output-projection columns of every head not kept and mask the cross-frame scores of the
-    ``local`` heads (the reference for exactness)."""
+def mask_heads(model: nn.Module, sites: list[TemporalSite], kept: KeptHeads, local: LocalHeads | None = None,
+               window: int = 0) -> None:
+    """Zero the output-projection columns of every head not kept and mask the ``local`` heads' scores of keys
+    beyond ``window`` frames (the reference for exactness)."""
     for site in sites:
         heads = site.heads_of(model)
         gone = [h for h in range(heads.heads) if h not in kept.get(site.attention, range(heads.heads))]
         if gone:
             heads.mask(gone)
         if local and local.get(site.attention):
-            heads.mask_cross_frame(local[site.attention])
+            heads.mask_cross_frame(local[site.attention], window)
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -193,14 +231,14 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def save_pruned(adapter: ModelAdapter, config: dict[str, Any], model: nn.Module, kept: KeptHeads,
-                folder: Path, local: LocalHeads | None = None) -> list[Path]:
+                folder: Path, local: LocalHeads | None = None, window: int = 0) -> list[Path]:
     """A self-contained pruned model: weights + the family config + the heads each temporal module kept and
-    those it made frame-local."""
+    those it made frame-local, with their window."""
     folder.mkdir(parents=True, exist_ok=True)
     weights, config_path = folder / PRUNED_WEIGHTS, folder / PRUNED_CONFIG
     save_state_dict(model, weights)
     write_json(config_path, {"family": adapter.family, "adapter_options": adapter.options(), "config": config,
-                             "kept_heads": kept, "local_heads": local or {}})
+                             "kept_heads": kept, "local_heads": local or {}, "window": window})
     return [weights, config_path]
 
 
@@ -213,6 +251,7 @@ def load_pruned(folder: Path) -> tuple[ModelAdapter, dict[str, Any], nn.Module]:
             raise KeyError(f"family {meta['family']!r}")
         adapter = get_adapter(meta["family"], meta.get("adapter_options"))
         config, kept, local = meta["config"], meta["kept_heads"], meta.get("local_heads", {})
+        window = meta.get("window", 0)
     except KeyError as exc:
         raise CheckpointError(f"{path}: missing or unknown {exc}") from None
     model = adapter.checkpoint.build(config).eval()
@@ -229,7 +268,9 @@ def load_pruned(folder: Path) -> tuple[ModelAdapter, dict[str, Any], nn.Module]:
                                       f"distinct head indices in [0, {heads[module] - 1}]")
     if local and "frame-local" not in adapter.structure.actions:
         raise CheckpointError(f"{path}: local_heads given, but {adapter.family} heads cannot go frame-local")
-    apply_plan(model, sites, kept, local)
+    if type(window) is not int or window < 0:
+        raise CheckpointError(f"{path}: window = {window!r} is not a frame count >= 0")
+    apply_plan(model, sites, kept, local, window)
     weights = folder / PRUNED_WEIGHTS
     load_into(model, load_state_dict(weights), weights, assign=True)  # no second copy of the weights
     return adapter, config, model

@@ -90,9 +90,14 @@ class CalibrationSection:
     # where the runs' forward passes run: "cuda" puts each torchrun process on its own GPU (LOCAL_RANK), and
     # the processes then gather over NCCL instead of gloo; noise is drawn on the CPU either way
     device: str = spec("cpu", choices=("cpu", "cuda"))
+    # heads one pass of the ``sensitivity`` criterion changes (each in its own copy of the batch): passes per
+    # model call = ceil(heads / this), each at this many times the batch
+    sensitivity_batch: int = spec(8, low=1)
 
 
-ACTIONS = ("remove", "frame-local")  # [pruning].action; a family allows those its structure can do
+# [pruning].action; a family allows those its structure can do. "frame-local" is "temporal-window" at window 0.
+ACTIONS = ("remove", "frame-local", "temporal-window")
+LOCAL_ACTIONS = ("frame-local", "temporal-window")  # the heads keep their weights and read fewer frames
 
 
 @dataclass(frozen=True)
@@ -104,9 +109,19 @@ class PruningSection:
     ratio: float | str = spec(0.5, low=0.0, high=1.0, words=(AUTO_RATIO,))
     min_heads_per_module: int = spec(0, low=0)
     keep: list[str] = spec([])  # module names (glob patterns) never pruned
-    # what happens to the heads ranked below the ratio: "remove" (F3), or "frame-local" (joint 3D attention:
-    # they attend within their own frame); unset: the family's default (its first)
+    # what happens to the heads ranked below the ratio: "remove" (F3), "frame-local" (joint 3D attention: they
+    # attend within their own frame) or "temporal-window" (their own frame and ``window`` frames on each side);
+    # unset: the family's default (its first)
     action: str | None = spec(None, choices=ACTIONS)
+    window: int = spec(1, low=0)  # frames on each side a "temporal-window" head reads (read by that action only)
+    # fold the calibration-mean of what the pruned heads no longer write (removed: all of it; frame-local or
+    # windowed: what the window loses) into their module's output bias (FLAP's bias compensation)
+    compensate: bool = spec(False)
+
+    @property
+    def frames_window(self) -> int:
+        """The window the pruned heads keep: 0 for frame-local, ``window`` for temporal-window."""
+        return self.window if self.action == "temporal-window" else 0
 
 
 @dataclass(frozen=True)
@@ -419,7 +434,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
                           f"path ({problem})")
     _check_model_family(recipe)
     recipe = _with_latent_sizes(recipe, raw["model"])
-    recipe = _with_family_action(recipe)
+    recipe = _with_family_action(recipe, set(raw.get("pruning", {})))
     _check_engine(recipe)
     _check_backend_keys(recipe, set(raw.get("engine", {})))
     _check_allowed_roots(recipe)
@@ -544,17 +559,21 @@ def _with_latent_sizes(recipe: Recipe, given: dict[str, Any]) -> Recipe:
     return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, **latent))
 
 
-def _with_family_action(recipe: Recipe) -> Recipe:
-    """The recipe with [pruning].action resolved to the family's default, or refused where its heads cannot."""
+def _with_family_action(recipe: Recipe, given: set[str]) -> Recipe:
+    """The recipe with [pruning].action resolved to the family's default, or refused where its heads cannot
+    (or where ``window`` is set for an action that does not read it)."""
     from .models import get_adapter
 
     actions = get_adapter(recipe.model.family, recipe.model.adapter_options).structure.actions
     action = recipe.pruning.action
     if action is None:
-        return dataclasses.replace(recipe, pruning=dataclasses.replace(recipe.pruning, action=actions[0]))
-    if action not in actions:
+        recipe = dataclasses.replace(recipe, pruning=dataclasses.replace(recipe.pruning, action=actions[0]))
+    elif action not in actions:
         raise RecipeError(f"{recipe.source.name}: [pruning].action = {action!r}: the heads of a "
                           f"{recipe.model.family} model can only be {' or '.join(map(repr, actions))}")
+    if "window" in given and recipe.pruning.action != "temporal-window":
+        raise RecipeError(f"{recipe.source.name}: [pruning].window is read only by action = 'temporal-window' "
+                          f"(the recipe's action is {recipe.pruning.action!r})")
     return recipe
 
 

@@ -43,7 +43,7 @@ class RatioSearch:
 
     def passes(self, removed: int) -> bool:
         plan = self.plan(removed)
-        pruned = pruned_copy(self.adapter, self.bundle.model, plan)
+        pruned = pruned_copy(self.adapter, self.bundle.model, plan, self.scores.compensation)
         fidelity = pruning_fidelity(self.adapter, self.bundle, pruned, self.shape, self.validation, self.references)
         gates = pruning_gates(self.adapter, fidelity, self.validation)
         passed = all(g.passed for g in gates)

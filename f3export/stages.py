@@ -35,6 +35,7 @@ from .pictures import video_strips
 from .prune import PruningPlan, load_pruned, make_plan, parameter_count, pruned_copy, save_pruned
 from .recipe import AUTO_RATIO, Recipe
 from .search import choose_ratio
+from .sensitivity import OutputMeasure
 from .text_standin import STANDIN_TEXT
 from .report import console, detail
 from .validate import (Comparison, compare_engine, export_gates, gates_json, golden_samples, load_goldens,
@@ -236,7 +237,7 @@ def input_value(name: str, ctx: StageContext, versions: dict[str, str]) -> Any:
         return [b.versions() for b in ctx.backends] if item == BACKENDS else versions[item]
     return {"stage": lambda: ctx.records[item].files, "section": lambda: ctx.recipe.section(item),
             "model": lambda: ctx.model.digest(item), "files": lambda: ctx.files_digest(item),
-            "shape": lambda: ctx.shape_value(item)}[kind]()
+            "shape": lambda: ctx.shape_value(item), "measure": lambda: output_measure(ctx.recipe).to_json()}[kind]()
 
 
 def stage_key(stage: Stage, ctx: StageContext, versions: dict[str, str]) -> str:
@@ -249,12 +250,22 @@ def stage_key(stage: Stage, ctx: StageContext, versions: dict[str, str]) -> str:
 CALIBRATION_RUNS = "calibration"  # the finished runs of an unfinished calibration, a folder per stage key
 
 
+def output_measure(recipe: Recipe) -> OutputMeasure | None:
+    """What the ``sensitivity`` criterion changes heads by, when the recipe ranks by it (it alone costs extra
+    forward passes, so calibration measures it then only, for the recipe's action)."""
+    pruning = recipe.pruning
+    if pruning.criterion != "sensitivity":
+        return None
+    return OutputMeasure(pruning.action, pruning.frames_window, recipe.calibration.sensitivity_batch)
+
+
 def calibrate_scores(ctx: StageContext) -> StageOutput:
     """Runs saved as they finish (resumed after a crash), shared with the team's other processes; the team's
     other processes return here without writing anything."""
     args = (ctx.adapter, ctx.model.bundle, ctx.shape, ctx.recipe.calibration)
+    measure = output_measure(ctx.recipe)
     if ctx.team is not None and not ctx.team.leader:
-        calibrate(*args, team=ctx.team)
+        calibrate(*args, team=ctx.team, measure=measure)
         return [], {}
     runs = ctx.root / CALIBRATION_RUNS
     key = ctx.keys["calibrate"]
@@ -262,12 +273,11 @@ def calibrate_scores(ctx: StageContext) -> StageOutput:
         if stale.name != key:
             shutil.rmtree(stale, ignore_errors=True)
     store = RunStore(runs / key, key)
-    scores = calibrate(*args, store=store, team=ctx.team)
-    path = ctx.root / "scores.json"
-    write_json(path, scores.to_json())
+    scores = calibrate(*args, store=store, team=ctx.team, measure=measure)
+    paths = scores.save(ctx.root)
     heads = sum(m.heads for m in scores.modules.values())
     shutil.rmtree(runs, ignore_errors=True)  # scores.json holds them now
-    return [path], {"modules": len(scores.modules), "heads": heads, "samples": scores.samples}
+    return paths, {"modules": len(scores.modules), "heads": heads, "samples": scores.samples}
 
 
 def searches_ratio(recipe: Recipe) -> bool:
@@ -277,7 +287,7 @@ def searches_ratio(recipe: Recipe) -> bool:
 def plan_heads(ctx: StageContext) -> StageOutput:
     """The heads to remove; with ratio = "auto", the ratio too, by sampling held-out runs (search.py), the one
     case the plan loads the model."""
-    scores = Scores.from_json(json.loads((ctx.root / "scores.json").read_text()))
+    scores = Scores.load(ctx.root)
     r = ctx.recipe
     plan = choose_ratio(ctx.adapter, ctx.model.bundle, ctx.shape, scores, r.pruning, r.validation) \
         if searches_ratio(r) else make_plan(scores, r.pruning)
@@ -289,9 +299,9 @@ def plan_heads(ctx: StageContext) -> StageOutput:
 def prune_model(ctx: StageContext) -> StageOutput:
     plan = PruningPlan.from_json(json.loads((ctx.root / "plan.json").read_text()))
     original = ctx.model.bundle.model
-    pruned = pruned_copy(ctx.adapter, original, plan)
+    pruned = pruned_copy(ctx.adapter, original, plan, Scores.load(ctx.root).compensation if plan.compensate else None)
     files = save_pruned(ctx.adapter, ctx.model.bundle.config, pruned, plan.kept_heads, ctx.root / "pruned",
-                        plan.local_heads)
+                        plan.local_heads, plan.window)
     before, after = parameter_count(original), parameter_count(pruned)
     return files, {"parameters_original": before, "parameters_pruned": after, "parameters_removed": before - after}
 
@@ -466,16 +476,20 @@ def validate_engines(ctx: StageContext) -> StageOutput:
 
 # -- the graph --------------------------------------------------------------------------------------------
 STAGES = (
+    # calibrate: ranking by sensitivity measures it for the recipe's action (and window) too
     Stage("calibrate", calibrate_scores, sections=("calibration",), model_files=("network", "sampling"),
           input_files=("calibration",), shapes=("latent",),
-          libraries=("torch", "diffusers", "transformers", "f3export"), shared=True),
+          libraries=("torch", "diffusers", "transformers", "f3export"), shared=True,
+          conditional=(lambda recipe: output_measure(recipe) is not None, ("measure:sensitivity",))),
     # plan: a given ratio reads scores.json and [pruning] only; ratio = "auto" samples the held-out runs with
     # the model (search.py), so then it reads what validation's runs read
     Stage("plan", plan_heads, upstream=("calibrate",), sections=("pruning",), libraries=("f3export",),
           needs_model=False, conditional=(searches_ratio, (
               "section:validation", "model:network", "model:sampling", "files:validation", "shape:latent",
               "library:torch", "library:diffusers", "library:transformers"))),
-    Stage("prune", prune_model, upstream=("plan",), model_files=("network",), libraries=("torch", "f3export")),
+    # prune: compensation reads the calibration's means (compensation.safetensors)
+    Stage("prune", prune_model, upstream=("plan", "calibrate"), model_files=("network",),
+          libraries=("torch", "f3export")),
     # export: the contract records the profile ranges and the conventions files (the scheduler); the text
     # encoder and VAE (sampling files) are exported beside the models
     Stage("export", export_models, upstream=("prune",), sections=("export",),

@@ -205,3 +205,23 @@ def assert_reruns_exactly(before: dict, after: dict, changed: dict[str, bool]) -
         inputs_changed = any(after[u]["files"] != before[u]["files"] for u in CONSUMES.get(stage, []))
         reran = after[stage]["key"] != before[stage]["key"]
         assert reran == (changed.get(stage, False) or inputs_changed), stage
+
+
+@pytest.fixture(scope="module", params=["cogvideox", "wan"])
+def joint_family(request):
+    """A tiny joint-attention transformer (CogVideoX, Wan) with weights large enough that every head matters."""
+    from f3export.models import get_adapter
+
+    adapter = get_adapter(request.param)
+    bundle = adapter.checkpoint.load_preset("tiny", seed=0)
+    with torch.no_grad():
+        for parameter in bundle.model.parameters():
+            parameter.normal_(0, 0.2, generator=torch.Generator().manual_seed(parameter.numel()))
+    return adapter, bundle
+
+
+def joint_inputs(adapter, model, frames, seed=1):
+    """A joint transformer's inputs at ``frames`` latent frames of 8x8, CFG batch 2."""
+    from f3export.models.base import VideoShape
+
+    return adapter.example_inputs(model, VideoShape(frames, 8, 8), batch=2, seed=seed)

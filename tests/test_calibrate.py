@@ -26,7 +26,7 @@ def temporal_attention(tiny_model):
 def test_contribution_is_each_heads_own_output_norm_over_the_residual_norm(temporal_attention):
     x = torch.randn(5, 6, temporal_attention.to_q.in_features, generator=torch.Generator().manual_seed(0))
     residual_norm = torch.rand(5, 6) + 0.5
-    sums, tokens = DiffusersAttentionHeads(temporal_attention).statistics(x, residual_norm)
+    sums, tokens, _ = DiffusersAttentionHeads(temporal_attention).statistics(x, residual_norm)
     contribution = sums["contribution"]
     bias = temporal_attention.to_out[0].bias
     for head in range(temporal_attention.heads):
@@ -43,7 +43,7 @@ def test_mixing_of_uniform_attention_is_one_minus_one_over_frames(temporal_atten
     with torch.no_grad():
         temporal_attention.to_q.weight.zero_()  # equal logits: every frame attends to all F equally
     x = torch.randn(3, 4, temporal_attention.to_q.in_features)
-    sums, tokens = DiffusersAttentionHeads(temporal_attention).statistics(x, torch.ones(3, 4))
+    sums, tokens, _ = DiffusersAttentionHeads(temporal_attention).statistics(x, torch.ones(3, 4))
     assert torch.allclose(sums["mixing"] / tokens, torch.full((8,), 1 - 1 / 4, dtype=torch.float64))
 
 
@@ -81,7 +81,8 @@ def test_a_registered_scorer_is_a_recipe_criterion_and_a_scores_column(monkeypat
     assert recipe.pruning.criterion == "contribution_again"
     scores = calibrate(TAV, tiny_bundle, SMALL_SHAPE, recipe.calibration)
     assert scores.to_json()["criteria"] == ["contribution", "mixing", "temporal_contribution", "magnitude", "random",
-                                            "contribution_again", "magnitude_squared"]
+                                            "sensitivity", "contribution_again", "magnitude_squared"]
+    assert all("sensitivity" not in m.scores for m in scores.modules.values())  # measured only when ranked by
     for module in scores.modules.values():
         assert module.scores["contribution_again"] == module.scores["contribution"]
         assert module.per_step["contribution_again"] == module.per_step["contribution"]

@@ -100,7 +100,7 @@ def test_contribution_is_each_heads_weighted_output_over_the_residual_norm_from_
     hidden = torch.randn(2, 328, 64, generator=torch.Generator().manual_seed(1))
     residual_norm = torch.rand(2, 328) + 0.5
     keys = key_mask(8, torch.tensor([8, 3]), 328)
-    sums, tokens = TemporalChannelHeads(channel).statistics(hidden, residual_norm, keys)
+    sums, tokens, _ = TemporalChannelHeads(channel).statistics(hidden, residual_norm, keys)
     contribution, mixing = sums["contribution"], sums["mixing"]
     assert tokens == 2 * 4 * 64
     with torch.no_grad():

@@ -24,30 +24,22 @@ from f3export.models.base import VideoShape
 from f3export.prune import apply_plan, make_plan, mask_heads, parameter_count
 from f3export.recipe import PruningSection, family_sections
 
-from conftest import relative_l2, run, scores_for
+from conftest import joint_inputs as inputs, relative_l2, run, scores_for
 
 DIFFUSERS_PROCESSORS = {"cogvideox": CogVideoXAttnProcessor2_0, "wan": WanAttnProcessor}
 
 
-@pytest.fixture(scope="module", params=list(DIFFUSERS_PROCESSORS))
-def family(request):
-    adapter = get_adapter(request.param)
-    bundle = adapter.checkpoint.load_preset("tiny", seed=0)
-    with torch.no_grad():  # weights large enough that every head matters
-        for parameter in bundle.model.parameters():
-            parameter.normal_(0, 0.2, generator=torch.Generator().manual_seed(parameter.numel()))
-    return adapter, bundle
+@pytest.fixture(scope="module")
+def family(joint_family):
+    return joint_family
 
 
-def inputs(adapter, model, frames, seed=1):
-    return adapter.example_inputs(model, VideoShape(frames, 8, 8), batch=2, seed=seed)
-
-
-def pruned_and_reference(adapter, model, ratio, action):
-    plan = make_plan(scores_for(model, adapter=adapter), PruningSection(ratio=ratio, action=action))
+def pruned_and_reference(adapter, model, ratio, action, window=1):
+    plan = make_plan(scores_for(model, adapter=adapter), PruningSection(ratio=ratio, action=action, window=window))
     pruned, reference = copy.deepcopy(model), copy.deepcopy(model)
-    apply_plan(pruned, adapter.structure.temporal_sites(pruned), plan.kept_heads, plan.local_heads)
-    mask_heads(reference, adapter.structure.temporal_sites(reference), plan.kept_heads, plan.local_heads)
+    apply_plan(pruned, adapter.structure.temporal_sites(pruned), plan.kept_heads, plan.local_heads, plan.window)
+    mask_heads(reference, adapter.structure.temporal_sites(reference), plan.kept_heads, plan.local_heads,
+               plan.window)
     return plan, pruned, reference
 
 
@@ -76,6 +68,39 @@ def test_pruned_equals_the_original_with_those_heads_masked_at_every_frame_count
             assert (relative_l2(out, original) > 1e-3) == (ratio > 0), frames  # the heads did matter
 
 
+@pytest.mark.parametrize("window", [0, 1, 2])
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 1.0])
+def test_windowed_heads_equal_the_original_with_scores_beyond_the_window_masked(family, window, ratio):
+    """A temporal-window head reads its own frame and ``window`` frames on each side: exactly the original with
+    the scores of keys |f_q - f_k| > w at -inf, at every frame count (fewer frames than the window's span too);
+    window 0 is frame-local, and a window as wide as the clip changes nothing."""
+    adapter, bundle = family
+    plan, pruned, reference = pruned_and_reference(adapter, bundle.model, ratio, "temporal-window", window)
+    assert (plan.action, plan.window, plan.removed_heads) == ("temporal-window", window, round(ratio * 8))
+    with torch.no_grad():
+        for frames in (2, 3, 5):
+            x = inputs(adapter, bundle.model, frames)
+            out, expected, original = pruned(**x), reference(**x), bundle.model(**x)
+            assert relative_l2(out, expected) < 1e-5, frames
+            changed = ratio > 0 and frames - 1 > window
+            assert (relative_l2(out, original) > 1e-3) == changed, frames
+    if window == 0 and ratio:
+        _, local, _ = pruned_and_reference(adapter, bundle.model, ratio, "frame-local")
+        x = inputs(adapter, bundle.model, 5)
+        with torch.no_grad():
+            assert relative_l2(pruned(**x), local(**x)) < 1e-6
+
+
+def test_a_wider_window_stays_closer_to_the_original(family):
+    adapter, bundle = family
+    x = inputs(adapter, bundle.model, 5)
+    with torch.no_grad():
+        original = bundle.model(**x)
+        errors = [relative_l2(pruned_and_reference(adapter, bundle.model, 1.0, "temporal-window", w)[1](**x),
+                              original) for w in (0, 1, 2, 3, 4)]
+    assert errors[0] > errors[1] > errors[2] > errors[3] > 1e-3 and errors[4] < 1e-6, errors
+
+
 def test_frame_local_heads_keep_every_parameter_and_removed_heads_lose_theirs(family):
     adapter, bundle = family
     total = parameter_count(bundle.model)
@@ -91,7 +116,7 @@ def test_frame_local_heads_keep_every_parameter_and_removed_heads_lose_theirs(fa
     assert layers * bundle.model.inner.config.num_attention_heads == 8
 
 
-@pytest.mark.parametrize("action", ["frame-local", "remove"])
+@pytest.mark.parametrize("action", ["frame-local", "temporal-window", "remove"])
 def test_the_onnx_of_a_pruned_model_equals_pytorch_at_two_frame_counts(family, action, tmp_path):
     adapter, bundle = family
     _, pruned, _ = pruned_and_reference(adapter, bundle.model, 0.5, action)
@@ -141,12 +166,13 @@ class SquareScores(TorchDispatchMode):
         return out
 
 
-def test_frame_local_attention_never_builds_a_sequence_by_sequence_matrix(family):
+@pytest.mark.parametrize("action", ["frame-local", "temporal-window"])
+def test_frame_local_and_windowed_attention_never_build_a_sequence_by_sequence_matrix(family, action):
     adapter, bundle = family
     x = inputs(adapter, bundle.model, 5)
     sequence = 5 * 4 * 4 + (adapter.text_tokens if adapter.family == "cogvideox" else 0)  # 5 frames of 4 x 4 tokens
     for ratio, expected in ((0.0, True), (1.0, False)):
-        _, pruned, _ = pruned_and_reference(adapter, bundle.model, ratio, "frame-local")
+        _, pruned, _ = pruned_and_reference(adapter, bundle.model, ratio, action, window=1)
         with torch.no_grad(), SquareScores(sequence) as recorder:
             pruned(**x)
         assert recorder.seen == expected, ratio

@@ -122,7 +122,7 @@ def test_mixing_is_the_mass_off_the_diagonal_not_one_minus_the_largest_probabili
     x = direction.repeat(3, 4, 1)  # [sequences, frames, channels]
     x[:, 0] *= 3.0  # frame 0's key dominates every query
     heads = site.heads_of(tiny_model)
-    statistics, tokens = heads.statistics(x, x.norm(dim=-1))
+    statistics, tokens, _ = heads.statistics(x, x.norm(dim=-1))
     scale = attn.scale
     q = k = (x @ attn.to_q.weight.t()).reshape(3, 4, heads.heads, -1).transpose(1, 2)
     probs = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)
@@ -365,7 +365,7 @@ def test_calibration_hooks_read_keyword_inputs_and_sites_without_a_norm(tiny_mod
     hidden = torch.randn(4, 3, attn.to_q.in_features, generator=torch.Generator().manual_seed(0))
     recorded = []
     for call in (lambda: attn(hidden), lambda: attn(hidden_states=hidden)):
-        recorder = TemporalStatsRecorder(tiny_model, [bare], steps=2)
+        recorder = TemporalStatsRecorder(tiny_model, [bare], steps=2, frames=3)
         with torch.no_grad(), recorder.attached():
             call()  # before any step is announced: the first step's
         recorded.append(recorder.sums[site.attention]["contribution"])

@@ -133,8 +133,20 @@ def changed_keys(before: dict[str, str], after: dict[str, str]) -> set[str]:
 def test_every_declared_input_is_exercised_below():
     exercised = set().union(*(c for _, c in RECIPE_CHANGES), *(c for *_, c in FILE_CHANGES),
                             {f"library:{lib}" for lib in LIBRARIES}, {f"files:{s}" for s in FILE_SECTIONS},
-                            {f"stage:{s.name}" for s in STAGES})
+                            {f"stage:{s.name}" for s in STAGES}, {"measure:sensitivity"})  # the test below
     assert DECLARED <= exercised, DECLARED - exercised
+
+
+def test_ranking_by_sensitivity_recalibrates_and_other_criteria_do_not(folder_build):
+    """Only ``sensitivity`` is measured by calibration (for the recipe's action): switching to it reruns the
+    calibration as well as the plan; switching between the other criteria re-plans only (the later stages' keys
+    follow the files the plan writes)."""
+    source = folder_build.recipe.source
+    assert changed_keys(keys_of(folder_build), keys(source, ["pruning.criterion='magnitude'"])) == {"plan"}
+    assert changed_keys(keys_of(folder_build), keys(source, ["pruning.criterion='sensitivity'"])) == \
+        {"calibrate", "plan"}
+    measured = load_recipe(source, ["pruning.criterion='sensitivity'"])
+    assert "measure:sensitivity" in next(s for s in STAGES if s.name == "calibrate").inputs_for(measured)
 
 
 @pytest.mark.parametrize("override, changed", RECIPE_CHANGES, ids=[o for o, _ in RECIPE_CHANGES])

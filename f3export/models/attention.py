@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 from diffusers.models.attention_processor import Attention
@@ -21,7 +21,31 @@ from torch import nn
 
 from ..criteria import HeadObservation, token_scorers
 
-HeadStatistics = tuple[dict[str, torch.Tensor], int]  # per token criterion: summed per head [H]; tokens
+
+
+@dataclass
+class WriteSums:
+    """What a plan's choices read, summed over one call's queries (``HeadObservation``'s optional fields):
+    attention mass by frame distance, and what each head writes and loses to a window (compensation)."""
+
+    distance_mass: torch.Tensor | None = None  # [heads, frames]
+    written: torch.Tensor | None = None  # [heads, C_out]
+    window_loss: torch.Tensor | None = None  # [heads, frames, C_out]
+    write_queries: int = 0
+
+    def add(self, observed: HeadObservation) -> None:
+        for name in ("distance_mass", "written", "window_loss"):
+            value = getattr(observed, name)
+            if value is not None:
+                total = getattr(self, name)
+                setattr(self, name, value.double().cpu() if total is None else total + value.double().cpu())
+        self.write_queries += observed.write_queries if observed.write_queries is not None else observed.tokens
+
+
+class HeadStatistics(NamedTuple):
+    sums: dict[str, torch.Tensor]  # per token criterion: summed per head [H]
+    tokens: int  # the queries they sum over
+    writes: WriteSums
 
 _CHUNK_ELEMENTS = 1 << 24  # bound on the [tokens, heads, frames, channels] tensor of one statistics chunk
 
@@ -91,6 +115,19 @@ class HeadProjections:
         self.output.weight[:, self.columns(heads)] = 0.0
 
 
+def frame_distance(frames: int, device: torch.device) -> torch.Tensor:
+    """[frames, frames]: |f_q - f_k|."""
+    index = torch.arange(frames, device=device)
+    return (index[:, None] - index[None, :]).abs()
+
+
+def mass_by_distance(probs: torch.Tensor, distance: torch.Tensor, frames: int | None = None) -> torch.Tensor:
+    """[heads, frames]: the attention mass ``probs`` [batch, heads, queries, keys] puts on keys d frames from the
+    query (``distance`` [queries, keys]; negative for keys of no frame), summed over batch and queries."""
+    frames = frames if frames is not None else int(distance.max()) + 1
+    return torch.stack([(probs * (distance == d)).sum(dim=(0, 2, 3)) for d in range(frames)], dim=1)
+
+
 class AttentionHeads(ABC):
     """One temporal attention module seen head by head."""
 
@@ -138,16 +175,39 @@ class AttentionHeads(ABC):
         """Every token criterion summed per head over the tokens of one call, and the token count."""
         scorers = token_scorers()
         sums = {name: torch.zeros(self.heads, dtype=torch.float64) for name in scorers}
-        tokens = 0
+        tokens, writes = 0, WriteSums()
         for observed in self.observe(hidden_states, residual_norm, *inputs, **named):
             for name, scorer in scorers.items():
                 sums[name] += scorer.score(observed).double()
             tokens += observed.tokens
-        return sums, tokens
+            writes.add(observed)
+        return HeadStatistics(sums, tokens, writes)
 
     def mask(self, heads: list[int]) -> None:
         """Zero the output-projection columns of the listed heads (the reference for exactness)."""
         self.projections().mask(heads)
+
+    def vary(self, changed: torch.Tensor, action: str, window: int) -> Callable[[], None]:
+        """Until the returned function is called, run copy v of a batch made of ``changed.shape[0]`` copies
+        (copy-major) with the heads ``changed[v]`` [heads] bool pruned by ``action`` (the sensitivity passes).
+        Removal zeroes their output-projection columns per copy; other actions are the subclass's."""
+        if action != "remove":
+            raise ValueError(f"{type(self).__name__}: heads cannot be {action!r}")
+        keep = (~changed).repeat_interleave(self.head_dim, dim=1)  # [copies, heads * head_dim]
+
+        def zero_changed_heads(module, args):
+            x = args[0].unflatten(0, (keep.shape[0], -1))
+            mask = keep.to(x.device, x.dtype).reshape(keep.shape[0], *[1] * (x.dim() - 2), keep.shape[1])
+            return ((x * mask).flatten(0, 1), *args[1:])
+        return self.projections().output.register_forward_pre_hook(zero_changed_heads).remove
+
+    @torch.no_grad()
+    def add_output_bias(self, shift: torch.Tensor) -> None:
+        """Add ``shift`` [C_out] to what the module writes for every token (compensation)."""
+        output = self.projections().output
+        if output.bias is None:
+            raise ValueError("its output projection has no bias to fold compensation into")
+        output.bias += shift.to(output.bias)
 
 
 class RemovedAttention(nn.Module):
@@ -217,7 +277,10 @@ class DiffusersAttentionHeads(AttentionHeads):
             yield HeadObservation(output_norm=head_out.norm(dim=-1),  # [n, heads, frames]
                                   residual_norm=residual_norm[start:start + chunk, None, :].float(),
                                   cross_frame_mass=cross.sum(dim=-1),
-                                  cross_output_norm=cross_out.norm(dim=-1))
+                                  cross_output_norm=cross_out.norm(dim=-1),
+                                  distance_mass=mass_by_distance(probs, frame_distance(frames, probs.device)),
+                                  # in the output projection's own space (before any rescale): its bias's
+                                  written=head_out.sum(dim=(0, 2)) * attn.rescale_output_factor)
 
     def unsupported(self):
         attn = self.module

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..criteria import HeadObservation
 from .attention import (_CHUNK_ELEMENTS, AttentionHeads, HeadProjections, RemovedAttention, head_index, keep_columns,
-                        keep_rows)
+                        keep_rows, mass_by_distance)
 
 
 @dataclass
@@ -63,21 +63,50 @@ def frame_ids(context: int, video_tokens: int, tokens_per_frame: int) -> torch.T
     return torch.cat([torch.full((context,), -1), torch.arange(video_tokens) // tokens_per_frame])
 
 
-def cross_frame_keys(frame: torch.Tensor, queries: slice) -> torch.Tensor:
-    """[queries, keys]: True where the key is a video token of another frame than the query's."""
+def cross_frame_keys(frame: torch.Tensor, queries: slice, window: int = 0) -> torch.Tensor:
+    """[queries, keys]: True where the key is a video token of a frame more than ``window`` frames from the
+    query's (``window`` 0: of any other frame)."""
     query_frame = frame[queries, None]
-    return (query_frame >= 0) & (frame[None, :] >= 0) & (frame[None, :] != query_frame)
+    return (query_frame >= 0) & (frame[None, :] >= 0) & ((frame[None, :] - query_frame).abs() > window)
+
+
+def neighbour_frames(x: torch.Tensor, window: int) -> torch.Tensor:
+    """[B, H, F, T, d] -> [B, H, F, (2w + 1) T, d]: for every frame, the tokens of frames f - w .. f + w (zeros
+    past either end), gathered by slicing a padded copy: static for any frame count, no [S, S] index."""
+    return torch.cat(_shifted(F.pad(x, (0, 0, 0, 0, window, window)), window, dim=2), dim=3)
+
+
+def _shifted(padded: torch.Tensor, window: int, dim: int) -> list[torch.Tensor]:
+    """The 2w + 1 frame-long slices of ``padded`` (w extra on each side along ``dim``), offsets -w .. w. The
+    slices' ends count from the end: constants whatever the frame count, so a traced export keeps it dynamic."""
+    span = 2 * window
+    index = [slice(None)] * dim
+    return [padded[(*index, slice(i, (i - span) or None))] for i in range(span + 1)]
+
+
+def neighbour_valid(frames_like: torch.Tensor, window: int) -> torch.Tensor:
+    """[F, 2w + 1]: False for the frames ``neighbour_frames`` padded in past the clip's ends (``frames_like``:
+    any [F] tensor, so the frame count stays a graph value)."""
+    present = F.pad(frames_like * 0 + 1, (window, window))  # computed, not ones_like: an export folds that
+    return torch.stack(_shifted(present, window, dim=0), dim=1) > 0
 
 
 def frame_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: int,
-                          tokens_per_frame: Any) -> torch.Tensor:
-    """Attention of heads that read only their own frame and the context tokens, [B, H, S, d] -> [B, H, S, d].
+                          tokens_per_frame: Any, window: int = 0) -> torch.Tensor:
+    """Attention of heads that read only their own frame, the ``window`` frames on each side and the context
+    tokens, [B, H, S, d] -> [B, H, S, d].
 
-    Video queries attend per frame over [context keys, own frame's keys] (scores [B, H, F, T, C + T]); context
-    queries belong to no frame and attend over every key, as in the original attention."""
+    Video queries attend per frame over [context keys, the window's keys] (scores [B, H, F, T, C + (2w + 1) T],
+    keys past the clip's ends at -inf); context queries belong to no frame and attend over every key, as in the
+    original attention."""
     scale = q.shape[-1] ** -0.5
     qf, kf, vf = (x[:, :, context:].unflatten(2, (-1, tokens_per_frame)) for x in (q, k, v))  # [B, H, F, T, d]
+    if window:
+        kf, vf = neighbour_frames(kf, window), neighbour_frames(vf, window)
     scores = (qf @ kf.transpose(-1, -2)) * scale
+    if window:
+        valid = neighbour_valid(qf[0, 0, :, 0, 0], window)[:, None, :, None]  # [F, 1, 2w + 1, 1]
+        scores = scores.unflatten(-1, (2 * window + 1, -1)).masked_fill(~valid, float("-inf")).flatten(-2)
     if not context:
         return (scores.softmax(dim=-1) @ vf).flatten(2, 3)
     kc, vc = k[:, :, None, :context], v[:, :, None, :context]  # [B, H, 1, C, d], broadcast over frames
@@ -90,13 +119,17 @@ def frame_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, con
 class FrameAttentionProcessor:
     """The attention of a joint self-attention module with its heads in groups (see the module docstring).
 
-    ``local_heads``: the last heads attend within their frame; ``selected``: the q/k heads kept after a norm
-    over every head's channels (Wan's heads removed: their q and k still count in that norm, exactly);
-    ``masked``: the exactness reference, those heads' cross-frame scores at -inf in the full attention."""
+    ``local_heads``: the last heads attend within their frame and ``window`` frames on each side;
+    ``selected``: the q/k heads kept after a norm over every head's channels (Wan's heads removed: their q and k
+    still count in that norm, exactly); ``masked``: the exactness reference, those heads' scores of keys beyond
+    the window at -inf in the full attention."""
 
     def __init__(self, style: JointStyle, layout: FrameLayout, head_dim: int):
         self.style, self.layout, self.head_dim = style, layout, head_dim
         self.local_heads = 0
+        self.window = 0
+        self.varied: torch.Tensor | None = None  # [copies, heads] bool, see JointAttentionHeads.vary
+        self.varied_window = 0
         self.selected: list[int] | None = None
         self.masked: list[int] | None = None
 
@@ -117,16 +150,23 @@ class FrameAttentionProcessor:
         return q, k, v, context
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: int) -> torch.Tensor:
+        if self.varied is not None:  # the sensitivity passes: copy v of the batch with heads varied[v] windowed
+            frame = frame_ids(context, q.shape[2] - context, self.layout.tokens_per_frame)
+            beyond = cross_frame_keys(frame, slice(None), self.varied_window).to(q.device)
+            masked = (self.varied.to(q.device)[:, :, None, None] & beyond)  # [copies, heads, S, S]
+            masked = masked.repeat_interleave(q.shape[0] // self.varied.shape[0], dim=0)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=~masked)
         if self.masked is not None:
             frame = frame_ids(context, q.shape[2] - context, self.layout.tokens_per_frame)
-            cross = cross_frame_keys(frame, slice(None)).to(q.device)
+            cross = cross_frame_keys(frame, slice(None), self.window).to(q.device)
             heads = torch.zeros(q.shape[1], dtype=torch.bool, device=q.device)
             heads[self.masked] = True
             return F.scaled_dot_product_attention(q, k, v, attn_mask=~(heads[:, None, None] & cross))
         if not self.local_heads:
             return F.scaled_dot_product_attention(q, k, v)
         full = q.shape[1] - self.local_heads
-        local = frame_local_attention(q[:, full:], k[:, full:], v[:, full:], context, self.layout.tokens_per_frame)
+        local = frame_local_attention(q[:, full:], k[:, full:], v[:, full:], context, self.layout.tokens_per_frame,
+                                      self.window)
         if not full:
             return local
         return torch.cat([F.scaled_dot_product_attention(q[:, :full], k[:, :full], v[:, :full]), local], dim=1)
@@ -180,9 +220,10 @@ class JointAttentionHeads(AttentionHeads):
         attn.heads = len(heads)
 
     @torch.no_grad()
-    def localize(self, heads: list[int]) -> None:
-        """Make the listed heads frame-local, in place: permute them to the end (q/k/v rows, output columns and,
-        for a norm over every head's channels, its weights), then run them as the local group."""
+    def localize(self, heads: list[int], window: int = 0) -> None:
+        """Make the listed heads frame-local (``window`` frames on each side), in place: permute them to the end
+        (q/k/v rows, output columns and, for a norm over every head's channels, its weights), then run them as
+        the local group."""
         attn = self.module
         order = [h for h in range(self.heads) if h not in heads] + list(heads)
         rows = head_index(self.head_dim, order)
@@ -190,11 +231,22 @@ class JointAttentionHeads(AttentionHeads):
         if self.processor.style.norm_across_heads:
             for norm in (attn.norm_q, attn.norm_k):
                 norm.weight.copy_(norm.weight[rows])
-        self.processor.local_heads = len(heads)
+        self.processor.local_heads, self.processor.window = len(heads), window
 
-    def mask_cross_frame(self, heads: list[int]) -> None:
-        """The reference of frame-local heads: their cross-frame scores at -inf in the full attention."""
-        self.processor.masked = list(heads)
+    def mask_cross_frame(self, heads: list[int], window: int = 0) -> None:
+        """The reference of frame-local heads: their scores of keys beyond the window at -inf in the full
+        attention."""
+        self.processor.masked, self.processor.window = list(heads), window
+
+    def vary(self, changed, action, window):
+        if action == "remove":
+            return super().vary(changed, action, window)
+        processor = self.processor
+        processor.varied, processor.varied_window = changed, (window if action == "temporal-window" else 0)
+
+        def restore() -> None:
+            processor.varied = None
+        return restore
 
     def removed(self):
         out = self.module.to_out[0]
@@ -210,15 +262,41 @@ class JointAttentionHeads(AttentionHeads):
         per_head_out = self.projections().output_per_head().float()  # [heads, d, C_out]
         batch, heads, sequence, _ = q.shape
         frame = frame_ids(context, sequence - context, processor.layout.tokens_per_frame)
-        chunk = max(1, _CHUNK_ELEMENTS // (batch * heads * max(sequence, per_head_out.shape[2])))
+        frames = (sequence - context) // processor.layout.tokens_per_frame
+        widest = max(sequence, per_head_out.shape[2], frames * self.head_dim)
+        chunk = max(1, _CHUNK_ELEMENTS // (batch * heads * widest))
+        scale = self.head_dim ** -0.5
+        # the context (text) queries: they read every key whatever the action, but receive the output bias too
+        text_written = torch.einsum("hd,hdc->hc", (torch.softmax((q[:, :, :context] @ k.transpose(-1, -2)) * scale,
+                                                                 dim=-1) @ v).sum(dim=(0, 2)), per_head_out)
         for start in range(context, sequence, chunk):
             queries = slice(start, min(start + chunk, sequence))
-            probs = torch.softmax((q[:, :, queries] @ k.transpose(-1, -2)) * self.head_dim ** -0.5, dim=-1)
+            probs = torch.softmax((q[:, :, queries] @ k.transpose(-1, -2)) * scale, dim=-1)
             cross = probs * cross_frame_keys(frame, queries).to(probs.device)
             head_out, cross_out = (torch.einsum("bhsd,hdc->bhsc", p @ v, per_head_out) for p in (probs, cross))
+            # |f_q - f_k| for video keys, -1 for the context keys (which every window keeps)
+            distance = torch.where(frame[None, :] >= 0, (frame[None, :] - frame[queries, None]).abs(), -1
+                                   ).to(probs.device)
+            first = queries.start == context
             yield HeadObservation(output_norm=head_out.norm(dim=-1),  # [batch, heads, queries]
                                   residual_norm=residual_norm[:, None, queries.start - context:queries.stop - context],
-                                  cross_frame_mass=cross.sum(dim=-1), cross_output_norm=cross_out.norm(dim=-1))
+                                  cross_frame_mass=cross.sum(dim=-1), cross_output_norm=cross_out.norm(dim=-1),
+                                  distance_mass=mass_by_distance(probs, distance, frames),
+                                  written=head_out.sum(dim=(0, 2)) + (text_written if first else 0),
+                                  window_loss=self._window_loss(probs, v, distance, per_head_out, frames),
+                                  write_queries=batch * (queries.stop - queries.start + (context if first else 0)))
+
+    @staticmethod
+    def _window_loss(probs: torch.Tensor, v: torch.Tensor, distance: torch.Tensor, per_head_out: torch.Tensor,
+                     frames: int) -> torch.Tensor:
+        """[heads, frames, C_out]: for w = 0 .. frames - 1, what the heads' writes lose (summed over the queries)
+        when each reads only keys within w frames, its probabilities renormalised as the windowed head's are."""
+        losses = []
+        for window in range(frames):
+            kept = probs * (distance <= window)
+            lost = (probs - kept / kept.sum(dim=-1, keepdim=True)) @ v  # [B, H, Q, d]
+            losses.append(torch.einsum("hd,hdc->hc", lost.sum(dim=(0, 2)), per_head_out))
+        return torch.stack(losses, dim=1)
 
 
 def install_processors(model: nn.Module, names: list[str], style: JointStyle, layout: FrameLayout) -> None:

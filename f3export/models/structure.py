@@ -100,9 +100,10 @@ class AttentionPatterns(TemporalStructure):
 
 class JointAttentionPatterns(AttentionPatterns):
     """The joint self-attention modules of a video transformer, whose every head attends over all frames: their
-    heads can go frame-local (the default) or be removed. Their norm feeds the rest of the block too."""
+    heads can go frame-local (the default), keep a window of frames, or be removed. Their norm feeds the rest of
+    the block too."""
 
-    actions = ("frame-local", "remove")
+    actions = ("frame-local", "temporal-window", "remove")
     kinds = (Attention, AttentionModuleMixin)  # CogVideoX's is the former, Wan's the latter
     access = JointAttentionHeads
     shared_norm = True
