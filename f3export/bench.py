@@ -41,6 +41,7 @@ from .models.base import ModelAdapter, VideoShape
 from .prune import load_pruned
 from .recipe import PruningSection
 from .report import console, progress, results, table
+from .schedule import StepSchedule
 from .stages import STAGES, SourceModel, StageContext
 from .validate import load_goldens
 
@@ -248,8 +249,29 @@ class Bench:
                 rows = self.export_ratios(source, ratios, feeds, flops["original"]["flops"])
                 del source  # timing needs only the engines; a full-size model in memory would crowd them
                 result["ratios"] = self.time_ratios(rows, feeds)
+        schedule = self.manifest["contract"].get("conventions", {}).get("step_schedule")
+        if schedule is not None:
+            result["step_schedule"] = self.scheduled_speedups(schedule, result)
         write_json(self.root / "bench.json", result)
         return result
+
+    def scheduled_speedups(self, schedule: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+        """Per trajectory of the recipe's [validation] steps under the build's step schedule: the pruned engine
+        runs a share of the steps and the original the rest, so a per-step speedup s gives
+        1 / (share / s + 1 - share)."""
+        from .scheduling import numpy_sampler
+
+        scheduler = self.manifest["contract"]["conventions"]["scheduler"]
+        sampler = numpy_sampler(scheduler["class"], scheduler["config"])
+        sampler.set_timesteps(self.recipe.validation.steps)
+        share = StepSchedule.from_json(schedule).share(sampler.timesteps)
+
+        def per_trajectory(speedup: float) -> float:
+            return 1.0 / (share / speedup + 1.0 - share)
+        return {"start": schedule["start"], "stop": schedule["stop"], "pruned_steps_share": share,
+                "ideal_speedup": per_trajectory(result["ideal_speedup"]),
+                "measured_speedup": {name: per_trajectory(b["measured_speedup"])
+                                     for name, b in result["backends"].items()}}
 
     def _torch_cuda(self, original, pruned, inputs, ideal) -> dict[str, Any]:
         import torch
@@ -387,6 +409,12 @@ def print_bench(result: dict[str, Any]) -> None:
         t.caption = (f"measured speedup {speedup.describe()} = {100 * b['measured_over_ideal']:.1f}% of ideal"
                      + ("" if speedup.resolved else "; within its spread: no difference shown"))
         results.print(t)
+    if "step_schedule" in result:
+        sched = result["step_schedule"]
+        results.print(f"step schedule [{sched['start']:g}, {sched['stop']:g}): the pruned engine runs "
+                      f"{100 * sched['pruned_steps_share']:.0f}% of the steps; per trajectory ideal "
+                      f"{sched['ideal_speedup']:.4f}x, measured " + ", ".join(
+                          f"{name} {v:.3f}x" for name, v in sched["measured_speedup"].items()), highlight=False)
     if "ratios" in result:
         results.print(table("ratio sweep (ONNX Runtime)", ["ratio", "heads pruned", "ideal", "measured (IQR)"], [
             [f"{r['ratio']:g}", str(r["removed_heads"]), f"{r['ideal_speedup']:.4f}x",

@@ -36,7 +36,7 @@ from .errors import CheckError
 from .models import FAMILIES, get_adapter
 from .models.base import PipelineCall
 from .prune import PRUNED_CONFIG, load_pruned
-from .runtime import EngineRunner
+from .runtime import denoiser
 from .weights import read_json
 
 
@@ -65,7 +65,7 @@ class EngineDenoiser(torch.nn.Module):
     def __init__(self, artifact_dir: str | Path, variant: str = "pruned", backend: str | None = None):
         super().__init__()
         root = Path(artifact_dir)
-        self.engine = EngineRunner(root, variant, backend)
+        self.engine = denoiser(root, variant, backend)  # under a step schedule, both engines by timestep
         open_build(root).verify_files(("prune",))
         saved = read_json(root / "pruned" / PRUNED_CONFIG)
         config = saved.get("config")

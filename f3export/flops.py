@@ -99,3 +99,27 @@ def onnx_flops(onnx_path: Path, feeds: dict[str, np.ndarray], temporal: list[str
         if any(scope and name.lstrip("/").replace("/", ".").startswith(scope) for scope in scopes):
             inside += flops
     return total, inside
+
+
+def joint_attention_pairs(frames: int, tokens_per_frame: int, context: int, window: int | None = None) -> int:
+    """Query-key pairs one head of a joint attention scores (each costs 4 * head_dim FLOPs: score and value).
+
+    ``window`` None: the full attention, every pair of the ``context`` text tokens and the video tokens. A
+    frame-local (0) or windowed head as ``frame_local_attention`` computes it: text queries still read every
+    key; each video query reads the text and the 2w + 1 frame slots around its frame, the slots past the clip's
+    ends included (they are computed, then masked)."""
+    video = frames * tokens_per_frame
+    if window is None:
+        return (context + video) ** 2
+    return context * (context + video) + video * (context + (2 * window + 1) * tokens_per_frame)
+
+
+def attention_flops_removed(local: dict[int, int], removed: int, total_heads: int, frames: int,
+                            tokens_per_frame: int, context: int, pruned_steps: float = 1.0) -> float:
+    """The fraction of a joint-attention model's score and value FLOPs a plan removes: ``local`` maps a window
+    to its count of heads, ``removed`` heads cost nothing, the rest are full; ``pruned_steps``: the fraction of
+    the denoising steps that run the pruned model (a step schedule)."""
+    full = joint_attention_pairs(frames, tokens_per_frame, context)
+    saved = removed * full + sum(n * (full - joint_attention_pairs(frames, tokens_per_frame, context, w))
+                                 for w, n in local.items())
+    return pruned_steps * saved / (total_heads * full)

@@ -25,7 +25,7 @@ import numpy as np
 from .artifacts import atomic_path, open_build
 from .errors import CheckError, RecipeError, Unsupported
 from .prompts import CLEANERS, clean_prompt
-from .runtime import EngineRunner
+from .runtime import EngineRunner, denoiser
 from .scheduling import numpy_sampler
 from .scheduling.guidance import guidance_at
 from .text_standin import seeded_text_embedding
@@ -93,7 +93,7 @@ class EnginePipeline:
         model = build.recipe.model
         self.frames, self.height, self.width = model.frames, model.latent_height, model.latent_width
         self.validation = _sampling_defaults(build.doc["recipe"].get("validation"), root)
-        self.engines = {variant: EngineRunner(root, variant) for variant in variants}
+        self.engines = {variant: denoiser(root, variant) for variant in variants}
 
     def embed(self, prompt: str) -> np.ndarray:
         """[1, tokens, width]: the build's text encoder engine on the prompt's tokens, else the seeded stand-in."""

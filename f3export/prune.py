@@ -66,6 +66,7 @@ class PruningPlan:
     action: str = "remove"
     window: int = 0  # frames on each side the local heads read (0: frame-local)
     compensate: bool = False  # what the pruned heads no longer write is folded into the output bias
+    steps: tuple[float, float] = (0.0, 1.0)  # the stretch of each trajectory that runs the pruned model
 
     @property
     def total_heads(self) -> int:
@@ -99,12 +100,15 @@ class PruningPlan:
             "action": self.action,
             "window": self.window,
             "compensate": self.compensate,
+            "steps": list(self.steps),
         }
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "PruningPlan":
-        return cls(**{k: v for k, v in data.items() if k != "summary"})
+        plan = cls(**{k: v for k, v in data.items() if k != "summary"})
+        plan.steps = tuple(plan.steps)
+        return plan
 
 
 def _round_half_up(x: float) -> int:
@@ -145,7 +149,8 @@ def make_plan(scores: Scores, section: PruningSection) -> PruningPlan:
             take(candidates([module]), _round_half_up(section.ratio * heads[module]))
     return PruningPlan(section.criterion, section.scope, section.ratio, section.min_heads_per_module,
                        list(section.keep), heads, {m: sorted(v) for m, v in removed.items() if v},
-                       action=section.action or "remove", window=section.frames_window, compensate=section.compensate)
+                       action=section.action or "remove", window=section.frames_window, compensate=section.compensate,
+                       steps=tuple(section.steps))
 
 
 def remove_site(model: nn.Module, site: TemporalSite) -> None:
@@ -231,14 +236,17 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def save_pruned(adapter: ModelAdapter, config: dict[str, Any], model: nn.Module, kept: KeptHeads,
-                folder: Path, local: LocalHeads | None = None, window: int = 0) -> list[Path]:
+                folder: Path, local: LocalHeads | None = None, window: int = 0,
+                steps: tuple[float, float] = (0.0, 1.0)) -> list[Path]:
     """A self-contained pruned model: weights + the family config + the heads each temporal module kept and
-    those it made frame-local, with their window."""
+    those it made frame-local, with their window; and the stretch of the trajectory it runs (``steps``: what
+    the export records for the runtime, so it is part of the pruned model's files)."""
     folder.mkdir(parents=True, exist_ok=True)
     weights, config_path = folder / PRUNED_WEIGHTS, folder / PRUNED_CONFIG
     save_state_dict(model, weights)
     write_json(config_path, {"family": adapter.family, "adapter_options": adapter.options(), "config": config,
-                             "kept_heads": kept, "local_heads": local or {}, "window": window})
+                             "kept_heads": kept, "local_heads": local or {}, "window": window,
+                             "steps": list(steps)})
     return [weights, config_path]
 
 

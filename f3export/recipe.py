@@ -117,6 +117,9 @@ class PruningSection:
     # fold the calibration-mean of what the pruned heads no longer write (removed: all of it; frame-local or
     # windowed: what the window loses) into their module's output bias (FLAP's bias compensation)
     compensate: bool = spec(False)
+    # the stretch [start, stop) of every denoising trajectory (fractions of it) that runs the pruned model; the
+    # original runs the rest (f3export/schedule.py). [0, 1]: every step
+    steps: list[float] = spec([0.0, 1.0], low=0.0, high=1.0)
 
     @property
     def frames_window(self) -> int:
@@ -571,6 +574,13 @@ def _with_family_action(recipe: Recipe, given: set[str]) -> Recipe:
     elif action not in actions:
         raise RecipeError(f"{recipe.source.name}: [pruning].action = {action!r}: the heads of a "
                           f"{recipe.model.family} model can only be {' or '.join(map(repr, actions))}")
+    steps = recipe.pruning.steps
+    if len(steps) != 2 or not steps[0] < steps[1]:
+        raise RecipeError(f"{recipe.source.name}: [pruning].steps = {steps}: expected [start, stop] with "
+                          "0 <= start < stop <= 1 (fractions of the denoising trajectory)")
+    if tuple(steps) != (0.0, 1.0) and not hasattr(recipe.validation, "steps"):
+        raise RecipeError(f"{recipe.source.name}: [pruning].steps: a {recipe.model.family} model has no denoising "
+                          "steps to schedule")
     if "window" in given and recipe.pruning.action != "temporal-window":
         raise RecipeError(f"{recipe.source.name}: [pruning].window is read only by action = 'temporal-window' "
                           f"(the recipe's action is {recipe.pruning.action!r})")

@@ -6,6 +6,9 @@
     model = EngineRunner("artifacts/cogvideo")          # any family: inputs by the engine contract's names
     logits = model(tokens=tokens, text_len=text_len)    # or positionally, in the contract's order
 
+    unet = denoiser("artifacts/tav")                    # the pruned engine, or under a step schedule
+                                                        # ([pruning].steps) both engines switched by timestep
+
 Inputs are taken by the names and order of the build's engine contract, cast to its dtypes; a 1-D input
 given as one value (a timestep, a text length) is repeated over the batch. One output is returned as is,
 several as a dict by name. Production code can equally load the engine files directly (ONNX Runtime,
@@ -24,6 +27,7 @@ import numpy as np
 from .artifacts import FinishedBuild, open_build
 from .engines import COMPONENT_BACKEND, make_backend
 from .errors import CheckError
+from .schedule import ScheduledDenoiser, StepSchedule
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,24 @@ class EngineRunner:
 
 
 EngineUNet = EngineRunner  # the name of the diffusion families' denoising loop: noise = unet(sample, t, context)
+
+
+def denoiser(artifact_dir: str | Path, variant: str = "pruned", backend: str | None = None) -> Any:
+    """What a build deploys as ``variant``: its engine; for "pruned" under a step schedule (the contract's
+    ``conventions.step_schedule``), the pruned and original engines, switched by each call's timestep."""
+    runner = EngineRunner(artifact_dir, variant, backend)
+    if variant != "pruned":
+        return runner
+    build = open_build(Path(artifact_dir), runtime=True)
+    schedule = build.doc["contract"].get("conventions", {}).get("step_schedule")
+    if schedule is None:
+        return runner
+    try:
+        parsed = StepSchedule.from_json(schedule)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckError(f"{Path(artifact_dir) / 'manifest.json'}: contract.conventions.step_schedule: malformed "
+                         f"({exc})") from None
+    return ScheduledDenoiser(EngineRunner(artifact_dir, "original", backend), runner, parsed)
 
 
 def _numpy(value: Any, dtype: np.dtype) -> np.ndarray:

@@ -18,6 +18,7 @@ from .models.base import ModelAdapter, VideoShape
 from .models.loading import ModelBundle
 from .prune import PruningPlan, make_plan, pruned_copy
 from .recipe import PruningSection, ValidationSection
+from .schedule import scheduled
 from .report import console
 from .validate import original_trajectories, pruning_fidelity, pruning_gates
 
@@ -43,7 +44,8 @@ class RatioSearch:
 
     def passes(self, removed: int) -> bool:
         plan = self.plan(removed)
-        pruned = pruned_copy(self.adapter, self.bundle.model, plan, self.scores.compensation)
+        pruned = scheduled(self.adapter, self.bundle, pruned_copy(self.adapter, self.bundle.model, plan,
+                                                                  self.scores.compensation), plan.steps)
         fidelity = pruning_fidelity(self.adapter, self.bundle, pruned, self.shape, self.validation, self.references)
         gates = pruning_gates(self.adapter, fidelity, self.validation)
         passed = all(g.passed for g in gates)

@@ -35,6 +35,7 @@ from .pictures import video_strips
 from .prune import PruningPlan, load_pruned, make_plan, parameter_count, pruned_copy, save_pruned
 from .recipe import AUTO_RATIO, Recipe
 from .search import choose_ratio
+from .schedule import StepSchedule, scheduled
 from .sensitivity import OutputMeasure
 from .text_standin import STANDIN_TEXT
 from .report import console, detail
@@ -301,14 +302,19 @@ def prune_model(ctx: StageContext) -> StageOutput:
     original = ctx.model.bundle.model
     pruned = pruned_copy(ctx.adapter, original, plan, Scores.load(ctx.root).compensation if plan.compensate else None)
     files = save_pruned(ctx.adapter, ctx.model.bundle.config, pruned, plan.kept_heads, ctx.root / "pruned",
-                        plan.local_heads, plan.window)
+                        plan.local_heads, plan.window, plan.steps)
     before, after = parameter_count(original), parameter_count(pruned)
     return files, {"parameters_original": before, "parameters_pruned": after, "parameters_removed": before - after}
 
 
 def export_models(ctx: StageContext) -> StageOutput:
     section = ctx.recipe.export
-    terms = ContractTerms(ctx.recipe.model.family, ctx.contract_ranges, ctx.adapter.conventions(ctx.model.bundle))
+    conventions = ctx.adapter.conventions(ctx.model.bundle)
+    start, stop = ctx.recipe.pruning.steps
+    if (start, stop) != (0.0, 1.0):  # the runtime's rule for which engine runs a call (schedule.py)
+        train = int(conventions["scheduler"]["config"]["num_train_timesteps"])
+        conventions["step_schedule"] = StepSchedule(start, stop, train).to_json()
+    terms = ContractTerms(ctx.recipe.model.family, ctx.contract_ranges, conventions)
     files, data = [], {}
 
     def export(variant: str) -> StageOutput:
@@ -447,7 +453,9 @@ def validate_engines(ctx: StageContext) -> StageOutput:
         files += made
     made, components = _check_components(ctx)
     files += made
-    fidelity = pruning_fidelity(ctx.adapter, ctx.model.bundle, ctx.pruned, ctx.shape, section)
+    fidelity = pruning_fidelity(ctx.adapter, ctx.model.bundle,
+                                scheduled(ctx.adapter, ctx.model.bundle, ctx.pruned, ctx.recipe.pruning.steps),
+                                ctx.shape, section)
     ctx.release()  # the engines run without the PyTorch models in memory
     if "pruned" in ctx.variants:
         measured["pruned"] = engine_metrics("pruned", load_goldens(ctx.root / "goldens" / "pruned.npz"))

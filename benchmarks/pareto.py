@@ -1,0 +1,164 @@
+"""Where the pruning levers put the Pareto front: action x window x criterion x compensation x step schedule.
+
+On a trained model (a recipe over a zoo folder), every point is a pruned PyTorch model sampled on the recipe's
+held-out runs against the original's trajectories (``pruning_fidelity``: video PSNR / SSIM per frame, the task
+metric), and priced by the attention FLOPs it removes at CogVideoX-2B's real shape (13 latent frames of 30x45
+tokens, 226 text tokens: ``flops.attention_flops_removed``), with the ideal speedup of the whole forward from
+the attention share counted on the meta device. Calibration runs once for the data criteria, the distance
+profile and the compensation means, and once per action for ``sensitivity`` (on a subset of the calibration
+runs: ``--sensitivity-prompts`` x ``--sensitivity-steps``, its extra passes being the cost).
+
+    python benchmarks/pareto.py recipes/cogvideox-shapes.toml --out benchmarks/pareto/cogvideox-shapes.json
+
+Results are appended to the JSON as each point finishes (a rerun skips the points it holds); the table goes to
+stdout and the plot beside the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from f3export.calibrate import calibrate
+from f3export.flops import attention_flops_removed
+from f3export.models import get_adapter
+from f3export.models.base import VideoShape
+from f3export.prune import make_plan, pruned_copy
+from f3export.recipe import PruningSection, load_recipe
+from f3export.schedule import ScheduledDenoiser, StepSchedule, timestep_range
+from f3export.sensitivity import OutputMeasure
+from f3export.validate import original_trajectories, pruning_fidelity
+
+REAL = {"frames": 13, "tokens_per_frame": 30 * 45, "context": 226}  # CogVideoX-2B at 49 x 480 x 720
+ATTENTION_SHARE = 0.607  # of CogVideoX-2B's forward FLOPs at that shape (benchmarks/joint_attention.py --meta)
+ACTIONS = {"frame-local": ("frame-local", 0), "window-1": ("temporal-window", 1), "window-2": ("temporal-window", 2),
+           "remove": ("remove", 0)}
+DATA_CRITERIA = ("temporal_contribution", "contribution", "magnitude", "random")
+SCHEDULES = {"all": (0.0, 1.0), "middle": (0.2, 0.8), "after-first-quarter": (0.25, 1.0)}
+
+
+def point_key(p: dict) -> str:
+    return f"{p['lever']}|{p['criterion']}|{p['compensate']}|{p['schedule']}|{p['ratio']:g}"
+
+
+def flops_removed(plan, schedule_share: float) -> float:
+    local = {}
+    for heads in plan.local_heads.values():
+        local[plan.window] = local.get(plan.window, 0) + len(heads)
+    removed = plan.removed_heads if plan.action == "remove" else 0
+    return attention_flops_removed(local, removed, plan.total_heads, pruned_steps=schedule_share, **REAL)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipe", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--levers", default=",".join(ACTIONS))
+    parser.add_argument("--ratios", default="0.25,0.5,0.75,0.9")
+    parser.add_argument("--sensitivity-prompts", type=int, default=4)
+    parser.add_argument("--sensitivity-steps", type=int, default=10)
+    parser.add_argument("--stage", choices=("criteria", "levers", "both"), default="both")
+    parser.add_argument("--schedules", default=",".join(SCHEDULES), help="of the levers stage")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    recipe = load_recipe(args.recipe)
+    adapter = get_adapter(recipe.model.family, recipe.model.adapter_options)
+    bundle = adapter.checkpoint.load_folder(Path(recipe.model.path))
+    m = recipe.model
+    shape = VideoShape(m.frames, m.latent_height, m.latent_width)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    record = json.loads(args.out.read_text()) if args.out.is_file() else {"recipe": str(args.recipe), "points": []}
+    done = {point_key(p) for p in record["points"]}
+    levers = args.levers.split(",")
+    ratios = [float(r) for r in args.ratios.split(",")]
+
+    started = time.perf_counter()
+    scores = calibrate(adapter, bundle, shape, recipe.calibration)
+    record["calibration_seconds"] = round(time.perf_counter() - started, 1)
+    record["distance_mass"] = {name: m.distance_mass for name, m in scores.modules.items()}
+    sensitivity_calibration = dataclasses.replace(recipe.calibration,
+                                                  prompts=recipe.calibration.prompts[:args.sensitivity_prompts],
+                                                  steps=args.sensitivity_steps)
+    sensitivities = {}
+    for lever in levers:
+        action, window = ACTIONS[lever]
+        started = time.perf_counter()
+        measured = calibrate(adapter, bundle, shape, sensitivity_calibration, measure=OutputMeasure(action, window))
+        record.setdefault("sensitivity_seconds", {})[lever] = round(time.perf_counter() - started, 1)
+        sensitivities[lever] = {name: m.scores["sensitivity"] for name, m in measured.modules.items()}
+        for name, module in scores.modules.items():
+            module.scores[f"sensitivity:{lever}"] = sensitivities[lever][name]
+
+    references = original_trajectories(adapter, bundle, shape, recipe.validation)
+    timesteps = references[0].timesteps[-recipe.validation.steps:]
+    original_task = None
+
+    def evaluate(lever: str, criterion: str, compensate: bool, schedule: str, ratio: float) -> None:
+        nonlocal original_task
+        point = {"lever": lever, "criterion": criterion, "compensate": compensate, "schedule": schedule,
+                 "ratio": ratio}
+        if point_key(point) in done:
+            return
+        action, window = ACTIONS[lever]
+        ranking = f"sensitivity:{lever}" if criterion == "sensitivity" else criterion
+        section = PruningSection(criterion="contribution", ratio=ratio, action=action, window=max(window, 1),
+                                 compensate=compensate)
+        ranked = dataclasses.replace(scores, modules={
+            name: dataclasses.replace(module, scores={"contribution": module.scores[ranking]})
+            for name, module in scores.modules.items()})
+        plan = make_plan(ranked, section)
+        pruned = pruned_copy(adapter, bundle.model, plan, scores.compensation)
+        steps = StepSchedule.fraction(len(timesteps), *SCHEDULES[schedule])
+        model = pruned if schedule == "all" else ScheduledDenoiser(bundle.model, pruned,
+                                                                   *timestep_range(timesteps, steps))
+        fidelity = pruning_fidelity(adapter, bundle, model, shape, recipe.validation, references)
+        removed = flops_removed(plan, steps.share(len(timesteps)))
+        point.update({
+            "heads": plan.removed_heads, "total_heads": plan.total_heads, "steps": list(steps),
+            "attention_flops_removed": removed, "ideal_speedup": 1 / (1 - ATTENTION_SHARE * removed),
+            "video_psnr_min": fidelity.summary.get("video_psnr_min"),
+            "video_psnr_mean": fidelity.summary.get("video_psnr_mean"),
+            "video_ssim_min": fidelity.summary.get("video_ssim_min"),
+            **({f"task_{k}": v for k, v in fidelity.task["pruned"].items()} if fidelity.task else {})})
+        if fidelity.task:
+            original_task = fidelity.task["original"]
+            record["task_original"] = original_task
+        record["points"].append(point)
+        done.add(point_key(point))
+        args.out.write_text(json.dumps(record, indent=1) + "\n")
+        print(f"{lever:12s} {criterion:22s} comp={compensate!s:5s} {schedule:20s} r={ratio:<5g} heads "
+              f"{plan.removed_heads:3d}  flops -{100 * removed:5.1f} %  PSNR min {point['video_psnr_min']:.2f}  "
+              f"SSIM min {point['video_ssim_min']:.3f}  dir {point.get('task_direction_accuracy', math.nan):.3f}",
+              flush=True)
+
+    if args.stage in ("criteria", "both"):
+        for lever in levers:
+            for criterion in (*DATA_CRITERIA, "sensitivity"):
+                for ratio in ratios:
+                    evaluate(lever, criterion, False, "all", ratio)
+    if args.stage in ("levers", "both"):
+        for lever in levers:
+            mine = [p for p in record["points"] if p["lever"] == lever and not p["compensate"]
+                    and p["schedule"] == "all"]
+            best = max((*DATA_CRITERIA, "sensitivity"), key=lambda c: sum(
+                p["video_psnr_min"] for p in mine if p["criterion"] == c) if mine else 0)
+            for ratio in ratios:
+                evaluate(lever, best, True, "all", ratio)
+                for schedule in args.schedules.split(","):
+                    if schedule != "all":
+                        evaluate(lever, best, False, schedule, ratio)
+                        evaluate(lever, best, True, schedule, ratio)
+    args.out.write_text(json.dumps(record, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    with torch.no_grad():
+        main()
