@@ -31,7 +31,7 @@ from f3export.models import get_adapter
 from f3export.models.base import VideoShape
 from f3export.prune import make_plan, pruned_copy
 from f3export.recipe import PruningSection, load_recipe
-from f3export.schedule import ScheduledDenoiser, StepSchedule, timestep_range
+from f3export.schedule import StepSchedule, scheduled
 from f3export.sensitivity import OutputMeasure
 from f3export.validate import original_trajectories, pruning_fidelity
 
@@ -40,7 +40,7 @@ ATTENTION_SHARE = 0.607  # of CogVideoX-2B's forward FLOPs at that shape (benchm
 ACTIONS = {"frame-local": ("frame-local", 0), "window-1": ("temporal-window", 1), "window-2": ("temporal-window", 2),
            "remove": ("remove", 0)}
 DATA_CRITERIA = ("temporal_contribution", "contribution", "magnitude", "random")
-SCHEDULES = {"all": (0.0, 1.0), "middle": (0.2, 0.8), "after-first-quarter": (0.25, 1.0)}
+SCHEDULES = {"all": (0.0, 1.0), "middle": (0.2, 0.8), "after-first-quarter": (0.25, 1.0)}  # [pruning].steps
 
 
 def point_key(p: dict) -> str:
@@ -99,6 +99,7 @@ def main() -> None:
 
     references = original_trajectories(adapter, bundle, shape, recipe.validation)
     timesteps = references[0].timesteps[-recipe.validation.steps:]
+    train_timesteps = int(adapter.scheduler(bundle).config["num_train_timesteps"])
     original_task = None
 
     def evaluate(lever: str, criterion: str, compensate: bool, schedule: str, ratio: float) -> None:
@@ -116,13 +117,13 @@ def main() -> None:
             for name, module in scores.modules.items()})
         plan = make_plan(ranked, section)
         pruned = pruned_copy(adapter, bundle.model, plan, scores.compensation)
-        steps = StepSchedule.fraction(len(timesteps), *SCHEDULES[schedule])
-        model = pruned if schedule == "all" else ScheduledDenoiser(bundle.model, pruned,
-                                                                   *timestep_range(timesteps, steps))
+        stretch = StepSchedule(*SCHEDULES[schedule], train_timesteps)
+        model = scheduled(adapter, bundle, pruned, SCHEDULES[schedule])
         fidelity = pruning_fidelity(adapter, bundle, model, shape, recipe.validation, references)
-        removed = flops_removed(plan, steps.share(len(timesteps)))
+        removed = flops_removed(plan, stretch.share(timesteps))
         point.update({
-            "heads": plan.removed_heads, "total_heads": plan.total_heads, "steps": list(steps),
+            "heads": plan.removed_heads, "total_heads": plan.total_heads,
+            "pruned_steps": [i for i, t in enumerate(timesteps) if stretch.prunes(t)],
             "attention_flops_removed": removed, "ideal_speedup": 1 / (1 - ATTENTION_SHARE * removed),
             "video_psnr_min": fidelity.summary.get("video_psnr_min"),
             "video_psnr_mean": fidelity.summary.get("video_psnr_mean"),
