@@ -120,6 +120,9 @@ class PruningSection:
     # the stretch [start, stop) of every denoising trajectory (fractions of it) that runs the pruned model; the
     # original runs the rest (f3export/schedule.py). [0, 1]: every step
     steps: list[float] = spec([0.0, 1.0], low=0.0, high=1.0)
+    # with ratio = "auto": also search the stretches [s, stop] for each start s listed (after ``steps``), and
+    # keep the one that removes the most attention per trajectory within the budget
+    search_steps: list[float] = spec([], low=0.0, high=1.0)
 
     @property
     def frames_window(self) -> int:
@@ -578,7 +581,13 @@ def _with_family_action(recipe: Recipe, given: set[str]) -> Recipe:
     if len(steps) != 2 or not steps[0] < steps[1]:
         raise RecipeError(f"{recipe.source.name}: [pruning].steps = {steps}: expected [start, stop] with "
                           "0 <= start < stop <= 1 (fractions of the denoising trajectory)")
-    if tuple(steps) != (0.0, 1.0) and not hasattr(recipe.validation, "steps"):
+    late = [start for start in recipe.pruning.search_steps if not start < steps[1]]
+    if late:
+        raise RecipeError(f"{recipe.source.name}: [pruning].search_steps = {recipe.pruning.search_steps}: a start "
+                          f"{late[0]} is not before the stop {steps[1]} of [pruning].steps")
+    if recipe.pruning.search_steps and recipe.pruning.ratio != AUTO_RATIO:
+        raise RecipeError(f"{recipe.source.name}: [pruning].search_steps is searched by ratio = 'auto' only")
+    if (tuple(steps) != (0.0, 1.0) or recipe.pruning.search_steps) and not hasattr(recipe.validation, "steps"):
         raise RecipeError(f"{recipe.source.name}: [pruning].steps: a {recipe.model.family} model has no denoising "
                           "steps to schedule")
     if "window" in given and recipe.pruning.action != "temporal-window":

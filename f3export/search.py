@@ -18,7 +18,7 @@ from .models.base import ModelAdapter, VideoShape
 from .models.loading import ModelBundle
 from .prune import PruningPlan, make_plan, pruned_copy
 from .recipe import PruningSection, ValidationSection
-from .schedule import scheduled
+from .schedule import StepSchedule, scheduled
 from .report import console
 from .validate import original_trajectories, pruning_fidelity, pruning_gates
 
@@ -32,11 +32,12 @@ class RatioSearch:
     """Candidates by the number of heads removed, each tried once."""
 
     def __init__(self, adapter: ModelAdapter, bundle: ModelBundle, shape: VideoShape, scores: Scores,
-                 pruning: PruningSection, validation: ValidationSection):
+                 pruning: PruningSection, validation: ValidationSection, references: list | None = None):
         self.adapter, self.bundle, self.shape, self.scores = adapter, bundle, shape, scores
         self.pruning, self.validation = pruning, validation
         self.heads = sum(module.heads for module in scores.modules.values())
-        self.references = original_trajectories(adapter, bundle, shape, validation)
+        self.references = references if references is not None else \
+            original_trajectories(adapter, bundle, shape, validation)
         self.trials: dict[int, dict[str, Any]] = {}
 
     def plan(self, removed: int) -> PruningPlan:
@@ -81,4 +82,25 @@ class RatioSearch:
 
 def choose_ratio(adapter: ModelAdapter, bundle: ModelBundle, shape: VideoShape, scores: Scores,
                  pruning: PruningSection, validation: ValidationSection) -> PruningPlan:
-    return RatioSearch(adapter, bundle, shape, scores, pruning, validation).run()
+    """The ratio search; with ``search_steps``, once per step schedule in order (the recipe's ``steps`` first,
+    then [s, stop] for each start s listed), keeping the schedule whose plan removes the most heads x share of
+    the trajectory's steps (ties: the earlier); every schedule's search is recorded in ``plan.search``."""
+    first = RatioSearch(adapter, bundle, shape, scores, pruning, validation)
+    if not pruning.search_steps:
+        return first.run()
+    timesteps = first.references[0].timesteps[-validation.steps:]
+    train = int(adapter.scheduler(bundle).config["num_train_timesteps"])
+    stop = pruning.steps[1]
+    candidates = []
+    for steps in [list(pruning.steps), *([start, stop] for start in pruning.search_steps)]:
+        console.print(f"auto ratio: step schedule [{steps[0]:g}, {steps[1]:g})", highlight=False)
+        search = first if steps == list(pruning.steps) else RatioSearch(
+            adapter, bundle, shape, scores, dataclasses.replace(pruning, steps=steps), validation, first.references)
+        plan = search.run()
+        share = StepSchedule(steps[0], steps[1], train).share(timesteps)
+        candidates.append((plan, {"steps": steps, "pruned_steps_share": share, "removed_heads": plan.removed_heads,
+                                  "heads_x_share": plan.removed_heads * share, "search": plan.search}))
+    best = max(range(len(candidates)), key=lambda i: (candidates[i][1]["heads_x_share"], -i))
+    plan = candidates[best][0]
+    plan.search = {**plan.search, "schedules": [record for _, record in candidates], "chosen_schedule": best}
+    return plan

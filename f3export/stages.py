@@ -32,13 +32,14 @@ from .models.base import ModelAdapter, VideoShape, family_sources
 from .models.loading import ModelBundle
 from .models.memory import return_free_memory
 from .pictures import video_strips
-from .prune import PruningPlan, load_pruned, make_plan, parameter_count, pruned_copy, save_pruned
+from .prune import PRUNED_CONFIG, PruningPlan, load_pruned, make_plan, parameter_count, pruned_copy, save_pruned
 from .recipe import AUTO_RATIO, Recipe
 from .search import choose_ratio
 from .schedule import StepSchedule, scheduled
 from .sensitivity import OutputMeasure
 from .text_standin import STANDIN_TEXT
 from .report import console, detail
+from .weights import read_json
 from .validate import (Comparison, compare_engine, export_gates, gates_json, golden_samples, load_goldens,
                        pruning_fidelity, pruning_gates,
                        save_goldens)
@@ -153,6 +154,12 @@ class StageContext:
     def contract_ranges(self) -> dict[str, list[int]]:
         """The [min, max] every engine is validated over, per axis (the contract records those of its dynamic axes)."""
         return {axis: [r.min, r.max] for axis, r in profile_ranges(self.recipe).items()}
+
+    @property
+    def pruned_steps(self) -> tuple[float, float]:
+        """The stretch of each trajectory the pruned model runs, as the plan chose it (saved with the model)."""
+        start, stop = read_json(self.root / "pruned" / PRUNED_CONFIG).get("steps", [0.0, 1.0])
+        return float(start), float(stop)
 
     @cached_property
     def pruned(self) -> torch.nn.Module:
@@ -310,7 +317,7 @@ def prune_model(ctx: StageContext) -> StageOutput:
 def export_models(ctx: StageContext) -> StageOutput:
     section = ctx.recipe.export
     conventions = ctx.adapter.conventions(ctx.model.bundle)
-    start, stop = ctx.recipe.pruning.steps
+    start, stop = ctx.pruned_steps
     if (start, stop) != (0.0, 1.0):  # the runtime's rule for which engine runs a call (schedule.py)
         train = int(conventions["scheduler"]["config"]["num_train_timesteps"])
         conventions["step_schedule"] = StepSchedule(start, stop, train).to_json()
@@ -454,7 +461,7 @@ def validate_engines(ctx: StageContext) -> StageOutput:
     made, components = _check_components(ctx)
     files += made
     fidelity = pruning_fidelity(ctx.adapter, ctx.model.bundle,
-                                scheduled(ctx.adapter, ctx.model.bundle, ctx.pruned, ctx.recipe.pruning.steps),
+                                scheduled(ctx.adapter, ctx.model.bundle, ctx.pruned, ctx.pruned_steps),
                                 ctx.shape, section)
     ctx.release()  # the engines run without the PyTorch models in memory
     if "pruned" in ctx.variants:

@@ -87,3 +87,25 @@ def test_a_schedule_must_be_a_stretch_of_a_denoising_trajectory(write_recipe):
         path = write_recipe(FAST_RECIPE.replace("ratio = 0.5", f"ratio = 0.5\nsteps = {steps}"))
         result = CliRunner().invoke(main, ["build", str(path)])
         assert result.exit_code == 2 and expected in result.output, result.output
+
+
+def test_ratio_auto_searches_each_listed_schedule_and_keeps_the_most_pruned_steps(tmp_path):
+    recipe = tmp_path / "searched.toml"
+    recipe.write_text(FAST_RECIPE.replace("{out}", str(tmp_path / "artifacts"))
+                      .replace("ratio = 0.5", 'ratio = "auto"\nsearch_steps = [0.5]')
+                      .replace("pruning_min_latent_psnr = 5.0", "pruning_min_latent_psnr = 30.0"))
+    result = run("build", recipe)
+    assert result.exit_code in (0, 1), result.output
+    plan = read_json(tmp_path / "artifacts" / "searched" / "plan.json")
+    schedules = plan["search"]["schedules"]
+    assert [s["steps"] for s in schedules] == [[0.0, 1.0], [0.5, 1.0]]
+    # 3 DDIM steps (leading: timesteps 667, 334, 1): [0.5, 1) prunes the last two
+    assert [s["pruned_steps_share"] for s in schedules] == [1.0, pytest.approx(2 / 3)]
+    for s in schedules:
+        assert s["heads_x_share"] == pytest.approx(s["removed_heads"] * s["pruned_steps_share"])
+        assert s["search"]["tried"]  # every candidate of every schedule recorded
+    best = max(range(2), key=lambda i: (schedules[i]["heads_x_share"], -i))
+    assert plan["search"]["chosen_schedule"] == best
+    assert plan["steps"] == schedules[best]["steps"] and plan["removed"] is not None
+    config = read_json(tmp_path / "artifacts" / "searched" / "pruned" / "config.json")
+    assert config["steps"] == schedules[best]["steps"]  # what export and validation read
