@@ -54,11 +54,20 @@ class Sweep:
         if any(a not in allowed for a in actions):
             raise F3ExportError(f"--actions {','.join(actions)}: the heads of a {bench.adapter.family} model can only "
                              f"be {' or '.join(map(repr, allowed))}")
-        scored = Scores.from_json(read_json(self.root / "scores.json")).modules.values()
+        scores = Scores.from_json(read_json(self.root / "scores.json"))
+        scored = scores.modules.values()
         missing = [c for c in criteria if any(c not in module.scores for module in scored)]
+        if "sensitivity" in missing:
+            raise CheckError(f"{self.root / 'scores.json'}: no 'sensitivity' scores: calibration measures them only "
+                             "when the recipe ranks by them; rebuild with --set pruning.criterion='sensitivity'")
         if missing:
             raise CheckError(f"{self.root / 'scores.json'}: no {', '.join(map(repr, missing))} scores (calibrated "
                              "before that criterion existed); rebuild with --force")
+        measured = scores.sensitivity_of or {}
+        other = [a for a in actions if "sensitivity" in criteria and a != measured.get("action")]
+        if other:
+            raise F3ExportError(f"--actions {','.join(actions)}: 'sensitivity' was measured for action "
+                                f"{measured.get('action')!r}, not {other[0]!r}; sweep that action alone")
         clear_outputs(self.root, ("sweep.json", "sweep.png", "sweep"))
         source = Build(recipe).model
         original = source.bundle.model
