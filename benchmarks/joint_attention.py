@@ -36,22 +36,25 @@ from f3export.prune import apply_plan, make_plan
 from f3export.recipe import PruningSection
 
 RATIOS = (0.5, 0.75, 0.9)
+WINDOWS = (0, 1, 2)  # frames on each side the pruned heads read (0: frame-local)
 REAL_SHAPES = {"cogvideox": ("cogvideox-2b", VideoShape(13, 60, 90)), "wan": ("wan2.1-1.3b", VideoShape(21, 60, 104))}
 
 
-def frame_local(adapter, model, ratio: float):
-    """``model`` with the ratio's heads frame-local; which heads does not change the count, so uniform scores."""
+def frame_local(adapter, model, ratio: float, window: int = 0):
+    """``model`` with the ratio's heads frame-local (``window`` > 0: windowed); which heads does not change the
+    count, so uniform scores."""
     sites = adapter.structure.temporal_sites(model)
     scores = Scores({s.attention: ModuleScores(s.heads_of(model).heads, s.heads_of(model).head_dim,
                                                {"contribution": [1.0] * s.heads_of(model).heads}) for s in sites},
                     [], 0)
-    plan = make_plan(scores, PruningSection(ratio=ratio, action="frame-local"))
+    action = "temporal-window" if window else "frame-local"
+    plan = make_plan(scores, PruningSection(ratio=ratio, action=action, window=max(window, 1)))
     pruned = copy.deepcopy(model)
-    apply_plan(pruned, adapter.structure.temporal_sites(pruned), plan.kept_heads, plan.local_heads)
+    apply_plan(pruned, adapter.structure.temporal_sites(pruned), plan.kept_heads, plan.local_heads, plan.window)
     return pruned
 
 
-def counted(adapter, config: dict, shape: VideoShape, batch: int) -> dict[float, tuple[int, int]]:
+def counted(adapter, config: dict, shape: VideoShape, batch: int, window: int = 0) -> dict[float, tuple[int, int]]:
     """Per ratio (0 = the original), the FLOPs of one forward and those of its attention, counted on the meta
     device (shapes only; attention runs as batched matmuls there, the projections as addmm)."""
     with torch.device("meta"):
@@ -59,7 +62,7 @@ def counted(adapter, config: dict, shape: VideoShape, batch: int) -> dict[float,
         inputs = adapter.example_inputs(original, shape, batch=batch, seed=0)
     result = {}
     for ratio in (0.0, *RATIOS):
-        model = frame_local(adapter, original, ratio) if ratio else original
+        model = frame_local(adapter, original, ratio, window) if ratio else original
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(**inputs)
         counts = counter.get_flop_counts()["Global"]
@@ -68,16 +71,17 @@ def counted(adapter, config: dict, shape: VideoShape, batch: int) -> dict[float,
 
 
 def meta_counts() -> None:
-    print("| model | shape (latent frames x h x w, text) | ratio | TFLOPs per forward (CFG batch 2) "
+    print("| model | shape (latent frames x h x w, text) | window | ratio | TFLOPs per forward (CFG batch 2) "
           "| attention share | ideal speedup |")
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for family, (preset, shape) in REAL_SHAPES.items():
         adapter = get_adapter(family)
-        counts = counted(adapter, adapter.checkpoint.presets[preset], shape, batch=2)
         label = f"{shape.frames} x {shape.latent_height} x {shape.latent_width}, {adapter.text_tokens}"
-        for ratio, (total, attention) in counts.items():
-            print(f"| {preset} | {label} | {ratio:g} | {total / 1e12:.1f} | {100 * attention / total:.1f} % "
-                  f"| {counts[0.0][0] / total:.3f}x |")
+        for window in WINDOWS:
+            counts = counted(adapter, adapter.checkpoint.presets[preset], shape, batch=2, window=window)
+            for ratio, (total, attention) in counts.items():
+                print(f"| {preset} | {label} | {window} | {ratio:g} | {total / 1e12:.1f} "
+                      f"| {100 * attention / total:.1f} % | {counts[0.0][0] / total:.3f}x |", flush=True)
 
 
 def session(path: Path) -> onnxruntime.InferenceSession:

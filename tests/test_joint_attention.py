@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from f3export.calibrate import calibrate
 from f3export.export import export_onnx
+from f3export.flops import count_flops, joint_attention_pairs
 from f3export.models import get_adapter
 from f3export.models.base import VideoShape
 from f3export.prune import apply_plan, make_plan, mask_heads, parameter_count
@@ -212,3 +213,19 @@ def test_a_joint_family_prunes_frame_local_unless_the_recipe_says_remove(tmp_pat
     recipe.write_text('[model]\nfamily = "wan"\npreset = "tiny"\n[pruning]\naction = "remove"\n')
     assert load_recipe(recipe).pruning.action == "remove"
     assert np.isclose(load_recipe(recipe).pruning.ratio, 0.5)
+
+
+@pytest.mark.parametrize("window", [0, 1, 2])
+def test_the_counted_attention_flops_of_windowed_heads_are_what_the_graph_computes(window):
+    """``flops.joint_attention_pairs`` (the Pareto's price at CogVideoX-2B's shape) against FlopCounterMode on
+    the tiny CogVideoX: every head windowed saves 4 * head_dim FLOPs per query-key pair it no longer scores."""
+    adapter = get_adapter("cogvideox")
+    model = adapter.checkpoint.load_preset("tiny", seed=0).model
+    x = inputs(adapter, model, 5)
+    _, pruned, _ = pruned_and_reference(adapter, model, 1.0, "temporal-window", window)
+    names = [s.attention for s in adapter.structure.temporal_sites(model)]
+    (_, full), (_, local) = count_flops(model, x, names), count_flops(pruned, x, names)
+    config = model.inner.config
+    pairs = joint_attention_pairs(5, 16, adapter.text_tokens), joint_attention_pairs(5, 16, adapter.text_tokens, window)
+    heads = config.num_layers * config.num_attention_heads
+    assert full - local == 4 * config.attention_head_dim * 2 * heads * (pairs[0] - pairs[1])
