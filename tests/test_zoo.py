@@ -26,9 +26,10 @@ from zoo.text_encoder import write_char_clip
 from zoo.train_shapes import TEXT_TOKENS, TEXT_WIDTH, TRAINEES, WORDS, train
 
 
-@pytest.mark.parametrize("family", TRAINEES)
-def test_the_training_script_writes_the_family_folder_with_its_record(tmp_path, family):
-    trainee = TRAINEES[family]
+@pytest.mark.parametrize("name", TRAINEES)
+def test_the_training_script_writes_the_family_folder_with_its_record(tmp_path, name):
+    trainee = TRAINEES[name]
+    family = trainee.family
     record = train(trainee, tmp_path / "model", steps=2, batch=2, lr=1e-3, seed=0, log_every=1)
     adapter = get_adapter(family)
     bundle = adapter.checkpoint.load_folder(tmp_path / "model")
