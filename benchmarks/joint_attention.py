@@ -10,7 +10,7 @@
    speedup counted on the same proxy at the same shape.
 
     python benchmarks/joint_attention.py --meta
-    python benchmarks/joint_attention.py --measure --layers 1 --latent 32 48 --repeats 9
+    python benchmarks/joint_attention.py --measure --layers 1 --latent 32 48 --repeats 9 [--window 1]
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def session(path: Path) -> onnxruntime.InferenceSession:
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def measure(layers: int, latent: tuple[int, int], repeats: int) -> None:
+def measure(layers: int, latent: tuple[int, int], repeats: int, window: int = 0) -> None:
     adapter = get_adapter("cogvideox")
     config = {**adapter.checkpoint.presets["cogvideox-2b"], "num_layers": layers,
               "sample_height": latent[0], "sample_width": latent[1]}
@@ -102,14 +102,15 @@ def measure(layers: int, latent: tuple[int, int], repeats: int) -> None:
     tokens = adapter.text_tokens + 13 * (latent[0] // 2) * (latent[1] // 2)
     print(f"proxy: {layers} CogVideoX-2B block(s) at full width, 13 frames of {latent[0]}x{latent[1]} latents "
           f"({tokens} tokens), batch 1; ONNX Runtime {onnxruntime.__version__} CPU, {repeats} interleaved runs")
-    counts = counted(adapter, config, shape, batch=1)
+    counts = counted(adapter, config, shape, batch=1, window=window)
+    print(f"heads {'frame-local' if not window else f'reading {window} frame(s) on each side'}")
     print("| ratio | ideal speedup | original ms (median, min-max) | pruned ms (median, min-max) | measured speedup "
           "(median of paired runs, quartiles) | measured / ideal |")
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as folder:
         base_session = session(export_onnx(original, spec, Path(folder) / "original.onnx", 17, "auto").path)
         for ratio in RATIOS:
-            pruned = frame_local(adapter, original, ratio)
+            pruned = frame_local(adapter, original, ratio, window)
             ideal = counts[0.0][0] / counts[ratio][0]
             expected = pruned(**spec.inputs).numpy()
             pruned_session = session(export_onnx(pruned, spec, Path(folder) / f"pruned-{ratio}.onnx", 17, "auto").path)
@@ -142,12 +143,13 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--latent", type=int, nargs=2, default=[32, 48], metavar=("HEIGHT", "WIDTH"))
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--window", type=int, default=0, help="--measure: frames on each side (0: frame-local)")
     args = parser.parse_args()
     if args.meta:
         meta_counts()
     if args.measure:
         with torch.no_grad():
-            measure(args.layers, tuple(args.latent), args.repeats)
+            measure(args.layers, tuple(args.latent), args.repeats, args.window)
 
 
 if __name__ == "__main__":
