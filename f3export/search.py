@@ -25,7 +25,8 @@ from .validate import original_trajectories, pruning_fidelity, pruning_gates
 
 def fidelity_budget(adapter: ModelAdapter, section: ValidationSection) -> list[str]:
     """The [validation] keys of the pruning gates the recipe sets: what an automatic ratio must pass."""
-    return [gate.recipe_key for gate in adapter.fidelity_gates if getattr(section, gate.recipe_key) is not None]
+    keys = [gate.recipe_key for gate in adapter.fidelity_gates if getattr(section, gate.recipe_key) is not None]
+    return keys + (["pruning_max_task_drop"] if getattr(section, "pruning_max_task_drop", None) is not None else [])
 
 
 class RatioSearch:

@@ -210,6 +210,13 @@ def pruning_gates(adapter: ModelAdapter, result: PruningFidelity, section: Valid
             raise RecipeError(f"[validation].{gate.recipe_key} = {limit}: this model produces no {gate.metric} "
                               "(its outputs are latents that nothing decodes into frames)")
         gates.append(Gate(f"pruning.{gate.metric}_min", result.summary[f"{gate.metric}_min"], limit, "min"))
+    drop = getattr(section, "pruning_max_task_drop", None)
+    if drop is not None:
+        if not result.task:
+            raise RecipeError(f"[validation].pruning_max_task_drop = {drop}: needs [validation].task to score")
+        for metric in result.task_chance:
+            lost = result.task["original"][metric] - result.task["pruned"][metric]
+            gates.append(Gate(f"pruning.task_{metric}_drop", lost, drop, "max"))
     return gates
 
 

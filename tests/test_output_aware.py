@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from f3export.calibrate import TemporalStatsRecorder, calibrate
+from f3export.models import get_adapter
 from f3export.models.base import VideoShape
 from f3export.errors import CheckpointError
 from f3export.prune import compensate, compensation_shifts, make_plan, mask_heads, pruned_copy
@@ -211,3 +212,18 @@ def test_a_window_needs_the_temporal_window_action_and_compensation_a_family_tha
                      PruningSection(ratio=0.5, compensate=True))
     with pytest.raises(CheckpointError, match="measured no compensation means"):
         compensation_shifts(plan, None)
+
+
+def test_the_task_drop_gate_limits_how_much_the_task_metric_may_fall():
+    from f3export.validate import PruningFidelity, pruning_gates
+
+    section = family_sections("cogvideox")["validation"](task="moving-shapes", pruning_max_task_drop=0.1,
+                                                         pruning_min_step_cosine=None, pruning_min_latent_psnr=None)
+    adapter = get_adapter("cogvideox")
+    for pruned, passed in ((0.75, True), (0.625, False)):
+        result = PruningFidelity({}, [], {"original": {"direction_accuracy": 0.8125, "smoothness": 0.8},
+                                          "pruned": {"direction_accuracy": pruned, "smoothness": 3.0}},
+                                 {"direction_accuracy": 0.25})
+        (gate,) = pruning_gates(adapter, result, section)
+        assert gate.metric == "pruning.task_direction_accuracy_drop" and gate.passed == passed
+        assert gate.value == pytest.approx(0.8125 - pruned)

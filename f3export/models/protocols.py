@@ -136,7 +136,10 @@ class DiffusionProtocol(EvaluationProtocol):
                    # one animated image per prompt, or one for every prompt: runs start from its DDIM inversion
                    *_both_sections("source_videos", list[str], [], input_file=True),
                    # a task metric scoring the held-out videos of both models (f3export/tasks)
-                   family_key("validation", "task", str | None, None, choices=tuple(TASKS)))
+                   family_key("validation", "task", str | None, None, choices=tuple(TASKS)),
+                   # a pruning gate on the task: how much each of its chance-scored metrics (moving shapes:
+                   # direction accuracy) may drop from the original's
+                   family_key("validation", "pruning_max_task_drop", float | None, None, low=0.0))
     batch = 2  # the unconditional and the conditional row together (inversion too: one batch for every call)
 
     def __init__(self, inversion: bool = True, negative_prompt: str = "", dynamic_cfg: bool = False,
