@@ -109,6 +109,8 @@ class Scores:
             with atomic_path(paths[1]) as tmp:
                 save_file({f"{m}/{name}": t.contiguous() for m, parts in self.compensation.items()
                            for name, t in parts.items()}, str(tmp))
+        else:  # not an earlier calibration's means, read as this one's
+            (folder / COMPENSATION).unlink(missing_ok=True)
         return paths
 
     @classmethod
