@@ -119,6 +119,16 @@ def test_the_committed_cogvideox_does_the_task_on_held_out_captions():
     assert scores.smoothness <= 1.2 and scores.identity >= 0.9 and scores.found >= 0.9
 
 
+def test_the_committed_48_head_cogvideox_does_the_task_on_held_out_captions():
+    """The over-parameterised CogVideoX (CogVideoX-2B's layout, 48 heads): held-out captions, seed 1000, the
+    recipe's sampling (20 CogVideoX DDIM steps, guidance 3.0); its evaluation.json (seeds 1000 and 1001) reads
+    0.75 / 0.63 / 1.00 / 1.00."""
+    scores = score([video for _, video in sample(ZOO / "cogvideox-2b-shapes", "cogvideox", list(HELD_OUT_CAPTIONS),
+                                                 [1000], 20, 3.0)], list(HELD_OUT_CAPTIONS))
+    assert scores.direction_accuracy >= 0.625  # chance: 0.25
+    assert scores.smoothness <= 1.2 and scores.identity >= 0.95 and scores.found >= 0.95
+
+
 def test_the_committed_tune_a_video_does_the_edits_of_held_out_captions():
     """Tune-A-Video's protocol: each held-out caption sampled from the DDIM inversion of a training clip with the
     same motion, another colour and shape (zoo/sources); the recipe's sampling (Tune-A-Video's 50 inversion and
@@ -140,24 +150,27 @@ def test_the_committed_source_clips_are_the_tasks_own_renders(tmp_path):
                                          for p in section.prompts]
 
 
-@pytest.mark.parametrize("folder, family, steps, weights_limit", [("latte-shapes", "latte", 4500, 3_000_000),
-                                                                   ("tav-shapes", "tune-a-video", 1500, 4_000_000),
-                                                                   ("cogvideox-shapes", "cogvideox", 3000, 3_000_000)])
-def test_a_committed_model_is_small_and_carries_its_training_record(folder, family, steps, weights_limit):
+@pytest.mark.parametrize("folder, trainee, steps, weights_limit, minutes", [
+    ("latte-shapes", "latte", 4500, 3_000_000, 25), ("tav-shapes", "tune-a-video", 1500, 4_000_000, 25),
+    ("cogvideox-shapes", "cogvideox", 3000, 3_000_000, 25),
+    # 0.6 s a step alone (30 min); trained beside this session's other work on the same 2 cores: 72 min
+    ("cogvideox-2b-shapes", "cogvideox-2b", 3000, 4_000_000, 75)])
+def test_a_committed_model_is_small_and_carries_its_training_record(folder, trainee, steps, weights_limit, minutes):
     committed = ZOO / folder
+    family = TRAINEES[trainee].family
     weights = sum(f.stat().st_size for f in committed.rglob("*.safetensors"))
-    assert weights < weights_limit  # network + frozen text encoder (latte: 2.2 MB; tav: 3.7 MB and cogvideox: 2.6 MB,
-    # stored in float16)
+    assert weights < weights_limit  # network + frozen text encoder (latte: 2.2 MB; tav: 3.7 MB, cogvideox: 2.6 MB and
+    # cogvideox-2b: 3.8 MB, stored in float16)
     record = json.loads((committed / "training.json").read_text())
     assert record["family"] == family and record["arguments"] == {"steps": steps, "batch": 8,
-                                                                  "lr": TRAINEES[family].lr, "seed": 0,
+                                                                  "lr": TRAINEES[trainee].lr, "seed": 0,
                                                                   "log_every": 50}
-    assert record["versions"]["torch"].startswith("2.13.0") and record["wall_seconds"] < 25 * 60
+    assert record["versions"]["torch"].startswith("2.13.0") and record["wall_seconds"] < minutes * 60
     curve = record["loss_curve"]["mean_loss"]
     assert len(curve) == steps // 50 and curve[-1] < 0.2 * curve[0]
     assert (committed / "loss.png").stat().st_size > 0 and (committed / "samples.png").stat().st_size > 0
     config = get_adapter(family).checkpoint.folder_config(committed)
-    assert {k: config[k] for k in TRAINEES[family].config} == TRAINEES[family].config  # the script's network
+    assert {k: config[k] for k in TRAINEES[trainee].config} == TRAINEES[trainee].config  # the script's network
 
 
 def test_the_recipe_on_the_committed_model_chooses_a_ratio_that_keeps_the_task(tmp_path):
