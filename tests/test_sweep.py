@@ -45,3 +45,12 @@ def test_a_sweep_refuses_an_action_the_family_cannot_do(built):
     assert result.exit_code == 2
     assert result.output.strip() == ("error: --actions remove,frame-local: the heads of a tune-a-video model can "
                                      "only be 'remove'")
+
+
+def test_a_sweep_by_sensitivity_needs_a_build_that_measured_it(built):
+    """Sensitivity costs extra passes, so calibration measures it only when the recipe ranks by it."""
+    _, root, _ = built
+    result = CliRunner().invoke(main, ["sweep", str(root), "--criteria", "contribution,sensitivity"])
+    assert result.exit_code == 1, result.output
+    assert "no 'sensitivity' scores: calibration measures them only when the recipe ranks by them; rebuild with " \
+           "--set pruning.criterion='sensitivity'" in result.output
