@@ -89,9 +89,10 @@ def main() -> None:
     scores = calibrate(adapter, bundle, shape, recipe.calibration)
     record["calibration_seconds"] = round(time.perf_counter() - started, 1)
     record["distance_mass"] = {name: m.distance_mass for name, m in scores.modules.items()}
-    sensitivity_calibration = dataclasses.replace(recipe.calibration,
-                                                  prompts=recipe.calibration.prompts[:args.sensitivity_prompts],
-                                                  steps=args.sensitivity_steps)
+    subset = {"prompts": recipe.calibration.prompts[:args.sensitivity_prompts], "steps": args.sensitivity_steps}
+    if len(getattr(recipe.calibration, "source_videos", [])) > 1:  # one source clip per prompt: the same subset
+        subset["source_videos"] = recipe.calibration.source_videos[:args.sensitivity_prompts]
+    sensitivity_calibration = dataclasses.replace(recipe.calibration, **subset)
     sensitivities = {}
     for lever in levers if "sensitivity" in args.criteria.split(",") else []:
         action, window = ACTIONS[lever]
