@@ -40,7 +40,7 @@ ATTENTION_SHARE = 0.607  # of CogVideoX-2B's forward FLOPs at that shape (benchm
 ACTIONS = {"frame-local": ("frame-local", 0), "window-1": ("temporal-window", 1), "window-2": ("temporal-window", 2),
            "remove": ("remove", 0)}
 DATA_CRITERIA = ("temporal_contribution", "contribution", "magnitude", "random")
-SCHEDULES = {"all": (0.0, 1.0), "middle": (0.2, 0.8), "after-first-quarter": (0.25, 1.0)}  # [pruning].steps
+SCHEDULES = {"all": (0.0, 1.0), "middle": (0.2, 0.8), "after-first-quarter": (0.25, 1.0)}  # [pruning].pruned_steps
 
 
 def point_key(p: dict) -> str:

@@ -41,11 +41,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils._pytree import tree_map_only
 
-from .artifacts import atomic_path, write_json
+from .artifacts import write_json
 from .criteria import CRITERIA, OutputScorer, WeightScorer, token_scorers
 from .models.base import ModelAdapter, VideoShape
 from .models.loading import ModelBundle
@@ -53,6 +52,7 @@ from .models.structure import TemporalSite
 from .recipe import CalibrationSection
 from .report import console, plural, progress
 from .sensitivity import OutputMeasure, SensitivityProbe
+from .weights import save_tensors
 
 if TYPE_CHECKING:
     from .distributed import Team
@@ -85,7 +85,7 @@ class Scores:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "criteria": list(CRITERIA),
+            "criteria": [c for c in CRITERIA if self.sensitivity_of or not isinstance(CRITERIA[c], OutputScorer)],
             "samples": self.samples,
             "timesteps": self.timesteps,
             **({"note": self.note} if self.note else {}),
@@ -106,9 +106,8 @@ class Scores:
         write_json(paths[0], self.to_json())
         if self.compensation:
             paths.append(folder / COMPENSATION)
-            with atomic_path(paths[1]) as tmp:
-                save_file({f"{m}/{name}": t.contiguous() for m, parts in self.compensation.items()
-                           for name, t in parts.items()}, str(tmp))
+            save_tensors({f"{m}/{name}": t.contiguous() for m, parts in self.compensation.items()
+                          for name, t in parts.items()}, paths[1])
         else:  # not an earlier calibration's means, read as this one's
             (folder / COMPENSATION).unlink(missing_ok=True)
         return paths
@@ -283,9 +282,8 @@ class RunStore:
         return self.folder / f"run-{index:05d}.safetensors"
 
     def save(self, index: int, run: RunStatistics) -> None:
-        with atomic_path(self.path(index)) as tmp:
-            save_file(run.tensors(), str(tmp), metadata={"key": self.key, "run": str(index),
-                                                         "timesteps": json.dumps(run.timesteps)})
+        save_tensors(run.tensors(), self.path(index), {"key": self.key, "run": str(index),
+                                                       "timesteps": json.dumps(run.timesteps)})
 
     def finished(self, runs: int, like: RunStatistics) -> dict[int, RunStatistics]:
         """The saved runs among ``runs``, each checked against ``like`` (an empty run of this calibration)."""

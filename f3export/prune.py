@@ -150,7 +150,7 @@ def make_plan(scores: Scores, section: PruningSection) -> PruningPlan:
     return PruningPlan(section.criterion, section.scope, section.ratio, section.min_heads_per_module,
                        list(section.keep), heads, {m: sorted(v) for m, v in removed.items() if v},
                        action=section.action or "remove", window=section.frames_window, compensate=section.compensate,
-                       steps=tuple(section.steps))
+                       steps=tuple(section.pruned_steps))
 
 
 def remove_site(model: nn.Module, site: TemporalSite) -> None:

@@ -119,10 +119,13 @@ class PruningSection:
     compensate: bool = spec(False)
     # the stretch [start, stop) of every denoising trajectory (fractions of it) that runs the pruned model; the
     # original runs the rest (f3export/schedule.py). [0, 1]: every step
-    steps: list[float] = spec([0.0, 1.0], low=0.0, high=1.0)
-    # with ratio = "auto": also search the stretches [s, stop] for each start s listed (after ``steps``), and
+    pruned_steps: list[float] = spec([0.0, 1.0], low=0.0, high=1.0)
+    # with ratio = "auto": also search the stretches [s, stop] for each start s listed (after ``pruned_steps``), and
     # keep the one that removes the most attention per trajectory within the budget
     search_steps: list[float] = spec([], low=0.0, high=1.0)
+    # with ratio = "auto" and action = "temporal-window": also search these windows (after ``window``), each
+    # with every schedule, keeping the candidate that removes the most FLOPs per trajectory within the budget
+    search_windows: list[int] = spec([], low=0)
 
     @property
     def frames_window(self) -> int:
@@ -577,19 +580,25 @@ def _with_family_action(recipe: Recipe, given: set[str]) -> Recipe:
     elif action not in actions:
         raise RecipeError(f"{recipe.source.name}: [pruning].action = {action!r}: the heads of a "
                           f"{recipe.model.family} model can only be {' or '.join(map(repr, actions))}")
-    steps = recipe.pruning.steps
-    if len(steps) != 2 or not steps[0] < steps[1]:
-        raise RecipeError(f"{recipe.source.name}: [pruning].steps = {steps}: expected [start, stop] with "
+    stretch = recipe.pruning.pruned_steps
+    if len(stretch) != 2 or not stretch[0] < stretch[1]:
+        raise RecipeError(f"{recipe.source.name}: [pruning].pruned_steps = {stretch}: expected [start, stop] with "
                           "0 <= start < stop <= 1 (fractions of the denoising trajectory)")
-    late = [start for start in recipe.pruning.search_steps if not start < steps[1]]
+    late = [start for start in recipe.pruning.search_steps if not start < stretch[1]]
     if late:
         raise RecipeError(f"{recipe.source.name}: [pruning].search_steps = {recipe.pruning.search_steps}: a start "
-                          f"{late[0]} is not before the stop {steps[1]} of [pruning].steps")
-    if recipe.pruning.search_steps and recipe.pruning.ratio != AUTO_RATIO:
-        raise RecipeError(f"{recipe.source.name}: [pruning].search_steps is searched by ratio = 'auto' only")
-    if (tuple(steps) != (0.0, 1.0) or recipe.pruning.search_steps) and not hasattr(recipe.validation, "steps"):
-        raise RecipeError(f"{recipe.source.name}: [pruning].steps: a {recipe.model.family} model has no denoising "
-                          "steps to schedule")
+                          f"{late[0]} is not before the stop {stretch[1]} of [pruning].pruned_steps")
+    for key in ("search_steps", "search_windows"):
+        if getattr(recipe.pruning, key) and recipe.pruning.ratio != AUTO_RATIO:
+            raise RecipeError(f"{recipe.source.name}: [pruning].{key} is searched by ratio = 'auto' only")
+    if recipe.pruning.search_windows and recipe.pruning.action != "temporal-window":
+        raise RecipeError(f"{recipe.source.name}: [pruning].search_windows is read only by action = "
+                          f"'temporal-window' (the recipe's action is {recipe.pruning.action!r})")
+    adapter = get_adapter(recipe.model.family, recipe.model.adapter_options)
+    if (tuple(stretch) != (0.0, 1.0) or recipe.pruning.search_steps) and not callable(getattr(adapter, "scheduler",
+                                                                                             None)):
+        raise RecipeError(f"{recipe.source.name}: [pruning].pruned_steps: a {recipe.model.family} model has no "
+                          "denoising trajectory to schedule")
     if "window" in given and recipe.pruning.action != "temporal-window":
         raise RecipeError(f"{recipe.source.name}: [pruning].window is read only by action = 'temporal-window' "
                           f"(the recipe's action is {recipe.pruning.action!r})")

@@ -7,7 +7,7 @@
     logits = model(tokens=tokens, text_len=text_len)    # or positionally, in the contract's order
 
     unet = denoiser("artifacts/tav")                    # the pruned engine, or under a step schedule
-                                                        # ([pruning].steps) both engines switched by timestep
+                                                        # ([pruning].pruned_steps) both engines switched by timestep
 
 Inputs are taken by the names and order of the build's engine contract, cast to its dtypes; a 1-D input
 given as one value (a timestep, a text length) is repeated over the batch. One output is returned as is,

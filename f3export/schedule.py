@@ -1,8 +1,8 @@
 """Step schedules: the pruned model at some denoising steps, the original at the others.
 
 Temporal attention changes least through the middle of sampling (PAB's broadcast ranges), so a pruned model
-may be good enough there and not at the first steps, which lay out the motion. ``[pruning] steps = [start,
-stop]`` is a stretch of the trajectory in fractions of it; a call runs the pruned model where its timestep's
+may be good enough there and not at the first steps, which lay out the motion. ``[pruning] pruned_steps =
+[start, stop]`` is a stretch of the trajectory in fractions of it; a call runs the pruned model where its timestep's
 position in the trajectory, ``1 - t / num_train_timesteps``, lies in [start, stop) (stop 1 included). The
 rule reads the timestep alone, so PyTorch validation, the engines-only ``generate`` and a diffusers pipeline
 driving the drop-in denoiser all switch at the same calls, at any step count.

@@ -17,6 +17,7 @@ from .calibrate import Scores
 from .models.base import ModelAdapter, VideoShape
 from .models.loading import ModelBundle
 from .prune import PruningPlan, make_plan, pruned_copy
+from .flops import count_flops
 from .recipe import PruningSection, ValidationSection
 from .schedule import StepSchedule, scheduled
 from .report import console
@@ -83,25 +84,36 @@ class RatioSearch:
 
 def choose_ratio(adapter: ModelAdapter, bundle: ModelBundle, shape: VideoShape, scores: Scores,
                  pruning: PruningSection, validation: ValidationSection) -> PruningPlan:
-    """The ratio search; with ``search_steps``, once per step schedule in order (the recipe's ``steps`` first,
-    then [s, stop] for each start s listed), keeping the schedule whose plan removes the most heads x share of
-    the trajectory's steps (ties: the earlier); every schedule's search is recorded in ``plan.search``."""
+    """The ratio search; with ``search_steps`` / ``search_windows``, once per candidate in order (the recipe's
+    own ``pruned_steps`` and window first; then each schedule [s, stop] for each start s listed, each with every window
+    listed), keeping the candidate whose plan removes the most FLOPs per trajectory: the FLOPs one forward saves
+    at the recipe's shape x the share of the trajectory's steps it runs (ties: the earlier). Every candidate's
+    search is recorded in ``plan.search``."""
     first = RatioSearch(adapter, bundle, shape, scores, pruning, validation)
-    if not pruning.search_steps:
+    if not (pruning.search_steps or pruning.search_windows):
         return first.run()
     timesteps = first.references[0].timesteps[-validation.steps:]
     train = int(adapter.scheduler(bundle).config["num_train_timesteps"])
-    stop = pruning.steps[1]
+    inputs = adapter.export_spec(bundle.model, shape, batch=1, dynamic=[], seed=0).inputs
+    full_flops, _ = count_flops(bundle.model, inputs, [])
+    schedules = [list(pruning.pruned_steps),
+                 *([start, pruning.pruned_steps[1]] for start in pruning.search_steps)]
+    windows = list(dict.fromkeys([pruning.window, *pruning.search_windows]))
     candidates = []
-    for steps in [list(pruning.steps), *([start, stop] for start in pruning.search_steps)]:
-        console.print(f"auto ratio: step schedule [{steps[0]:g}, {steps[1]:g})", highlight=False)
-        search = first if steps == list(pruning.steps) else RatioSearch(
-            adapter, bundle, shape, scores, dataclasses.replace(pruning, steps=steps), validation, first.references)
-        plan = search.run()
-        share = StepSchedule(steps[0], steps[1], train).share(timesteps)
-        candidates.append((plan, {"steps": steps, "pruned_steps_share": share, "removed_heads": plan.removed_heads,
-                                  "heads_x_share": plan.removed_heads * share, "search": plan.search}))
-    best = max(range(len(candidates)), key=lambda i: (candidates[i][1]["heads_x_share"], -i))
+    for steps in schedules:
+        for window in windows:
+            chosen = dataclasses.replace(pruning, pruned_steps=steps, window=window)
+            console.print(f"auto ratio: step schedule [{steps[0]:g}, {steps[1]:g})"
+                          + (f", window {window}" if pruning.search_windows else ""), highlight=False)
+            search = first if chosen == pruning else RatioSearch(adapter, bundle, shape, scores, chosen, validation,
+                                                                 first.references)
+            plan = search.run()
+            share = StepSchedule(steps[0], steps[1], train).share(timesteps)
+            saved = full_flops - count_flops(pruned_copy(adapter, bundle.model, plan), inputs, [])[0]
+            candidates.append((plan, {"steps": steps, "window": plan.window, "pruned_steps_share": share,
+                                      "removed_heads": plan.removed_heads, "flops_saved_per_forward": saved,
+                                      "flops_saved_x_share": saved * share, "search": plan.search}))
+    best = max(range(len(candidates)), key=lambda i: (candidates[i][1]["flops_saved_x_share"], -i))
     plan = candidates[best][0]
-    plan.search = {**plan.search, "schedules": [record for _, record in candidates], "chosen_schedule": best}
+    plan.search = {**plan.search, "candidates": [record for _, record in candidates], "chosen_candidate": best}
     return plan

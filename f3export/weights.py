@@ -129,9 +129,14 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: Path | s
 
 
 def save_state_dict(model: nn.Module, path: Path) -> None:
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_tensors({k: v.detach().contiguous() for k, v in model.state_dict().items()}, path)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file written to a temporary name and renamed; a full or read-only disk is an OSError
+    naming ``path`` (safetensors reports only "os error N")."""
     with atomic_path(path) as tmp:
         try:
-            save_file(state, str(tmp))
+            save_file(tensors, str(tmp), metadata=metadata)
         except SafetensorError as exc:
             raise os_error_from_native(exc, path) from None

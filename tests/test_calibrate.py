@@ -81,7 +81,7 @@ def test_a_registered_scorer_is_a_recipe_criterion_and_a_scores_column(monkeypat
     assert recipe.pruning.criterion == "contribution_again"
     scores = calibrate(TAV, tiny_bundle, SMALL_SHAPE, recipe.calibration)
     assert scores.to_json()["criteria"] == ["contribution", "mixing", "temporal_contribution", "magnitude", "random",
-                                            "sensitivity", "contribution_again", "magnitude_squared"]
+                                            "contribution_again", "magnitude_squared"]
     assert all("sensitivity" not in m.scores for m in scores.modules.values())  # measured only when ranked by
     for module in scores.modules.values():
         assert module.scores["contribution_again"] == module.scores["contribution"]

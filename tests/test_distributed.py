@@ -122,8 +122,8 @@ def test_a_saved_run_that_is_not_what_it_claims_is_run_again(tmp_path):
     from f3export.calibrate import RunStatistics, RunStore
 
     store = RunStore(tmp_path / "key", "key")
-    like = RunStatistics.zeros({"down.attn_temp": 4}, ["contribution", "mixing"], steps=3)
-    run = RunStatistics.zeros({"down.attn_temp": 4}, ["contribution", "mixing"], steps=3)
+    like = RunStatistics.zeros({"down.attn_temp": (4, 8)}, ["contribution", "mixing"], steps=3, frames=2)
+    run = RunStatistics.zeros({"down.attn_temp": (4, 8)}, ["contribution", "mixing"], steps=3, frames=2)
     run.sums["down.attn_temp"]["mixing"] += 0.25
     run.tokens["down.attn_temp"] += 8
     run.timesteps = [900, 500, 100]

@@ -38,12 +38,12 @@ def test_the_recipe_schema_names_no_family_and_no_family_key():
 def test_each_family_reads_only_the_keys_it_declares():
     tav, cogvideo = family_sections("tune-a-video"), family_sections("cogvideo")
     fields = lambda section: list(section.__dataclass_fields__)
-    assert fields(tav["calibration"]) == ["prompts", "seeds", "device", "steps", "guidance_scale", "negative_prompt",
-                                          "source_videos"]
+    assert fields(tav["calibration"]) == ["prompts", "seeds", "device", "sensitivity_batch", "steps",
+                                          "guidance_scale", "negative_prompt", "source_videos"]
     # CogVideoX's pipeline has use_dynamic_cfg, Wan's has not
     assert "use_dynamic_cfg" in fields(family_sections("cogvideox")["validation"])
     assert "use_dynamic_cfg" not in fields(family_sections("wan")["validation"])
-    assert fields(cogvideo["calibration"]) == ["prompts", "seeds", "device", "tokens"]
+    assert fields(cogvideo["calibration"]) == ["prompts", "seeds", "device", "sensitivity_batch", "tokens"]
     assert fields(cogvideo["validation"])[-2:] == ["pruning_min_logit_cosine", "pruning_min_top1_agreement"]
     assert "class_name" not in fields(tav["model"]) and "class_name" in fields(family_sections("diffusers")["model"])
 

@@ -42,14 +42,26 @@ def only_line(done) -> str:
 # -- non-finite numbers ------------------------------------------------------------------------------------
 FLOAT_KEYS = [(name, f.name) for name, section in family_sections("tune-a-video").items()  # FAST_RECIPE's family
               for f in dataclasses.fields(section)  # a number, an optional one, or one that also takes a word
-              for hint in [typing.get_type_hints(section)[f.name]] if float in (hint, *typing.get_args(hint))]
+              for hint in [typing.get_type_hints(section)[f.name]]
+              if float in (hint, *typing.get_args(hint)) and typing.get_origin(hint) is not list]
+FLOAT_LIST_KEYS = [(name, f.name) for name, section in family_sections("tune-a-video").items()
+                   for f in dataclasses.fields(section) if typing.get_type_hints(section)[f.name] == list[float]]
 
 
 def test_the_float_keys_are_all_found():
     """The family's keys (guidance_scale, its gates' limits) with those of every family."""
     assert ("calibration", "guidance_scale") in FLOAT_KEYS and ("pruning", "ratio") in FLOAT_KEYS
     assert ("validation", "pruning_min_latent_psnr") in FLOAT_KEYS and ("validation", "pruning_min_video_psnr") \
-        in FLOAT_KEYS and len(FLOAT_KEYS) == 11
+        in FLOAT_KEYS and ("validation", "pruning_max_task_drop") in FLOAT_KEYS and len(FLOAT_KEYS) == 12
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("section, key", FLOAT_LIST_KEYS)
+def test_every_float_list_key_refuses_a_non_finite_item(write_recipe, section, key, value):
+    assert FLOAT_LIST_KEYS == [("pruning", "pruned_steps"), ("pruning", "search_steps")]
+    with pytest.raises(RecipeError) as refused:
+        load_recipe(write_recipe(), [f"{section}.{key}=[0.0, {value}]"])
+    assert str(refused.value) == f"fast.toml: [{section}].{key}[1] = {value} is not a finite number"
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])

@@ -1,4 +1,4 @@
-"""Step schedules: ``[pruning] steps = [start, stop]`` runs the pruned model on that stretch of every trajectory
+"""Step schedules: ``[pruning] pruned_steps = [start, stop]`` runs the pruned model on that stretch of every trajectory
 and the original on the rest, in validation, in the engines-only runtime and in the drop-in denoiser alike."""
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def test_a_scheduled_trajectory_calls_the_pruned_model_on_its_stretch_only(tiny_
 def test_a_scheduled_build_deploys_both_engines_switched_by_timestep(tmp_path):
     recipe = tmp_path / "scheduled.toml"
     recipe.write_text(FAST_RECIPE.replace("{out}", str(tmp_path / "artifacts"))
-                      .replace("ratio = 0.5", "ratio = 1.0\nsteps = [0.5, 1.0]"))
+                      .replace("ratio = 0.5", "ratio = 1.0\npruned_steps = [0.5, 1.0]"))
     result = run("build", recipe)
     assert result.exit_code == 0, result.output
     root = tmp_path / "artifacts" / "scheduled"
@@ -75,6 +75,15 @@ def test_a_scheduled_build_deploys_both_engines_switched_by_timestep(tmp_path):
     result = run("generate", root, "--prompt", "a dog", "--steps", "4", "--compare", "--out", clip)
     assert result.exit_code == 0, result.output
     assert "PSNR" in result.output
+    # bench prices the schedule per trajectory: the pruned engine runs 2 of the recipe's 3 validation steps
+    result = run("bench", root, "--runs", "2", "--warmup", "1")
+    assert result.exit_code == 0, result.output
+    bench = read_json(root / "bench.json")
+    scheduled = bench["step_schedule"]
+    assert scheduled["pruned_steps_share"] == pytest.approx(2 / 3)
+    assert scheduled["ideal_speedup"] == pytest.approx(1 / (2 / 3 / bench["ideal_speedup"] + 1 / 3))
+    measured = bench["backends"]["onnxruntime"]["measured_speedup"]
+    assert scheduled["measured_speedup"]["onnxruntime"] == pytest.approx(1 / (2 / 3 / measured + 1 / 3))
 
 
 def test_a_schedule_must_be_a_stretch_of_a_denoising_trajectory(write_recipe):
@@ -84,12 +93,12 @@ def test_a_schedule_must_be_a_stretch_of_a_denoising_trajectory(write_recipe):
 
     for steps, expected in (("[0.8, 0.2]", "expected [start, stop] with 0 <= start < stop <= 1"),
                             ("[0.2]", "expected [start, stop]")):
-        path = write_recipe(FAST_RECIPE.replace("ratio = 0.5", f"ratio = 0.5\nsteps = {steps}"))
+        path = write_recipe(FAST_RECIPE.replace("ratio = 0.5", f"ratio = 0.5\npruned_steps = {steps}"))
         result = CliRunner().invoke(main, ["build", str(path)])
         assert result.exit_code == 2 and expected in result.output, result.output
 
 
-def test_ratio_auto_searches_each_listed_schedule_and_keeps_the_most_pruned_steps(tmp_path):
+def test_ratio_auto_searches_each_listed_schedule_and_keeps_the_most_flops_per_trajectory(tmp_path):
     recipe = tmp_path / "searched.toml"
     recipe.write_text(FAST_RECIPE.replace("{out}", str(tmp_path / "artifacts"))
                       .replace("ratio = 0.5", 'ratio = "auto"\nsearch_steps = [0.5]')
@@ -97,15 +106,66 @@ def test_ratio_auto_searches_each_listed_schedule_and_keeps_the_most_pruned_step
     result = run("build", recipe)
     assert result.exit_code in (0, 1), result.output
     plan = read_json(tmp_path / "artifacts" / "searched" / "plan.json")
-    schedules = plan["search"]["schedules"]
-    assert [s["steps"] for s in schedules] == [[0.0, 1.0], [0.5, 1.0]]
+    candidates = plan["search"]["candidates"]
+    assert [c["steps"] for c in candidates] == [[0.0, 1.0], [0.5, 1.0]]
     # 3 DDIM steps (leading: timesteps 667, 334, 1): [0.5, 1) prunes the last two
-    assert [s["pruned_steps_share"] for s in schedules] == [1.0, pytest.approx(2 / 3)]
-    for s in schedules:
-        assert s["heads_x_share"] == pytest.approx(s["removed_heads"] * s["pruned_steps_share"])
-        assert s["search"]["tried"]  # every candidate of every schedule recorded
-    best = max(range(2), key=lambda i: (schedules[i]["heads_x_share"], -i))
-    assert plan["search"]["chosen_schedule"] == best
-    assert plan["steps"] == schedules[best]["steps"] and plan["removed"] is not None
+    assert [c["pruned_steps_share"] for c in candidates] == [1.0, pytest.approx(2 / 3)]
+    for c in candidates:
+        assert c["flops_saved_x_share"] == pytest.approx(c["flops_saved_per_forward"] * c["pruned_steps_share"])
+        assert (c["flops_saved_per_forward"] > 0) == (c["removed_heads"] > 0)
+        assert c["search"]["tried"]  # every ratio tried for every candidate recorded
+    best = max(range(2), key=lambda i: (candidates[i]["flops_saved_x_share"], -i))
+    assert plan["search"]["chosen_candidate"] == best
+    assert plan["steps"] == candidates[best]["steps"]
     config = read_json(tmp_path / "artifacts" / "searched" / "pruned" / "config.json")
-    assert config["steps"] == schedules[best]["steps"]  # what export and validation read
+    assert config["steps"] == candidates[best]["steps"]  # what export and validation read
+
+
+WINDOW_SEARCH = """
+[model]
+family = "cogvideox"
+preset = "tiny"
+frames = 3
+latent_height = 8
+latent_width = 8
+
+[calibration]
+prompts = ["a man is skiing"]
+seeds = [0]
+steps = 2
+
+[pruning]
+ratio = "auto"
+action = "temporal-window"
+window = 1
+search_windows = [0]
+search_steps = [0.5]
+
+[export]
+dynamic_axes = ["batch", "frames"]
+
+[validation]
+prompts = ["a dog is running"]
+seeds = [1000]
+steps = 2
+export_samples = 1
+pruning_min_step_cosine = 0.99
+
+[output]
+dir = "{out}"
+"""
+
+
+def test_ratio_auto_searches_windows_with_schedules_and_the_chosen_window_is_built(tmp_path):
+    recipe = tmp_path / "windows.toml"
+    recipe.write_text(WINDOW_SEARCH.replace("{out}", str(tmp_path / "artifacts")))
+    result = run("build", recipe)
+    assert result.exit_code in (0, 1), result.output
+    root = tmp_path / "artifacts" / "windows"
+    plan = read_json(root / "plan.json")
+    candidates = plan["search"]["candidates"]
+    assert [(c["steps"], c["window"]) for c in candidates] == [([0.0, 1.0], 1), ([0.0, 1.0], 0),
+                                                               ([0.5, 1.0], 1), ([0.5, 1.0], 0)]
+    best = max(range(4), key=lambda i: (candidates[i]["flops_saved_x_share"], -i))
+    assert plan["search"]["chosen_candidate"] == best and plan["window"] == candidates[best]["window"]
+    assert read_json(root / "pruned" / "config.json")["window"] == candidates[best]["window"]
