@@ -151,17 +151,11 @@ class FrameAttentionProcessor:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: int) -> torch.Tensor:
         if self.varied is not None:  # the sensitivity passes: copy v of the batch with heads varied[v] windowed
-            frame = frame_ids(context, q.shape[2] - context, self.layout.tokens_per_frame)
-            beyond = cross_frame_keys(frame, slice(None), self.varied_window).to(q.device)
-            masked = (self.varied.to(q.device)[:, :, None, None] & beyond)  # [copies, heads, S, S]
-            masked = masked.repeat_interleave(q.shape[0] // self.varied.shape[0], dim=0)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=~masked)
+            return self.windowed_reference(q, k, v, context, self.varied, self.varied_window)
         if self.masked is not None:
-            frame = frame_ids(context, q.shape[2] - context, self.layout.tokens_per_frame)
-            cross = cross_frame_keys(frame, slice(None), self.window).to(q.device)
-            heads = torch.zeros(q.shape[1], dtype=torch.bool, device=q.device)
-            heads[self.masked] = True
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=~(heads[:, None, None] & cross))
+            heads = torch.zeros(1, q.shape[1], dtype=torch.bool)
+            heads[0, self.masked] = True
+            return self.windowed_reference(q, k, v, context, heads, self.window)
         if not self.local_heads:
             return F.scaled_dot_product_attention(q, k, v)
         full = q.shape[1] - self.local_heads
@@ -170,6 +164,18 @@ class FrameAttentionProcessor:
         if not full:
             return local
         return torch.cat([F.scaled_dot_product_attention(q[:, :full], k[:, :full], v[:, :full]), local], dim=1)
+
+
+    def windowed_reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: int,
+                           heads: torch.Tensor, window: int) -> torch.Tensor:
+        """The full attention with the scores of keys beyond ``window`` frames at -inf for the ``heads``
+        [copies, heads] bool of each copy of the batch (copy-major): the exactness reference (one copy) and the
+        sensitivity passes."""
+        frame = frame_ids(context, q.shape[2] - context, self.layout.tokens_per_frame)
+        beyond = cross_frame_keys(frame, slice(None), window).to(q.device)
+        masked = heads.to(q.device)[:, :, None, None] & beyond  # [copies, heads, S, S]
+        masked = masked.repeat_interleave(q.shape[0] // heads.shape[0], dim=0)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=~masked)
 
 
 class RemovedJointAttention(RemovedAttention):
