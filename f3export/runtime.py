@@ -74,6 +74,9 @@ class EngineRunner:
             section, path, backend = "contract", entry.path, entry.backend
         self.inputs, self.outputs = (contract_tensors(build, kind, section) for kind in ("inputs", "outputs"))
         self.engine = make_backend(backend, build.recipe, build.root).load(path)
+        contract = build.doc.get("contract")
+        conventions = contract.get("conventions") if isinstance(contract, dict) else None
+        self.step_schedule = conventions.get("step_schedule") if isinstance(conventions, dict) else None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         names = [t.name for t in self.inputs]
@@ -104,14 +107,10 @@ def denoiser(artifact_dir: str | Path, variant: str = "pruned", backend: str | N
     """What a build deploys as ``variant``: its engine; for "pruned" under a step schedule (the contract's
     ``conventions.step_schedule``), the pruned and original engines, switched by each call's timestep."""
     runner = EngineRunner(artifact_dir, variant, backend)
-    if variant != "pruned":
-        return runner
-    build = open_build(Path(artifact_dir), runtime=True)
-    schedule = build.doc["contract"].get("conventions", {}).get("step_schedule")
-    if schedule is None:
+    if variant != "pruned" or runner.step_schedule is None:
         return runner
     try:
-        parsed = StepSchedule.from_json(schedule)
+        parsed = StepSchedule.from_json(runner.step_schedule)
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckError(f"{Path(artifact_dir) / 'manifest.json'}: contract.conventions.step_schedule: malformed "
                          f"({exc})") from None
