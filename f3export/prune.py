@@ -41,6 +41,7 @@ from .models import FAMILIES, get_adapter
 from .models.base import ModelAdapter
 from .models.structure import TemporalSite
 from .recipe import LOCAL_ACTIONS, PruningSection
+from .schedule import FULL
 from .weights import load_into, load_state_dict, read_json, save_state_dict
 
 PRUNED_CONFIG = "config.json"
@@ -66,7 +67,7 @@ class PruningPlan:
     action: str = "remove"
     window: int = 0  # frames on each side the local heads read (0: frame-local)
     compensate: bool = False  # what the pruned heads no longer write is folded into the output bias
-    steps: tuple[float, float] = (0.0, 1.0)  # the stretch of each trajectory that runs the pruned model
+    steps: tuple[float, float] = FULL  # the stretch of each trajectory that runs the pruned model
 
     @property
     def total_heads(self) -> int:
@@ -237,7 +238,7 @@ def parameter_count(model: nn.Module) -> int:
 
 def save_pruned(adapter: ModelAdapter, config: dict[str, Any], model: nn.Module, kept: KeptHeads,
                 folder: Path, local: LocalHeads | None = None, window: int = 0,
-                steps: tuple[float, float] = (0.0, 1.0)) -> list[Path]:
+                steps: tuple[float, float] = FULL) -> list[Path]:
     """A self-contained pruned model: weights + the family config + the heads each temporal module kept and
     those it made frame-local, with their window; and the stretch of the trajectory it runs (``steps``: what
     the export records for the runtime, so it is part of the pruned model's files)."""

@@ -572,6 +572,7 @@ def _with_family_action(recipe: Recipe, given: set[str]) -> Recipe:
     """The recipe with [pruning].action resolved to the family's default, or refused where its heads cannot
     (or where ``window`` is set for an action that does not read it)."""
     from .models import get_adapter
+    from .schedule import FULL
 
     actions = get_adapter(recipe.model.family, recipe.model.adapter_options).structure.actions
     action = recipe.pruning.action
@@ -595,7 +596,7 @@ def _with_family_action(recipe: Recipe, given: set[str]) -> Recipe:
         raise RecipeError(f"{recipe.source.name}: [pruning].search_windows is read only by action = "
                           f"'temporal-window' (the recipe's action is {recipe.pruning.action!r})")
     adapter = get_adapter(recipe.model.family, recipe.model.adapter_options)
-    if (tuple(stretch) != (0.0, 1.0) or recipe.pruning.search_steps) and not callable(getattr(adapter, "scheduler",
+    if (tuple(stretch) != FULL or recipe.pruning.search_steps) and not callable(getattr(adapter, "scheduler",
                                                                                              None)):
         raise RecipeError(f"{recipe.source.name}: [pruning].pruned_steps: a {recipe.model.family} model has no "
                           "denoising trajectory to schedule")

@@ -35,7 +35,7 @@ from .pictures import video_strips
 from .prune import PRUNED_CONFIG, PruningPlan, load_pruned, make_plan, parameter_count, pruned_copy, save_pruned
 from .recipe import AUTO_RATIO, Recipe
 from .search import choose_ratio
-from .schedule import StepSchedule, scheduled
+from .schedule import FULL, StepSchedule, scheduled
 from .sensitivity import OutputMeasure
 from .text_standin import STANDIN_TEXT
 from .report import console, detail
@@ -158,7 +158,7 @@ class StageContext:
     @property
     def pruned_steps(self) -> tuple[float, float]:
         """The stretch of each trajectory the pruned model runs, as the plan chose it (saved with the model)."""
-        start, stop = read_json(self.root / "pruned" / PRUNED_CONFIG).get("steps", [0.0, 1.0])
+        start, stop = read_json(self.root / "pruned" / PRUNED_CONFIG).get("steps", list(FULL))
         return float(start), float(stop)
 
     @cached_property
@@ -318,7 +318,7 @@ def export_models(ctx: StageContext) -> StageOutput:
     section = ctx.recipe.export
     conventions = ctx.adapter.conventions(ctx.model.bundle)
     start, stop = ctx.pruned_steps
-    if (start, stop) != (0.0, 1.0):  # the runtime's rule for which engine runs a call (schedule.py)
+    if (start, stop) != FULL:  # the runtime's rule for which engine runs a call (schedule.py)
         train = int(conventions["scheduler"]["config"]["num_train_timesteps"])
         conventions["step_schedule"] = StepSchedule(start, stop, train).to_json()
     terms = ContractTerms(ctx.recipe.model.family, ctx.contract_ranges, conventions)
