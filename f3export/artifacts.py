@@ -231,6 +231,14 @@ class FinishedBuild:
                 checked += 1
         return checked
 
+    def verify(self) -> int:
+        """Every recorded file hashing as recorded, and every engine carrying the manifest's contract; returns how
+        many files were checked."""
+        checked = self.verify_files()
+        for entry in self.engines.values():
+            self.verify_contract(entry)
+        return checked
+
     def verified_file(self, rel: Any, stage: str, where: str) -> Path:
         """A file the stage recorded (with its external data, if recorded), hashing as recorded."""
         path = self.path(rel, where)
@@ -244,10 +252,26 @@ class FinishedBuild:
         return path
 
     def verified_engine(self, name: str) -> EngineEntry:
-        """An engine entry whose files (the engine and its external data) hash as the build recorded."""
+        """An engine entry whose files (the engine and its external data) hash as the build recorded, and whose
+        embedded contract is the manifest's."""
         entry = self.engines[name]
         self.verified_file(str(entry.path.relative_to(self.root)), "engine", f"engines.{name}.path")
+        self.verify_contract(entry)
         return entry
+
+    def verify_contract(self, entry: EngineEntry) -> None:
+        """The manifest's ``contract`` (what a runtime drives the engine by: inputs, ranges, the scheduler) must be
+        the one the engine carries: an ONNX Runtime engine in its own metadata, a TensorRT plan in its ONNX
+        file's. Either can be edited alone; a mismatch is refused rather than one of them believed."""
+        source = entry.path
+        if entry.backend != "onnxruntime":
+            exported = self.stages["export"].data.get(entry.variant)
+            rel = exported.get("path") if isinstance(exported, dict) else None
+            source = self.verified_file(rel, "export", f"stages.export.data.{entry.variant}.path")
+        problem = contract_mismatch(self.doc.get("contract"), source)
+        if problem:
+            raise CheckError(f"{self.root / MANIFEST}: {problem} (one of them was edited after the build); not "
+                             "served: rebuild it")
 
     def component_engine(self, name: str) -> Path:
         """The ONNX Runtime engine of a pipeline component (``components.<name>``), hashing as built."""
@@ -256,6 +280,30 @@ class FinishedBuild:
         if not isinstance(entry, dict) or entry.get("backend") != "onnxruntime":
             raise CheckError(f"{self.root / MANIFEST}: components.{name}: no ONNX Runtime engine")
         return self.verified_file(entry.get("engine"), "engine", f"components.{name}.engine")
+
+
+def contract_mismatch(recorded: Any, source: Path) -> str | None:
+    """Where ``recorded`` (a manifest's or a cache entry's contract) differs from the one embedded in the ONNX
+    file ``source``, as one line; None when they are the same, or when ``source`` is no ONNX file at all (the
+    engine's loader refuses it then, in its own words)."""
+    from .contract import read_contract  # (onnx: not needed to open a build, only to serve or check one)
+
+    try:
+        embedded = read_contract(source)
+    except Exception:  # onnx's parser: DecodeError, ValueError, ...
+        return None
+    if embedded == recorded:
+        return None
+    return f"{_first_difference(recorded, embedded, 'contract')} differs from the contract embedded in {source}"
+
+
+def _first_difference(recorded: Any, embedded: Any, where: str) -> str:
+    """The first key path at which two contracts differ (for the one-line error)."""
+    if isinstance(recorded, dict) and isinstance(embedded, dict):
+        for key in sorted(set(recorded) | set(embedded), key=str):
+            if recorded.get(key) != embedded.get(key):
+                return _first_difference(recorded.get(key), embedded.get(key), f"{where}.{key}")
+    return where
 
 
 def open_build(root: str | Path, expect_sha256: str | None = None, runtime: bool = False) -> FinishedBuild:

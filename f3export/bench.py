@@ -166,7 +166,7 @@ class Bench:
         self.root = root
         # Timing a build that failed its gates, or whose files changed, would publish numbers for a wrong engine.
         self.build = open_build(root)
-        self.build.verify_files()
+        self.build.verify()
         self.recipe = self.build.recipe
         self.manifest = self.build.doc
         model = self.recipe.model

@@ -25,7 +25,7 @@ from filelock import FileLock, Timeout
 
 from . import __version__
 from .artifacts import Manifest, StageRecord
-from .cache import CACHE_FOLDER, TEXT_EMBEDDINGS, StageCache
+from .cache import CACHE_FOLDER, LOCKS, TEXT_EMBEDDINGS, StageCache, plain_folder
 from .engines import make_backend
 from .distributed import Team
 from .errors import F3ExportError, RecipeError, activity
@@ -126,7 +126,7 @@ FRUGAL_ABOVE = 1 << 30
 
 def lock_file(recipe: Recipe) -> Path:
     """The lock a build of ``recipe``'s folder holds: one per folder, in the output dir's shared cache folder."""
-    return Path(recipe.output.dir) / CACHE_FOLDER / "locks" / f"{recipe.name}.lock"
+    return Path(recipe.output.dir) / CACHE_FOLDER / LOCKS / f"{recipe.name}.lock"
 
 
 class Build:
@@ -143,11 +143,15 @@ class Build:
         self.versions = library_versions()
         # Every backend asked for is set up now, so one that cannot run here fails before any work.
         backends = [make_backend(name, recipe, self.root) for name in recipe.engine.selected]
+        # The shared cache, its locks and text embeddings: plain folders inside the allowed roots, checked
+        # before anything is read or written there
+        self.cache = StageCache(Path(recipe.output.dir) / CACHE_FOLDER)
+        plain_folder(self.cache.folder / LOCKS, "build lock folder")
         # Under torchrun only rank 0 writes, here as in the artifact folder
-        embeddings = Path(recipe.output.dir) / CACHE_FOLDER / TEXT_EMBEDDINGS if team is None or team.leader else None
+        embeddings = plain_folder(self.cache.folder / TEXT_EMBEDDINGS, "text embedding cache") \
+            if team is None or team.leader else None
         self.model = SourceModel(recipe, self.adapter, embeddings)
         frugal = weight_bytes(self.model.skeleton) >= FRUGAL_ABOVE
-        self.cache = StageCache(Path(recipe.output.dir) / CACHE_FOLDER)
         self.context = StageContext(recipe, self.adapter, self.root, self.model, backends, team=team, frugal=frugal,
                                     cache=self.cache, versions=self.versions)
         self.result = BuildResult(self.root)
@@ -218,7 +222,12 @@ class Build:
             announce(None)
             self.result.outcomes.append(StageOutcome(stage.name, True, 0.0, record))
             return record
-        shared = None if self.force else self.cache.fetch(stage.name, key, self.root)
+        shared = None if self.force or stage.verdict else self.cache.fetch(stage.name, key, self.root)
+        problem = shared and stage.reuse_problem and stage.reuse_problem(self.context, (shared.files, shared.data))
+        if problem:
+            console.print(f"[bold yellow]note:[/] {stage.name}: the shared cache's entry (key {key[:12]}) is not used: "
+                          f"{problem}; running the stage", highlight=False, soft_wrap=True)
+            shared = None
         if shared is not None:  # another build of the folder's output dir made it from the same inputs
             detail(f"{stage.name}: reused from {self.cache.folder} (key {key[:12]})")
             announce(None)
@@ -240,7 +249,7 @@ class Build:
         seconds = time.perf_counter() - start
         self.manifest.doc.setdefault("stage_peak_rss_mb", {})[stage.name] = self._note_peak()
         record = self.manifest.complete(stage.name, key, files, data, seconds)
-        if files:  # (a torchrun follower's calibration writes nothing)
+        if files and not stage.verdict:  # (a torchrun follower's calibration writes nothing)
             self.cache.store(stage.name, key, self.root, files, data, record.files)
         self.result.outcomes.append(StageOutcome(stage.name, False, seconds, record))
         return record

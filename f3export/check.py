@@ -2,7 +2,8 @@
 
 What it proves: the folder holds a build that finished and passed; every file
 any stage recorded hashes as recorded; the engines are exactly the ones the
-recipe asks for; every recorded validation gate still holds against its
+recipe asks for, each carrying the manifest's contract (inputs, validated
+ranges, scheduler) in its own file; every recorded validation gate still holds against its
 limit; and each engine (the pipeline components' too: text encoder, VAE
 decoder), re-run on its stored golden inputs, still meets the export-fidelity
 gates against the stored PyTorch outputs.
@@ -22,6 +23,7 @@ from pathlib import Path
 from .artifacts import VALIDATION_REPORT, FinishedBuild, open_build
 from .engines import make_backend
 from .errors import CheckError, EngineError
+from .report import unvouched
 from .validate import Gate, Golden, compare_engine, export_gates, load_goldens
 
 NUMERIC_KINDS = "biuf"  # bool, int, unsigned, float: what an engine's inputs and outputs hold
@@ -62,9 +64,21 @@ def recorded_gates(build: FinishedBuild) -> list[Gate]:
     return [Gate(f"recorded.{g.metric}", g.value, g.limit, g.kind) for g in gates]
 
 
-def check_artifacts(root: Path, expect_sha256: str | None = None) -> tuple[int, list[Gate]]:
+def build_caveats(build: FinishedBuild) -> list[str]:
+    """What the build cannot vouch for (random weights, stand-in text), from its calibration's scores.json."""
+    try:
+        scores = json.loads(build.path("scores.json", "calibration scores").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckError(f"{build.root / 'scores.json'}: unreadable ({type(exc).__name__})") from None
+    if not isinstance(scores, dict):
+        raise CheckError(f"{build.root / 'scores.json'}: expected a JSON object")
+    return unvouched(scores)
+
+
+def check_artifacts(root: Path, expect_sha256: str | None = None) -> tuple[int, list[Gate], list[str]]:
+    """Files verified, gates, and what the build cannot vouch for."""
     build = open_build(root, expect_sha256)
-    checked = build.verify_files()
+    checked = build.verify()
     gates = recorded_gates(build)
     for name, entry in build.engines.items():
         backend = make_backend(entry.backend, build.recipe, root)
@@ -76,7 +90,7 @@ def check_artifacts(root: Path, expect_sha256: str | None = None) -> tuple[int, 
             raise CheckError(f"{entry.goldens}: the engine refused the golden inputs ({exc})") from None
         gates += export_gates(worst, build.recipe.validation, backend.precision, f"check.{name}")
     gates += component_gates(build)
-    return checked, gates  # never empty: recorded_gates refuses a report without gates
+    return checked, gates, build_caveats(build)  # gates never empty: recorded_gates refuses a report without
 
 
 def component_gates(build: FinishedBuild) -> list[Gate]:

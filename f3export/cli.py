@@ -35,16 +35,21 @@ def _environment_error(exc: BaseException) -> str | None:
     return None
 
 
+def error_document(message: str, code: int) -> dict:
+    """What ``--json`` prints for a command that stopped on an error: one document, as for any other outcome."""
+    return {"passed": False, "error": message, "exit_code": code}
+
+
 def user_errors(command):
-    """Every error as one line on stderr and its exit code (see errors.py); ``--debug`` keeps the traceback."""
+    """Every error as one line on stderr and its exit code (see errors.py), and under ``--json`` as one JSON
+    document on stdout too; ``--debug`` keeps the traceback."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except KeyboardInterrupt:
-            click.echo("interrupted: finished stages are kept, the rest reruns next time", err=True)
-            sys.exit(130)
+            message, code = "interrupted: finished stages are kept, the rest reruns next time", 130
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as exc:
@@ -59,10 +64,30 @@ def user_errors(command):
                 message = (f"internal error: {type(exc).__name__}: {first} (rerun with --debug for the traceback, "
                            "and please report it)")
                 code = EXIT_INTERNAL
-            click.echo(f"error: {' '.join(message.splitlines())}", err=True)
-            sys.exit(code)
+        message = " ".join(message.splitlines())
+        if kwargs.get("as_json"):
+            _print_json(error_document(message, code))
+        click.echo(message if code == 130 else f"error: {message}", err=True)
+        sys.exit(code)
 
     return wrapper
+
+
+class Commands(click.Group):
+    """The command group; a command line click itself refuses (an unknown option, a bad value) prints, under
+    ``--json``, the one JSON document every outcome prints."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["f3export.json"] = "--json" in args
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except click.exceptions.ClickException as exc:
+            if ctx.meta.get("f3export.json"):
+                _print_json(error_document(" ".join(exc.format_message().splitlines()), exc.exit_code))
+            raise
 
 
 def _debug() -> bool:
@@ -70,7 +95,7 @@ def _debug() -> bool:
     return bool(context and context.find_root().params.get("debug"))
 
 
-@click.group()
+@click.group(cls=Commands)
 @click.version_option(__version__, prog_name="f3export")
 @click.option("--debug", is_flag=True, help="Show the full traceback of an error (for bug reports).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or notes on stderr (errors still).")
@@ -127,11 +152,13 @@ def build(recipe: Path, overrides: tuple[str, ...], force: bool, until: str | No
     finally:
         if team is not None:
             team.close()
+    failed = [g.metric for g in result.gates if not g.passed]
+    error = f"{result.root}: {len(failed)} of {plural(len(result.gates), 'gate')} failed ({', '.join(failed)})"
     if as_json:
-        _print_json(summary_document(result))
+        _print_json({**summary_document(result), **({"error": error, "exit_code": 1} if failed else {})})
     else:
         print_summary(result)
-    if not result.passed:
+    if failed:
         sys.exit(1)
 
 
@@ -230,20 +257,23 @@ def check(artifact_dir: Path, expect_sha256: str | None, as_json: bool) -> None:
     """Re-verify a finished build: hashes, engines on their goldens, recorded gates; exit 1 on any failure."""
     from .check import check_artifacts
 
-    checked, gates = check_artifacts(artifact_dir, expect_sha256)
+    checked, gates, caveats = check_artifacts(artifact_dir, expect_sha256)
     failed = [g.metric for g in gates if not g.passed]
+    error = f"{artifact_dir}: {len(failed)} of {plural(len(gates), 'gate')} failed ({', '.join(failed)})"
     if as_json:
         _print_json({"artifacts": str(artifact_dir), "passed": not failed, "files_verified": checked,
                      "gates": [{"metric": g.metric, "value": g.value, "limit": g.limit, "kind": g.kind,
-                                "passed": g.passed} for g in gates]})
+                                "passed": g.passed} for g in gates], "cannot_vouch_for": caveats,
+                     **({"error": error, "exit_code": 1} if failed else {})})
     else:
         results.print(gates_table(f"check {artifact_dir}", gates))
     if failed:
-        click.echo(f"error: {artifact_dir}: {len(failed)} of {plural(len(gates), 'gate')} failed ({', '.join(failed)})",
-                   err=True)
+        click.echo(f"error: {error}", err=True)
         sys.exit(1)
     if not as_json:
-        results.print(f"{plural(checked, 'file')} verified, {plural(len(gates), 'gate')} passed", highlight=False)
+        results.print(f"{plural(checked, 'file')} verified, {plural(len(gates), 'gate')} passed"
+                      + (f", on {' and '.join(caveats)}: this build cannot vouch for a trained model's behaviour"
+                         if caveats else ""), highlight=False)
 
 
 @main.command()
@@ -251,9 +281,12 @@ def check(artifact_dir: Path, expect_sha256: str | None, as_json: bool) -> None:
 @click.option("--prompt", required=True, help="What the video shows.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="The file to write: an animated "
               "image (.gif, .webp, .png) or an H.264 video (.mp4).")
-@click.option("--seed", default=0, show_default=True, help="Seed of the initial noise (NumPy's generator).")
-@click.option("--steps", type=click.IntRange(1, 1000), help="Denoising steps [default: the build's validation "
-              "steps].")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**64 - 1),
+              help="Seed of the initial noise (NumPy's generator).")
+@click.option("--steps", type=click.IntRange(1, 1000), help="Denoising steps, at most the scheduler's training "
+              "timesteps [default: the build's validation steps].")
+@click.option("--frames", type=click.IntRange(1), help="Latent frames (a pixel-space model's frames), within the "
+              "range the build validated [default: the build's].")
 @click.option("--guidance-scale", type=click.FloatRange(0), help="Classifier-free guidance [default: the build's "
               "validation guidance].")
 @click.option("--negative-prompt", help="The unconditional row's prompt [default: the build's validation one, else "
@@ -265,28 +298,34 @@ def check(artifact_dir: Path, expect_sha256: str | None, as_json: bool) -> None:
 @click.option("--scale", default=4, show_default=True, type=click.IntRange(1, 64), help="Pixels per output pixel "
               "in the file (small models make small frames).")
 @user_errors
-def generate(artifact_dir: Path, prompt: str, out: Path, seed: int, steps: int | None,
+def generate(artifact_dir: Path, prompt: str, out: Path, seed: int, steps: int | None, frames: int | None,
              guidance_scale: float | None, negative_prompt: str | None, dynamic_cfg: bool | None, compare: bool,
              scale: int) -> None:
     """Generate a video from a build's engines alone (no PyTorch): text, the build's sampler, frames."""
-    from .generate import EnginePipeline, animation_format, psnr, side_by_side, write_animation
+    from .errors import RecipeError
+    from .generate import EnginePipeline, animation_format, inside_build, psnr, side_by_side, write_animation
     from .report import progress
 
     animation_format(out)  # before any work
+    if inside_build(out, artifact_dir):
+        raise RecipeError(f"--out {out}: inside the build folder {artifact_dir}, where a new file would change what "
+                          "check verifies; write it elsewhere")
     variants = ("original", "pruned") if compare else ("pruned",)
     pipeline = EnginePipeline(artifact_dir, variants)
     validation = pipeline.validation
     steps = steps or validation["steps"]
     guidance = validation["guidance_scale"] if guidance_scale is None else guidance_scale
+    dynamic_cfg = validation["dynamic_cfg"] if dynamic_cfg is None else dynamic_cfg
+    frames = pipeline.frames if frames is None else frames
+    pipeline.check_request(steps, guidance, dynamic_cfg, frames)  # before the progress bars
     clips = {}
     with progress() as bar:
         for variant in variants:
             task = bar.add_task(variant, total=steps)
             clips[variant] = pipeline.sample(
                 variant, prompt, seed, steps, guidance,
-                validation["negative_prompt"] if negative_prompt is None else negative_prompt,
-                validation["dynamic_cfg"] if dynamic_cfg is None else dynamic_cfg,
-                on_step=lambda i, task=task: bar.update(task, completed=i + 1))
+                validation["negative_prompt"] if negative_prompt is None else negative_prompt, dynamic_cfg,
+                on_step=lambda i, task=task: bar.update(task, completed=i + 1), frames=frames)
     video = side_by_side(clips["original"].video, clips["pruned"].video) if compare else clips["pruned"].video
     write_animation(out, video, scale)
     shown = clips["pruned"].shown_as

@@ -17,13 +17,14 @@ With ``compare``, the same prompt and noise run through the original engine too,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .artifacts import atomic_path, open_build
-from .errors import CheckError, RecipeError, Unsupported
+from .errors import CheckError, CheckpointError, EngineError, RecipeError, Unsupported
 from .prompts import CLEANERS, clean_prompt
 from .runtime import EngineRunner, denoiser
 from .scheduling import numpy_sampler
@@ -52,11 +53,13 @@ class EnginePipeline:
         where = f"{root / 'manifest.json'}: contract.conventions"
         scheduler, text = conventions.get("scheduler"), conventions.get("text_conditioning")
         if not isinstance(scheduler, dict) or "guidance" not in conventions:
-            raise Unsupported(f"{where}: not a diffusion model's contract (no scheduler and guidance); generate "
-                              "runs text-to-video denoisers")
+            raise Unsupported(f"generate samples text-to-video diffusion models, and this {contract.get('family')!r} "
+                              f"build is not one (no scheduler and guidance in {where})")
         if not isinstance(text, dict):
             raise CheckError(f"{where}.text_conditioning: missing (a build from before f3export generate; "
                              "rebuild it)")
+        # the engines first: each refuses a manifest whose contract is not the one it embeds (an edit of either)
+        self.engines = {variant: denoiser(root, variant) for variant in variants}
         components = build.doc.get("components") or {}
         if not isinstance(components, dict):
             raise CheckError(f"{root / 'manifest.json'}: components: expected a table")
@@ -82,6 +85,7 @@ class EnginePipeline:
             self.noise_channels = int(conventions["output"]["noise_channels"][1])
             sample = next(t for t in contract["inputs"] if t["name"] == "sample")
             self.channels = int(sample["shape"][1])
+            self.frame_range = _frame_range(contract, sample, root)
             self.standin = (int(text["tokens"]), int(text["width"]))  # [tokens, width] of the stand-in
             self.prompt_clean = text.get("prompt_clean")
             if self.prompt_clean is not None and self.prompt_clean not in CLEANERS:
@@ -89,11 +93,15 @@ class EnginePipeline:
         except (KeyError, TypeError, IndexError, ValueError, StopIteration, AttributeError):
             raise CheckError(f"{where}: malformed (scheduler, guidance, text conditioning, output noise channels or "
                              "the sample input)") from None
-        numpy_sampler(self.scheduler_class, self.scheduler_config)  # refused in one line before any work
+        try:  # refused in one line before any work: a port this runtime lacks, a config no schedule comes from
+            self.train_steps = numpy_sampler(self.scheduler_class, self.scheduler_config).config["num_train_timesteps"]
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc} ({where}.scheduler)") from None
         model = build.recipe.model
         self.frames, self.height, self.width = model.frames, model.latent_height, model.latent_width
+        if self.decoder is not None and self.decoder.inputs[0].rank == 5:  # traced for the build's frames alone
+            self.frame_range = (self.frames, self.frames)
         self.validation = _sampling_defaults(build.doc["recipe"].get("validation"), root)
-        self.engines = {variant: denoiser(root, variant) for variant in variants}
 
     def embed(self, prompt: str) -> np.ndarray:
         """[1, tokens, width]: the build's text encoder engine on the prompt's tokens, else the seeded stand-in."""
@@ -102,16 +110,29 @@ class EnginePipeline:
         ids = np.asarray([self.tokenizer.encode(clean_prompt(self.prompt_clean, prompt)).ids], dtype=np.int64)
         return self.text_encoder(input_ids=ids)
 
-    def sample(self, variant: str, prompt: str, seed: int, steps: int, guidance_scale: float,
-               negative_prompt: str | None = None, dynamic_cfg: bool = False, on_step=None,
-               noise: np.ndarray | None = None) -> Clip:
-        """One video. ``noise``: the initial latents (default: NumPy's normal draw of ``seed``, whose generator then
-        draws whatever a random sampler's steps need)."""
+    def check_request(self, steps: int, guidance_scale: float, dynamic_cfg: bool, frames: int) -> None:
+        """Refuse (one line) sampling settings this build cannot run or did not validate, before any work."""
         if dynamic_cfg and not self.has_dynamic_cfg:
             raise RecipeError("--dynamic-cfg: this build's family samples with a constant guidance scale")
+        if not 0 <= guidance_scale < math.inf:  # NaN compares False
+            raise RecipeError(f"--guidance-scale {guidance_scale}: not a finite number >= 0")
+        if not 1 <= steps <= self.train_steps:
+            raise RecipeError(f"--steps {steps}: the scheduler steps 1 to its num_train_timesteps = {self.train_steps}")
+        low, high = self.frame_range
+        if not low <= frames <= high:
+            raise RecipeError(f"--frames {frames}: this build validated its engines at {low} to {high} frames")
+        numpy_sampler(self.scheduler_class, self.scheduler_config).set_timesteps(steps)
+
+    def sample(self, variant: str, prompt: str, seed: int, steps: int, guidance_scale: float,
+               negative_prompt: str | None = None, dynamic_cfg: bool = False, on_step=None,
+               noise: np.ndarray | None = None, frames: int | None = None) -> Clip:
+        """One video of ``frames`` latent frames (default: the build's). ``noise``: the initial latents (default:
+        NumPy's normal draw of ``seed``, whose generator then draws whatever a random sampler's steps need)."""
+        frames = self.frames if frames is None else frames
+        self.check_request(steps, guidance_scale, dynamic_cfg, frames)
         engine = self.engines[variant]
         rng = np.random.default_rng(seed)
-        latents = rng.standard_normal((1, self.channels, self.frames, self.height, self.width), dtype=np.float32) \
+        latents = rng.standard_normal((1, self.channels, frames, self.height, self.width), dtype=np.float32) \
             if noise is None else noise
         sampler = numpy_sampler(self.scheduler_class, self.scheduler_config, rng)
         sampler.set_timesteps(steps)
@@ -129,7 +150,13 @@ class EnginePipeline:
             latents = sampler.step(noise_pred, t, latents)
             if on_step is not None:
                 on_step(i)
-        return self._frames(latents)
+        clip = self._frames(latents)
+        for name, values in (("final latents", clip.latents), ("frames", clip.video)):
+            if not np.isfinite(values).all():  # a NaN video is no video: refused, nothing written
+                raise EngineError(f"the {variant} engine's {name} hold {np.size(values) - np.isfinite(values).sum()} "
+                                  f"non-finite values of {np.size(values)} (prompt {prompt!r}, seed {seed}, {steps} "
+                                  "steps): no video written")
+        return clip
 
     def _frames(self, latents: np.ndarray) -> Clip:
         if self.decoder is not None:
@@ -145,6 +172,25 @@ class EnginePipeline:
         high = shown.max(axis=(1, 2, 3), keepdims=True)
         return Clip((shown - low) / np.maximum(high - low, 1e-12) * 2 - 1, latents,
                     "latent channels 0-2, each scaled over the clip (no VAE decoder in this build)")
+
+
+def _frame_range(contract: dict, sample: dict, root: Path) -> tuple[int, int]:
+    """The latent frames the build validated its denoiser at: the frames axis's range in the contract's
+    ``dynamic_axes``, else the sample input's fixed size."""
+    axes = contract.get("dynamic_axes")
+    span = axes.get("frames") if isinstance(axes, dict) else None
+    if span is None:
+        span = [sample["shape"][2]] * 2
+    if not (isinstance(span, list) and len(span) == 2 and all(type(n) is int and n >= 1 for n in span)):
+        raise CheckError(f"{root / 'manifest.json'}: contract.dynamic_axes.frames = {span!r} is not two frame "
+                         "counts")
+    return span[0], span[1]
+
+
+def inside_build(path: Path, root: Path) -> bool:
+    """Whether ``path`` (resolved, symlinks followed) lies in the build folder ``root``: a file written there would
+    change what ``check`` verifies next."""
+    return path.resolve().is_relative_to(root.resolve())
 
 
 def _sampling_defaults(section, root: Path) -> dict:

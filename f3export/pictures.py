@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 
 from .artifacts import atomic_path
 from .text_standin import STANDIN_TEXT
-from .report import plural
+from .report import plural, unvouched
 from .videos import uint8_frames
 
 SCALE = 4  # pixels per video pixel: small videos stay visible, sharp-edged
@@ -97,10 +97,8 @@ def _sweep_lines(sweep: dict[str, Any], picture: bool) -> list[str]:
     return lines + (["", "![criteria compared](sweep.png)"] if picture else [])
 
 
-def _unvouched_lines(root: Path) -> list[str]:
-    """What the build cannot vouch for, said where a person reads it: weights never trained, prompts the model
-    never read."""
-    scores = json.loads((root / "scores.json").read_text()) if (root / "scores.json").is_file() else {}
+def _unvouched_lines(scores: dict) -> list[str]:
+    """What the build cannot vouch for, at length: weights never trained, prompts the model never read."""
     lines = ["", "**Random weights**: the model was never trained, so its head ranking and fidelity say nothing "
                  "about a trained model."] if scores.get("random_weights") else []
     text = scores.get("text")
@@ -120,12 +118,15 @@ def write_report(root: Path, title: str) -> None:
     validation = json.loads((root / "validation.json").read_text())
     gates, pruning = validation["gates"], validation["metrics"]["pruning"]
     passed = all(g["passed"] for g in gates)
-    lines = [f"# {title}", "", f"**{'PASSED' if passed else 'FAILED'}**: {sum(g['passed'] for g in gates)} of "
+    scores = json.loads((root / "scores.json").read_text()) if (root / "scores.json").is_file() else {}
+    caveats = unvouched(scores)
+    on = f" on {' and '.join(caveats)}, which it cannot vouch for (below)" if caveats else ""
+    lines = [f"# {title}", "", f"**{'PASSED' if passed else 'FAILED'}**{on}: {sum(g['passed'] for g in gates)} of "
              f"{plural(len(gates), 'gate')} pass" + ("es." if len(gates) == 1 else "."), "",
              *_markdown_table(["gate", "value", "limit", "result"],
                               [[g["metric"], _value(g["value"]), f"{'<=' if g['kind'] == 'max' else '>='} "
                                 f"{g['limit']:g}", "pass" if g["passed"] else "**FAIL**"] for g in gates])]
-    lines += _unvouched_lines(root)
+    lines += _unvouched_lines(scores)
     search = json.loads((root / "plan.json").read_text()).get("search")
     if search:
         lines += _search_lines(search)

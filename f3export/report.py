@@ -96,3 +96,15 @@ def gates_table(title: str, gates) -> Table:
     return table(title, ["metric", "value", "limit", "result"], [
         [g.metric, f"{g.value:.6g}", f"{'<=' if g.kind == 'max' else '>='} {g.limit:g}",
          "[green]pass[/]" if g.passed else "[bold red]FAIL[/]"] for g in gates])
+
+
+def unvouched(scores: dict) -> list[str]:
+    """What a build cannot vouch for, from its scores.json, in words short enough for a verdict line: the same
+    gates mean little on weights never trained or on prompts the model never read."""
+    from .text_standin import STANDIN_TEXT
+
+    text = scores.get("text")
+    return (["random weights (never trained)"] if scores.get("random_weights") is True else []) + \
+        (["stand-in text (seeded random embeddings, not a text encoder's)"]
+         if isinstance(text, str) and text.startswith(STANDIN_TEXT) else [])
+

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from . import __version__
-from .artifacts import MODEL_VARIANTS, StageRecord, content_key, sha256_file, write_json
+from .artifacts import MODEL_VARIANTS, StageRecord, content_key, contract_mismatch, sha256_file, write_json
 from .cache import StageCache
 from .components import TOKENIZER_FILE, Component, exportable, write_tokenizer
 from .contract import graph_io
@@ -223,6 +223,11 @@ class Stage:
     libraries: tuple[str, ...] = ()  # keys of build.library_versions(), or BACKENDS
     needs_model: bool = True  # load (and check) the weights before it starts
     shared: bool = False  # its work is dealt out among torchrun's processes (StageContext.team)
+    # its output is a verdict (the gates): every build computes its own, never taken from the shared cache
+    verdict: bool = False
+    # what is wrong with a shared-cache entry's output (files placed in the build folder, data) that its hashes
+    # cannot show: data to compare with what its files say (None: nothing; the entry is then a miss)
+    reuse_problem: Callable[[StageContext, StageOutput], str | None] | None = None
     # inputs (``kind:name``) it reads only for some recipes: (whether a recipe makes it read them, the inputs)
     conditional: tuple[Callable[[Recipe], bool], tuple[str, ...]] | None = None
 
@@ -353,6 +358,20 @@ def export_models(ctx: StageContext) -> StageOutput:
                                         "contract"]}
 
 
+def exported_contract_problem(ctx: StageContext, output: StageOutput) -> str | None:
+    """A reused export whose recorded contract is not the one its ONNX files carry (the manifest would hand a
+    runtime a scheduler or ranges that no engine was built with)."""
+    files, data = output
+    for variant in ctx.variants:
+        entry = data.get(variant)
+        path = ctx.root / str(entry.get("path") if isinstance(entry, dict) else None)
+        problem = contract_mismatch(data.get("contract"), path) if path in files else \
+            f"its data names no exported {variant} model among its files"
+        if problem:
+            return problem
+    return None
+
+
 def export_component(ctx: StageContext, component: Component) -> StageOutput:
     """One of the pipeline's other models (text encoder, VAE decoder) to ONNX, with the tokenizer the text
     encoder needs."""
@@ -425,8 +444,8 @@ def build_engines(ctx: StageContext) -> StageOutput:
 
 def validate_engines(ctx: StageContext) -> StageOutput:
     """Engines against PyTorch on fresh goldens, and the pruned model against the original over held-out runs.
-    The original's goldens and its engines' agreement are reused from the shared cache when its engines are
-    the same files (a build whose [pruning] changed); the pruning fidelity always runs."""
+    All of it runs in every build: a verdict is computed by the build that reports it, never reused from the
+    shared cache (whose engines it checks, among others)."""
     section = ctx.recipe.validation
     backends = {b.name: b for b in ctx.backends}
     engines = {name: e for name, e in ctx.records["engine"].data.items() if name != "components"}
@@ -443,21 +462,12 @@ def validate_engines(ctx: StageContext) -> StageOutput:
         return [golden_path], {}
 
     files, measured = [], {}
-    original_engines = {name: _files_of(ctx.records["engine"], e["path"]) for name, e in engines.items()
-                        if e["variant"] == "original"}
-
-    def check_original() -> StageOutput:
-        made, _ = check("original")
-        ctx.release("original")  # frugal: its engines run without it in memory (pruning fidelity reloads it)
-        return made, engine_metrics("original", load_goldens(made[0]))
-
     for variant in ctx.variants:
-        if variant == "original":
-            made, measured["original"] = ctx.original_output("validate", {"engines": original_engines},
-                                                             check_original)
-        else:
-            made, _ = check(variant)
+        made, _ = check(variant)
         files += made
+        if variant == "original":
+            ctx.release("original")  # frugal: its engines run without it in memory (pruning fidelity reloads it)
+            measured["original"] = engine_metrics("original", load_goldens(made[0]))
     made, components = _check_components(ctx)
     files += made
     fidelity = pruning_fidelity(ctx.adapter, ctx.model.bundle,
@@ -510,11 +520,12 @@ STAGES = (
     Stage("export", export_models, upstream=("prune",), sections=("export",),
           model_files=("network", "sampling", "conventions"),
           shapes=("latent", "contract_ranges"),
-          libraries=("torch", "onnx", "onnx_graphsurgeon", "diffusers", "transformers", "f3export")),
+          libraries=("torch", "onnx", "onnx_graphsurgeon", "diffusers", "transformers", "f3export"),
+          reuse_problem=exported_contract_problem),
     Stage("engine", build_engines, upstream=("export",), sections=("engine",), libraries=(BACKENDS,),
           needs_model=False),
     Stage("validate", validate_engines, upstream=("engine", "prune"), sections=("validation",),
           model_files=("network", "sampling"), input_files=("validation",), shapes=("latent", "validated_shapes"),
-          libraries=("torch", "diffusers", "transformers", BACKENDS, "f3export")),
+          libraries=("torch", "diffusers", "transformers", BACKENDS, "f3export"), verdict=True),
 )
 STAGE_NAMES = [stage.name for stage in STAGES]

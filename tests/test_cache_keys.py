@@ -166,3 +166,20 @@ def test_a_token_file_overwritten_in_place_reruns_the_stage_that_reads_it(tmp_pa
     before, after = rebuild(recipe, root)
     assert_reruns_exactly(before, after, {"validate": True})
     assert after["validate"]["key"] != before["validate"]["key"]
+
+
+def test_a_changed_profile_range_reruns_export_and_the_contract_records_the_new_range(rebuildable):
+    """Written from what the contract promises, not from the stage declarations (a declaration missing from
+    both would go unseen): the engines' validated range of an axis is the recipe's profile, and the contract
+    that records it is inside the ONNX files, so a new range is a new export, engine and validation."""
+    from f3export.contract import read_contract
+
+    path, root = rebuildable
+    before, after = rebuild(path, root, "--set", "engine.profile_frames=[2, 4, 6]")
+    assert {stage: after[stage]["key"] != before[stage]["key"] for stage in STAGES} == {
+        "calibrate": False, "plan": False, "prune": False, "export": True, "engine": True, "validate": True}
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["contract"]["dynamic_axes"]["frames"] == [2, 6]
+    for engine in manifest["engines"].values():
+        assert read_contract(root / engine["path"])["dynamic_axes"]["frames"] == [2, 6]
+    assert [shape["frames"] for shape in json.loads((root / "validation.json").read_text())["shapes"]] == [4, 2, 6]

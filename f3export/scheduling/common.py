@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import Unsupported
+from ..errors import CheckpointError, Unsupported
 
 
 def unported(name: str, key: str, value: Any, note: str = "") -> Unsupported:
@@ -39,6 +39,9 @@ class Sampler(abc.ABC):
 
     def __init__(self, config: Mapping[str, Any]):
         self.config = {**self.defaults, **config}
+        why = config_error(self.config)
+        if why is not None:
+            raise CheckpointError(f"scheduler {self.name} config: {why}")
 
     def unported(self, key: str, note: str = "") -> Unsupported:
         return unported(self.name, key, self.config.get(key), note)
@@ -64,6 +67,36 @@ class Sampler(abc.ABC):
 
     def scale_model_input(self, sample: np.ndarray, t: Any) -> np.ndarray:
         return sample  # each ported scheduler's scale_model_input is the identity (or it has none)
+
+
+def _beta(value: Any) -> bool:
+    return type(value) in (int, float) and 0 < value < 1  # NaN and infinities compare False
+
+
+def config_error(config: Mapping[str, Any]) -> str | None:
+    """Why ``config`` (diffusers' defaults filled in) defines no schedule a sampler can step, or None: a config
+    read from an untrusted file (a build's manifest) is checked before it makes tables or timesteps, so that a
+    NaN or out-of-range value is refused in one line rather than sampled into a NaN video."""
+    count = config.get("num_train_timesteps")
+    if type(count) is not int or count < 1:
+        return f"num_train_timesteps = {count!r} is not a positive integer"
+    offset = config.get("steps_offset", 0)
+    if type(offset) is not int or not 0 <= offset < count:
+        return f"steps_offset = {offset!r} is not an integer in [0, num_train_timesteps = {count})"
+    for key in ("beta_start", "beta_end"):
+        if key in config and not _beta(config[key]):
+            return f"{key} = {config[key]!r} is not a number in (0, 1)"
+    trained = config.get("trained_betas")
+    if trained is not None:
+        if not isinstance(trained, list) or len(trained) != count:
+            return f"trained_betas is not a list of num_train_timesteps = {count} betas"
+        bad = next((i for i, beta in enumerate(trained) if not _beta(beta)), None)
+        if bad is not None:
+            return f"trained_betas[{bad}] = {trained[bad]!r} is not a number in (0, 1)"
+    shift = config.get("shift", 1.0)
+    if type(shift) not in (int, float) or not 0 < shift < math.inf:
+        return f"shift = {shift!r} is not a finite number > 0"
+    return None
 
 
 def betas(name: str, config: Mapping[str, Any], scaled_linear_dtype: type = np.float32) -> np.ndarray:
@@ -154,7 +187,12 @@ class AlphaSchedule(Sampler):
         """``alphas_cumprod`` over the training timesteps, in diffusers' dtype."""
 
     def set_timesteps(self, steps: int) -> None:
-        self.timesteps, self.steps = spaced_timesteps(self.name, self.config, steps), steps
+        timesteps = spaced_timesteps(self.name, self.config, steps)
+        if timesteps.max() >= self.train_steps:  # leading spacing: steps_offset past the last training timestep
+            raise CheckpointError(f"scheduler {self.name} config: steps_offset = {self.config.get('steps_offset')} at "
+                                  f"{steps} steps starts at timestep {timesteps.max()}, past the last of "
+                                  f"num_train_timesteps = {self.train_steps}")
+        self.timesteps, self.steps = timesteps, steps
 
     def alphas(self, t: int) -> tuple[Any, Any]:
         """``alphas_cumprod`` at ``t`` and at the timestep the step goes to."""
