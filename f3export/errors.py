@@ -63,6 +63,12 @@ class EngineError(F3ExportError):
     """An engine runtime refused a model file or its inputs; the message names the file."""
 
 
+class ShapeError(EngineError):
+    """Inputs outside the shapes the build validated its engine at (a static size, a dynamic axis's validated
+    range): refused before the engine runs, as nothing vouches for its output there; the message names the input,
+    the axis and what the build validated."""
+
+
 class BackendUnavailable(F3ExportError):
     """An engine backend was asked for, but its runtime is not installed or has no device."""
 

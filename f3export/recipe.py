@@ -18,8 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from rich.markup import escape
+
 from .criteria import CRITERIA
 from .errors import RecipeError
+from .report import console
 from .roots import confine
 
 DYNAMIC_AXES = ("batch", "frames", "height", "width")
@@ -413,6 +416,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raise RecipeError(f"{path}: invalid TOML ({exc})") from None
     except UnicodeDecodeError:
         raise RecipeError(f"{path}: not a UTF-8 text file") from None
+    overridden = set()  # (section, key) set by --set
     for text in overrides:
         section, key, value = _parse_override(text)
         if section not in SECTIONS:
@@ -421,6 +425,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         if not isinstance(table, dict):
             raise RecipeError(f"{path}: [{section}] is not a table")
         table[key] = value
+        overridden.add((section, key))
     for section in raw:
         if section not in SECTIONS:
             raise RecipeError(f"{path.name}: unknown section [{section}] (known: {', '.join(SECTIONS)})")
@@ -444,8 +449,10 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     _check_model_family(recipe)
     recipe = _with_latent_sizes(recipe, raw["model"])
     recipe = _with_family_action(recipe, set(raw.get("pruning", {})))
+    recipe, given = _with_backend_switch(recipe, set(raw.get("engine", {})),
+                                         {key for section, key in overridden if section == "engine"})
     _check_engine(recipe)
-    _check_backend_keys(recipe, set(raw.get("engine", {})))
+    _check_backend_keys(recipe, given)
     _check_allowed_roots(recipe)
     return recipe
 
@@ -507,11 +514,51 @@ def _check_backend_keys(recipe: Recipe, given: set[str]) -> None:
     silently (fp16 asked for, fp32 built): refuse it instead."""
     selected = recipe.engine.selected
     for f in dataclasses.fields(EngineSection):
-        read_by = f.metadata["read_by"]
-        if f.name in given and read_by is not None and not set(read_by) & set(selected):
+        if f.name in given and _unread(f, selected):
             raise RecipeError(f"{recipe.source.name}: [engine].{f.name} = {getattr(recipe.engine, f.name)!r} is read "
-                              f"only by {', '.join(map(repr, read_by))}, which the recipe does not select (it selects "
-                              f"{', '.join(map(repr, selected))})")
+                              f"only by {', '.join(map(repr, f.metadata['read_by']))}, which the recipe does not "
+                              f"select (it selects {', '.join(map(repr, selected))})")
+
+
+SELECTION = ("backend", "backends")  # the [engine] keys that select backends
+
+
+def _with_backend_switch(recipe: Recipe, given: set[str], from_command_line: set[str]) -> tuple[Recipe, set[str]]:
+    """The recipe with its backends switched in one step by ``--set engine.backend=...`` (or ``backends``), and the
+    [engine] keys still set (``given``).
+
+    A backend chosen on the command line replaces the file's choice (its other selection key too), and the file's
+    keys that only backends no longer selected read are ignored (back to their defaults), each with a note on
+    stderr. Refusing them, as a file that contradicts itself is refused (``_check_backend_keys``), would turn
+    trying another backend into a chain of key errors, one per key of the old one, each hiding the question that
+    matters first (does the new backend run here?); and editing the file for a one-off switch is what ``--set``
+    spares. A key of an unselected backend that the command line itself sets is still refused: that is a
+    contradiction within one command, not a switch."""
+    switch = set(SELECTION) & from_command_line
+    if not switch:
+        return recipe, given
+    fields = {f.name: f for f in dataclasses.fields(EngineSection)}
+    replaced = {key for key in SELECTION if key in given and key not in switch}  # the file's own choice
+    engine = dataclasses.replace(recipe.engine, **{key: _default(fields[key]) for key in replaced})
+    unread = {key for key in given - from_command_line - replaced if _unread(fields[key], engine.selected)}
+    for key in sorted(replaced | unread):
+        reason = ("the command line chooses the backends" if key in replaced else
+                  f"read only by {', '.join(map(repr, fields[key].metadata['read_by']))}; "
+                  f"--set engine.{'/'.join(sorted(switch))} selects {', '.join(map(repr, engine.selected))}")
+        console.print(f"[bold yellow]note:[/] {escape(recipe.source.name)}: {escape(f'[engine].{key}')} = "
+                      f"{escape(repr(getattr(recipe.engine, key)))} is ignored ({reason})", highlight=False)
+    engine = dataclasses.replace(engine, **{key: _default(fields[key]) for key in unread})
+    return dataclasses.replace(recipe, engine=engine), given - replaced - unread
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _unread(f: dataclasses.Field, selected: list[str]) -> bool:
+    """Whether the [engine] key ``f`` is read by none of the ``selected`` backends."""
+    read_by = f.metadata["read_by"]
+    return read_by is not None and not set(read_by) & set(selected)
 
 
 def _check_engine(recipe: Recipe) -> None:

@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from .artifacts import FinishedBuild, open_build
+from .artifacts import MANIFEST, FinishedBuild, open_build
 from .engines import COMPONENT_BACKEND, make_backend
-from .errors import CheckError
+from .errors import CheckError, ShapeError
 from .schedule import ScheduledDenoiser, StepSchedule
 
 
@@ -36,20 +36,58 @@ class TensorSpec:
 
     name: str
     dtype: np.dtype
-    rank: int
+    shape: tuple[int | str, ...]  # a static axis as its size, a dynamic one as its name
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    def shown(self) -> str:
+        return f"[{', '.join(map(str, self.shape))}]"
 
 
-def contract_tensors(build: FinishedBuild, kind: str, section: str = "contract") -> list[TensorSpec]:
-    """The ``inputs`` or ``outputs`` of the engine contract (or of ``components.<name>``), checked (the manifest
+def _is_axis(axis: Any) -> bool:
+    """A contract shape's entry: a static size or an axis name."""
+    if isinstance(axis, str):
+        return axis != ""
+    return isinstance(axis, int) and not isinstance(axis, bool) and axis >= 0
+
+
+def _tensor(raw: Any) -> TensorSpec:
+    """One ``{name, dtype, shape}`` entry of a manifest, checked (TypeError or ValueError where malformed)."""
+    if not isinstance(raw["name"], str) or not isinstance(raw["shape"], list) or not all(map(_is_axis, raw["shape"])):
+        raise ValueError(raw)
+    return TensorSpec(raw["name"], np.dtype(raw["dtype"]), tuple(raw["shape"]))
+
+
+def contract_tensors(build: FinishedBuild, kind: str, section: tuple[str, ...] = ("contract",)) -> list[TensorSpec]:
+    """The ``inputs`` or ``outputs`` of the engine contract (or of ``("components", name)``), checked (the manifest
     is untrusted input)."""
-    where = f"{build.root / 'manifest.json'}: {section}.{kind}"
+    where = f"{build.root / MANIFEST}: {'.'.join(section)}.{kind}"
     try:
         table = build.doc
-        for key in section.split("."):
+        for key in section:
             table = table[key]
-        return [TensorSpec(t["name"], np.dtype(t["dtype"]), len(t["shape"])) for t in table[kind]]
+        return [_tensor(t) for t in table[kind]]
     except (KeyError, TypeError, ValueError):
-        raise CheckError(f"{where}: missing or malformed (a list of {{name, dtype, shape}})") from None
+        raise CheckError(f"{where}: missing or malformed (a list of {{name, dtype, shape}}, a shape of sizes and "
+                         "axis names)") from None
+
+
+def validated_ranges(build: FinishedBuild, tensors: list[TensorSpec]) -> dict[str, tuple[int, int]]:
+    """The [min, max] the build validated each named axis of its engine contract over (``contract.dynamic_axes``);
+    every named axis of ``tensors`` has one, as the build records it."""
+    where = f"{build.root / MANIFEST}: contract.dynamic_axes"
+    raw = build.doc["contract"].get("dynamic_axes")
+    if not isinstance(raw, dict) or not all(
+            isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in r)
+            and 1 <= r[0] <= r[1] for r in raw.values()):
+        raise CheckError(f"{where}: missing or malformed (each axis name's validated [min, max])")
+    for t in tensors:
+        for axis in t.shape:
+            if isinstance(axis, str) and axis not in raw:
+                raise CheckError(f"{where}: no validated range of axis {axis!r} (of {t.name!r})")
+    return {axis: (low, high) for axis, (low, high) in raw.items()}
 
 
 class EngineRunner:
@@ -62,7 +100,7 @@ class EngineRunner:
         build = open_build(Path(artifact_dir), expect_sha256, runtime=True)
         components = build.doc.get("components") or {}
         if isinstance(components, dict) and variant in components and backend in (None, COMPONENT_BACKEND):
-            section = f"components.{variant}"
+            section = ("components", variant)
             path, backend = build.component_engine(variant), COMPONENT_BACKEND
         else:
             entries = [e for e in build.engines.values()
@@ -71,8 +109,11 @@ class EngineRunner:
                 raise CheckError(f"{artifact_dir}: no {variant} engine{' for ' + backend if backend else ''} "
                                  "in the manifest")
             entry = build.verified_engine(entries[0].name)
-            section, path, backend = "contract", entry.path, entry.backend
+            section, path, backend = ("contract",), entry.path, entry.backend
+        self.root = build.root
         self.inputs, self.outputs = (contract_tensors(build, kind, section) for kind in ("inputs", "outputs"))
+        # a component's engine records no ranges (its axes were checked at the export's and validation's sizes)
+        self.ranges = validated_ranges(build, self.inputs + self.outputs) if section == ("contract",) else {}
         self.engine = make_backend(backend, build.recipe, build.root).load(path)
         contract = build.doc.get("contract")
         conventions = contract.get("conventions") if isinstance(contract, dict) else None
@@ -88,16 +129,43 @@ class EngineRunner:
             raise TypeError(f"missing engine input(s) {', '.join(missing)}")
         device = next((v.device for v in given.values() if hasattr(v, "detach")), None)
         feeds = {t.name: _numpy(given[t.name], t.dtype) for t in self.inputs}
-        batch = feeds[names[0]].shape[0]
+        first = feeds[names[0]]
         for t in self.inputs:
-            if t.rank == 1 and feeds[t.name].size == 1:  # one value for every row of the batch
-                feeds[t.name] = np.broadcast_to(feeds[t.name].reshape(-1), (batch,)).copy()
+            if t.rank == 1 and feeds[t.name].size == 1 and first.ndim:  # one value for every row of the batch
+                feeds[t.name] = np.broadcast_to(feeds[t.name].reshape(-1), first.shape[:1]).copy()
+        self._refuse_unvalidated(feeds)
         out = self.engine.run(feeds)
         if device is not None:
             import torch
 
             out = {name: torch.from_numpy(value).to(device) for name, value in out.items()}
         return out[self.outputs[0].name] if len(self.outputs) == 1 else {t.name: out[t.name] for t in self.outputs}
+
+    def _refuse_unvalidated(self, feeds: dict[str, np.ndarray]) -> None:
+        """Inputs at a shape the build never validated its engine at are refused, not run: nothing vouches for
+        the engine's output there (a TensorRT profile or a graph may even accept them). Each input has the
+        contract's rank, a static axis its size, a dynamic axis a size in its validated range and the same size
+        in every input that has it."""
+        seen: dict[str, tuple[int, str]] = {}
+        for t in self.inputs:
+            shape = feeds[t.name].shape
+            where = f"{self.root}: input {t.name!r}"
+            if len(shape) != t.rank:
+                raise ShapeError(f"{where} has shape {list(shape)}; the engine takes {t.rank} axes {t.shown()}")
+            for index, (size, axis) in enumerate(zip(shape, t.shape)):
+                if isinstance(axis, int):
+                    if size != axis:
+                        raise ShapeError(f"{where}: axis {index} is {size}; the engine takes {axis} only "
+                                         f"(shape {t.shown()})")
+                    continue
+                low, high = self.ranges.get(axis, (size, size))  # a component's axis: no recorded range
+                if not low <= size <= high:
+                    raise ShapeError(f"{where}: axis {axis!r} is {size}, outside the range the build validated, "
+                                     f"[{low}, {high}]")
+                other, owner = seen.setdefault(axis, (size, t.name))
+                if size != other:
+                    raise ShapeError(f"{where}: axis {axis!r} is {size}, but input {owner!r} has {axis} = {other} "
+                                     "(an axis has one size in every input)")
 
 
 EngineUNet = EngineRunner  # the name of the diffusion families' denoising loop: noise = unet(sample, t, context)

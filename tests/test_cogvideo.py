@@ -237,12 +237,13 @@ pruning_min_top1_agreement = 0.2
     assert [r["tokens"] for r in pruning["per_run"]] == ["validation.npy[0]"]
     assert len(pruning["per_run"][0]["logit_cosine"]) == 4  # one per frame from frame 1
     assert run("check", root).exit_code == 0
-    # The runtime serves a token model from its engine contract (inputs by name, a text length for the batch).
-    row = torch.from_numpy(layout[1:])
+    # The runtime serves a token model from its engine contract (inputs by name, a text length for the batch),
+    # at the batch the build validated (2: the export's)
+    row = torch.from_numpy(layout[1:]).repeat(2, 1)
     logits = EngineRunner(root)(tokens=row, text_len=8)
     with torch.no_grad():
-        expected = load_pruned(root / "pruned")[2](row, torch.tensor([8]))
-    assert isinstance(logits, torch.Tensor) and logits.shape == (1, 320, 256)
+        expected = load_pruned(root / "pruned")[2](row, torch.tensor([8, 8]))
+    assert isinstance(logits, torch.Tensor) and logits.shape == (2, 320, 256)
     assert relative_l2(logits, expected) < 1e-4
     result = run("bench", root, "--runs", "2", "--warmup", "1", "--ratios", "0,1")
     assert result.exit_code == 0, result.output

@@ -156,10 +156,10 @@ def test_a_nul_byte_in_the_name_is_one_line_exit_2(write_recipe):
 # -- shapes that cannot fit this machine ---------------------------------------------------------------------
 def test_a_huge_in_range_shape_is_refused_quickly_before_any_work(write_recipe):
     path = write_recipe()
-    start = time.perf_counter()
+    start = time.process_time()  # this process's CPU seconds: the work done, however busy the machine
     result = run("build", path, "--set", "model.frames=1024", "--set", "model.latent_height=512",
                  "--set", "model.latent_width=512")
-    assert time.perf_counter() - start < 20 and result.exit_code == 2
+    assert time.process_time() - start < 20 and result.exit_code == 2
     line = result.output.strip()
     # The sparse-causal self-attention's probabilities: [2 x 1024 frames, 8 heads, 512^2 queries, 2 x 512^2 keys]
     # float32 = 2^53 bytes = 8 PiB, held together with the scores they come from: 16 PiB.

@@ -73,17 +73,24 @@ def _compute_capability() -> str:
 
 
 def _require_tensorrt():
-    """The tensorrt module and the GPU's compute capability, or a one-line reason why not."""
+    """The tensorrt module and the GPU's compute capability, or one line with the real reason why not: a package
+    missing (tensorrt, or polygraphy, which builds and runs its engines), else no CUDA GPU."""
     try:
         import tensorrt as trt
-    except ImportError:
-        raise BackendUnavailable("[engine] backend 'tensorrt': the tensorrt package is not installed "
-                                 "(pip install '.[tensorrt]' on a machine with an NVIDIA GPU)") from None
+        import polygraphy  # noqa: F401  (imported here so that its absence is not reported as a missing GPU)
+    except ImportError as exc:
+        missing = f"{exc.name} is not installed" if isinstance(exc, ModuleNotFoundError) else \
+            f"tensorrt cannot be imported ({_first_line(exc)})"
+        raise BackendUnavailable(f"[engine] backend 'tensorrt': {missing} (pip install -e '.[tensorrt]' in "
+                                 "f3export's checkout, on a machine with an NVIDIA GPU)") from None
     try:
         return trt, _compute_capability()
     except Exception as exc:  # Polygraphy reports a missing CUDA runtime with its own exception type
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BackendUnavailable(f"[engine] backend 'tensorrt': no usable NVIDIA GPU ({reason})") from None
+        raise BackendUnavailable(f"[engine] backend 'tensorrt': no CUDA GPU ({_first_line(exc)})") from None
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 class TensorRTRunner:
