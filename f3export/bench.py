@@ -241,7 +241,7 @@ class Bench:
             source = Build(self.recipe).model  # the source checkpoint: only these two need it
             if _cuda_available():
                 _, _, pruned = load_pruned(self.root / "pruned")
-                inputs = self.adapter.export_spec(source.bundle.model, self.shape, self.recipe.export.batch,
+                inputs = source.adapter.export_spec(source.bundle.model, self.shape, self.recipe.export.batch,
                                                   self.recipe.export.dynamic_axes, seed=123).inputs
                 result["backends"]["torch-cuda"] = self._torch_cuda(source.bundle.model, pruned, inputs, ideal)
                 del pruned
@@ -301,7 +301,7 @@ class Bench:
             if (self.root / name).is_file():
                 shutil.copyfile(self.root / name, folder / name)
         recipe = dataclasses.replace(self.recipe, pruning=pruning)
-        context = StageContext(recipe, self.adapter, folder, source, [self._ort], variants=("pruned",))
+        context = StageContext(recipe, source.adapter, folder, source, [self._ort], variants=("pruned",))
         for stage in RATIO_STAGES:
             _, data = stage.run(context)
             context.records[stage.name] = StageRecord(key="", files={}, data=data)

@@ -85,7 +85,8 @@ class EnginePipeline:
             self.noise_channels = int(conventions["output"]["noise_channels"][1])
             sample = next(t for t in contract["inputs"] if t["name"] == "sample")
             self.channels = int(sample["shape"][1])
-            self.frame_range = _frame_range(contract, sample, root)
+            self.frame_range = _validated_range(contract, sample, "frames", root)
+            self.batch_range = _validated_range(contract, sample, "batch", root)
             self.standin = (int(text["tokens"]), int(text["width"]))  # [tokens, width] of the stand-in
             self.prompt_clean = text.get("prompt_clean")
             if self.prompt_clean is not None and self.prompt_clean not in CLEANERS:
@@ -110,6 +111,10 @@ class EnginePipeline:
         ids = np.asarray([self.tokenizer.encode(clean_prompt(self.prompt_clean, prompt)).ids], dtype=np.int64)
         return self.text_encoder(input_ids=ids)
 
+    def guided(self, guidance_scale: float) -> bool:
+        """Whether a step runs the unconditional row too (batch 2): the family pipeline's rule."""
+        return not self.skip_unconditional or guidance_scale > 1.0
+
     def check_request(self, steps: int, guidance_scale: float, dynamic_cfg: bool, frames: int) -> None:
         """Refuse (one line) sampling settings this build cannot run or did not validate, before any work."""
         if dynamic_cfg and not self.has_dynamic_cfg:
@@ -121,6 +126,11 @@ class EnginePipeline:
         low, high = self.frame_range
         if not low <= frames <= high:
             raise RecipeError(f"--frames {frames}: this build validated its engines at {low} to {high} frames")
+        batch, (low, high) = 2 if self.guided(guidance_scale) else 1, self.batch_range
+        if not low <= batch <= high:
+            raise RecipeError(f"--guidance-scale {guidance_scale:g}: runs the denoiser at batch {batch}, which this "
+                              f"build did not validate (batch {low} to {high}); rebuild with [engine].profile_batch "
+                              f"= [{min(low, batch)}, {low}, {max(high, batch)}]")
         numpy_sampler(self.scheduler_class, self.scheduler_config).set_timesteps(steps)
 
     def sample(self, variant: str, prompt: str, seed: int, steps: int, guidance_scale: float,
@@ -136,7 +146,7 @@ class EnginePipeline:
             if noise is None else noise
         sampler = numpy_sampler(self.scheduler_class, self.scheduler_config, rng)
         sampler.set_timesteps(steps)
-        guided = not self.skip_unconditional or guidance_scale > 1.0
+        guided = self.guided(guidance_scale)
         negative = self.negative_prompt if negative_prompt is None else negative_prompt
         context = np.concatenate([self.embed(negative), self.embed(prompt)]) if guided else self.embed(prompt)
         latents = (latents * sampler.init_noise_sigma).astype(np.float32)
@@ -174,16 +184,15 @@ class EnginePipeline:
                     "latent channels 0-2, each scaled over the clip (no VAE decoder in this build)")
 
 
-def _frame_range(contract: dict, sample: dict, root: Path) -> tuple[int, int]:
-    """The latent frames the build validated its denoiser at: the frames axis's range in the contract's
-    ``dynamic_axes``, else the sample input's fixed size."""
+def _validated_range(contract: dict, sample: dict, axis: str, root: Path) -> tuple[int, int]:
+    """The sizes of ``axis`` ("batch" or "frames") the build validated its denoiser at: the axis's range in the
+    contract's ``dynamic_axes``, else the sample input's fixed size."""
     axes = contract.get("dynamic_axes")
-    span = axes.get("frames") if isinstance(axes, dict) else None
+    span = axes.get(axis) if isinstance(axes, dict) else None
     if span is None:
-        span = [sample["shape"][2]] * 2
+        span = [sample["shape"][{"batch": 0, "frames": 2}[axis]]] * 2
     if not (isinstance(span, list) and len(span) == 2 and all(type(n) is int and n >= 1 for n in span)):
-        raise CheckError(f"{root / 'manifest.json'}: contract.dynamic_axes.frames = {span!r} is not two frame "
-                         "counts")
+        raise CheckError(f"{root / 'manifest.json'}: contract.dynamic_axes.{axis} = {span!r} is not two sizes")
     return span[0], span[1]
 
 

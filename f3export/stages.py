@@ -82,6 +82,7 @@ class SourceModel:
             console.print(f"[bold yellow]note:[/] {model.family} {bundle.description}: "
                           "RANDOM weights, so scores and fidelity say nothing about a trained model. "
                           "Set \\[model].path to a checkpoint folder for real results.", soft_wrap=True)
+        self.adapter.adopt(bundle)
         if bundle.encode_text is not None and self.text_embeddings is not None:
             bundle.encode_text.keep_on_disk(self.text_embeddings, self.digest("sampling"))
         text = self.adapter.text_source(bundle)

@@ -71,19 +71,19 @@ class Sweep:
         clear_outputs(self.root, ("sweep.json", "sweep.png", "sweep"))
         source = Build(recipe).model
         original = source.bundle.model
-        spec = bench.adapter.export_spec(original, bench.shape, recipe.export.batch, recipe.export.dynamic_axes,
+        spec = source.adapter.export_spec(original, bench.shape, recipe.export.batch, recipe.export.dynamic_axes,
                                          seed=123)
         feeds = {k: v.numpy() for k, v in spec.inputs.items()}
         base_flops, _ = count_flops(original, spec.inputs, [])
         # The original's held-out trajectories, once: every pruned model is compared against the same ones.
-        references = original_trajectories(bench.adapter, source.bundle, bench.shape, recipe.validation)
+        references = original_trajectories(source.adapter, source.bundle, bench.shape, recipe.validation)
         rows = []
         for action, criterion, ratio in ((a, c, r) for a in actions for c in criteria for r in ratios):
             pruning = dataclasses.replace(recipe.pruning, criterion=criterion, ratio=ratio, action=action)
             folder = self.root / "sweep" / action / criterion / f"{ratio:g}"
             context = bench.pruned_engine(source, pruning, folder)
             flops, _ = count_flops(context.pruned, spec.inputs, [])
-            fidelity = pruning_fidelity(bench.adapter, source.bundle, context.pruned, bench.shape,
+            fidelity = pruning_fidelity(source.adapter, source.bundle, context.pruned, bench.shape,
                                         recipe.validation, references)
             engine = folder / context.records["engine"].data["pruned.onnxruntime"]["path"]
             rows.append({"action": action, "criterion": criterion, "ratio": ratio,

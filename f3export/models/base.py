@@ -179,6 +179,10 @@ class ModelAdapter(ABC):
     def conventions(self, bundle: ModelBundle) -> dict[str, Any]:
         """How a runtime must drive the exported graph beyond its names and shapes (JSON, for the contract)."""
 
+    def adopt(self, bundle: ModelBundle) -> None:
+        """Learn what the loaded folder decides beyond the network's config (called once it is loaded, before
+        any input is made): nothing by default."""
+
     def prepare_runs(self, bundle: ModelBundle, runs: list[Run]) -> None:
         """Before ``runs`` (a calibration's or a validation's): whatever is made once for all of them."""
 
@@ -267,6 +271,13 @@ class LatentVideoDiffusionAdapter(ModelAdapter):
     @abstractmethod
     def latent_channels(self, model: nn.Module) -> int:
         """Channels of the latents the network denoises (its input; 3 for a pixel-space RGB model)."""
+
+    def adopt(self, bundle):
+        """The folder's text encoder pads prompts to its own length (its tokenizer's maximum): the network's
+        inputs take that many tokens (export, goldens, contract), as its pipeline gives them; ``text_tokens``
+        is the family's released encoder's, and the stand-in's."""
+        if bundle.encode_text is not None:
+            self.text_tokens = bundle.encode_text.tokens
 
     def example_inputs(self, model, shape, batch, seed):
         generator = torch.Generator().manual_seed(seed)
