@@ -22,7 +22,7 @@ from conftest import COGVIDEO_TOKENS_RECIPE, FAST_RECIPE, run
 
 REPO = Path(__file__).resolve().parents[1]
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-TAV_RUNS = 4
+RUNS = 3  # odd: on 2 processes the last round is one run, and rank 1 has none in it
 
 
 def f3export_command(*args: object, processes: int = 1) -> list[str]:
@@ -37,17 +37,17 @@ def calibrate(recipe: Path, processes: int = 1) -> subprocess.CompletedProcess:
     return done
 
 
-def tav_recipe(folder: Path, runs: int = TAV_RUNS, steps: int = 3) -> Path:
-    """The tiny Tune-A-Video recipe with ``runs`` calibration runs (prompts x 2 seeds) of ``steps`` steps."""
-    prompts = json.dumps([f"a man is skiing, take {i}" for i in range(runs // 2)])
+def tav_recipe(folder: Path, runs: int = RUNS, steps: int = 3) -> Path:
+    """The tiny Tune-A-Video recipe with ``runs`` calibration runs (a prompt each) of ``steps`` steps."""
+    prompts = json.dumps([f"a man is skiing, take {i}" for i in range(runs)])
     text = FAST_RECIPE.replace('prompts = ["a man is skiing"]\nseeds = [0]\nsteps = 3',
-                               f"prompts = {prompts}\nseeds = [0, 1]\nsteps = {steps}")
+                               f"prompts = {prompts}\nseeds = [0]\nsteps = {steps}")
     path = folder / "tav.toml"
     path.write_text(text.replace("{out}", str(folder / "artifacts")))
     return path
 
 
-def cogvideo_recipe(folder: Path, runs: int = TAV_RUNS) -> Path:
+def cogvideo_recipe(folder: Path, runs: int = RUNS) -> Path:
     """The tiny CogVideo recipe over ``runs`` token sequences (8 text tokens, 5 frames of 64 tokens)."""
     rng = np.random.default_rng(0)
     for name, rows in (("calibration", runs), ("validation", 1)):
@@ -63,16 +63,17 @@ RECIPES = {"tav": tav_recipe, "cogvideo": cogvideo_recipe}
 
 
 @pytest.mark.parametrize("family", RECIPES)
-def test_two_processes_calibrate_the_bytes_one_process_does(tmp_path, family):
+def test_two_processes_calibrate_the_bytes_one_process_does_whatever_the_last_round_holds(tmp_path, family):
+    """3 runs on 2 processes: rounds (0, 1) and (2), rank 1 idle in the last; every run summed once, in order."""
     single, shared = tmp_path / "single", tmp_path / "shared"
     single.mkdir(), shared.mkdir()
     calibrate(RECIPES[family](single))
     done = calibrate(RECIPES[family](shared), processes=2)
     scores = (shared / "artifacts" / family / "scores.json").read_bytes()  # output name: the recipe file's
     assert scores == (single / "artifacts" / family / "scores.json").read_bytes()
-    assert json.loads(scores)["samples"] == TAV_RUNS
+    assert json.loads(scores)["samples"] == RUNS
     assert "rank 1 of 2: calibration runs done for rank 0" in done.stderr + done.stdout
-    assert "calibrate (2 processes)" in done.stderr or "calibrate ..." in done.stderr
+    assert f"calibrate (2 processes) 0/{RUNS}" in done.stderr  # rank 0's progress, counting every rank's runs
     assert not (shared / "artifacts" / family / "calibration").exists()  # the runs are in scores.json now
     manifest = json.loads((shared / "artifacts" / family / "manifest.json").read_text())
     assert manifest["status"] == "stopped after calibrate" and list(manifest["stages"]) == ["calibrate"]
@@ -101,8 +102,8 @@ def test_a_calibration_killed_mid_way_resumes_at_the_next_run_to_the_same_bytes(
     recipe, root = tav_recipe(tmp_path, runs, KILLED_STEPS), tmp_path / "artifacts" / "tav"
     process = subprocess.Popen(f3export_command("build", recipe, "--until", "calibrate"), env=ONE_THREAD,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while len(saved_runs(root)) < 2 and process.poll() is None and time.monotonic() < deadline:
+    while len(saved_runs(root)) < 2:  # the event; 6 runs are still to run, so the kill lands before the last
+        assert process.poll() is None, "the calibration ended before saving 2 runs"
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     assert process.wait(timeout=60) == -signal.SIGKILL
@@ -143,35 +144,6 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return torch.equal(a, b)
-
-
-def test_a_process_that_dies_fails_the_build_on_every_rank_and_records_nothing(tmp_path):
-    recipe = tav_recipe(tmp_path, runs=8, steps=40)
-    root = tmp_path / "artifacts" / "tav"
-    process = subprocess.Popen(f3export_command("build", recipe, "--until", "calibrate", processes=2),
-                               env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    follower = None
-    deadline = time.monotonic() + 300
-    while follower is None and time.monotonic() < deadline:  # rank 1, once it calibrates
-        for proc in Path("/proc").iterdir():
-            try:
-                environ = (proc / "environ").read_bytes().split(b"\0")
-            except (OSError, ValueError):
-                continue
-            if b"RANK=1" in environ and str(recipe).encode() in (proc / "cmdline").read_bytes():
-                follower = int(proc.name)
-        time.sleep(0.05)
-    assert follower is not None
-    while not saved_runs(root) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    os.kill(follower, signal.SIGKILL)
-    output, _ = process.communicate(timeout=300)
-    assert process.returncode != 0
-    ours = [line for line in output.splitlines() if line.startswith("error:")]
-    assert len(ours) == 1 and ours[0].startswith("error: rank 0: "), output
-    assert not (root / "scores.json").exists()
-    manifest = root / "manifest.json"
-    assert not manifest.exists() or "calibrate" not in json.loads(manifest.read_text())["stages"]
 
 
 def test_calibration_on_cuda_is_refused_where_there_is_none(tmp_path):

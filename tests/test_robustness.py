@@ -127,25 +127,30 @@ def test_a_changed_library_version_reruns_the_stages_that_use_it(rebuildable, mo
 
 
 # -- interruption and determinism ----------------------------------------------------------------------------
-def kill_during(path, stage_line: str) -> None:
-    """Start a build, SIGKILL it once it has printed ``stage_line``."""
+STAGE_FOLDERS = {"export": "onnx", "engine": "engines"}  # where each stage writes its models
+
+
+def kill_inside(path, stage: str) -> None:
+    """Start a build and SIGKILL it inside ``stage``, at a point the test sees: the build is stopped while the
+    stage is writing a model (its temporary folder is there, so nothing of the stage can be recorded yet)."""
+    folder = path.parent / "artifacts" / "fast" / STAGE_FOLDERS[stage]
     process = subprocess.Popen([sys.executable, "-m", "f3export", "build", str(path), "--force"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in process.stdout:
-        if line.startswith(stage_line):
-            time.sleep(0.2)  # well inside the stage (export takes seconds, engine build about one)
-            process.send_signal(signal.SIGKILL)
-            break
-    process.wait(timeout=120)
-    assert process.returncode == -signal.SIGKILL
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (partial := list(folder.glob(".*.tmp-*"))):
+        assert process.poll() is None, f"the build ended before {stage} wrote a model"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGSTOP)
+    assert all(p.exists() for p in partial), f"{stage} finished its model before the build was stopped"
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=120) == -signal.SIGKILL
 
 
-@pytest.mark.parametrize("stage", ["export", "engine"])
+@pytest.mark.parametrize("stage", STAGE_FOLDERS)
 def test_a_build_killed_mid_stage_reruns_to_the_same_result(built, write_recipe, stage):
     _, reference_root, _ = built
     path = write_recipe()
     root = path.parent / "artifacts" / "fast"
-    kill_during(path, f"{stage} ...")
+    kill_inside(path, stage)
     killed = json.loads((root / "manifest.json").read_text())
     assert killed["status"] == "building" and stage not in killed["stages"]  # never recorded as done
     result = run("build", path)
