@@ -24,11 +24,11 @@ import transformers
 from filelock import FileLock, Timeout
 
 from . import __version__
-from .artifacts import Manifest, StageRecord
+from .artifacts import Manifest, StageRecord, contract_mismatch
 from .cache import CACHE_FOLDER, LOCKS, TEXT_EMBEDDINGS, StageCache, plain_folder
 from .engines import make_backend
 from .distributed import Team
-from .errors import F3ExportError, RecipeError, activity
+from .errors import CheckError, F3ExportError, RecipeError, activity
 from .models import get_adapter
 from .models.base import ModelAdapter, VideoShape
 from .models.memory import peak_rss_mib, reset_peak_rss, return_free_memory, weight_bytes
@@ -254,6 +254,20 @@ class Build:
         self.result.outcomes.append(StageOutcome(stage.name, False, seconds, record))
         return record
 
+    def _check_engine_contracts(self, exported: dict, engines: dict) -> None:
+        """Every engine carries the contract the manifest is about to record (an ONNX Runtime engine in its
+        metadata, a TensorRT plan in its ONNX file's), before the build may say it passed: parts reused from
+        the shared cache were made by other builds, and a runtime drives an engine by this contract."""
+        for name, entry in engines.items():
+            if name == "components":
+                continue
+            source = self.root / (entry["path"] if entry["backend"] == "onnxruntime"
+                                  else exported[entry["variant"]]["path"])
+            problem = contract_mismatch(exported["contract"], source)
+            if problem:
+                raise CheckError(f"{self.root}: engine {name}: {problem}; it came from the shared cache "
+                                 f"{self.cache.folder}, edited since: delete that folder and build again")
+
     def _note_peak(self) -> int | None:
         """The resident high-water mark since the last reset, folded into the build's own (``peak_rss``)."""
         peak = peak_rss_mib()
@@ -296,6 +310,7 @@ class Build:
                 self.manifest.save()
                 return self.result
         prune, export, engine = records["prune"], records["export"], records["engine"]
+        self._check_engine_contracts(export.data, engine.data)
         self.result.gates = [Gate(**{k: g[k] for k in ("metric", "value", "limit", "kind")})
                              for g in records["validate"].data["gates"]]
         self.manifest.doc.update({

@@ -230,3 +230,31 @@ def test_a_cache_that_cannot_be_written_is_a_note_and_the_build_goes_on(output):
     assert statuses(other) == {"calibrate": False}
     assert "note: the shared stage cache" in other.stderr and "this build goes on without it" in other.stderr
     assert (out / ".cache" / "calibrate").read_text() == "not a folder"
+
+
+def test_an_engine_reused_with_another_contract_fails_the_build_instead_of_passing(output):
+    """A consistent attacker rewrites the original's cached engine with another scheduler in its contract (and
+    its hash, and the entry's name): the build that reuses it fails, so it is never served."""
+    import onnx
+
+    from f3export.contract import read_contract, write_contract
+
+    recipe, out = output
+    (entry,) = entries(out, "engine-original")
+    record = json.loads((entry / ENTRY).read_text())
+    (rel,) = record["files"]
+    model = onnx.load(str(entry / rel))
+    contract = read_contract(entry / rel)
+    contract["conventions"]["scheduler"]["config"]["beta_end"] = 0.5
+    write_contract(model, contract)
+    onnx.save(model, str(entry / rel))
+    record["files"][rel] = sha256_file(entry / rel)
+    (entry / ENTRY).write_text(json.dumps(record))
+    entry.rename(entry.with_name(f"{entry.name.split('.')[0]}.{record_digest(record)}"))
+
+    pruning = run("build", recipe, "--set", "pruning.ratio=0.25")
+    assert pruning.exit_code == 1, pruning.output
+    assert "engine original.onnxruntime: contract.conventions.scheduler.config.beta_end differs from the contract " \
+           "embedded in" in " ".join(pruning.stderr.split())
+    assert json.loads((out / "fast" / "manifest.json").read_text())["status"] == "building"
+    assert run("check", out / "fast").exit_code == 1

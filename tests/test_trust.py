@@ -414,3 +414,26 @@ def test_a_validation_report_check_cannot_reevaluate_is_one_line_exit_1(folder, 
     (folder / "validation.json").write_text(json.dumps({**report, "gates": edit(report["gates"])}))
     rehash(folder)
     one_line_error(invoke("check", folder), 1, message)
+
+
+# -- what a build cannot vouch for, where a person reads it -----------------------------------------------------
+RANDOM_AND_STANDIN = ["random weights (never trained)",
+                      "stand-in text (seeded random embeddings, not a text encoder's)"]
+
+
+def test_a_build_on_random_weights_and_stand_in_text_says_so_in_its_verdict_line_and_in_check(built):
+    _, root, _ = built
+    verdict = (root / "report.md").read_text().splitlines()[2]
+    assert verdict.startswith(f"**PASSED** on {' and '.join(RANDOM_AND_STANDIN)}, which it cannot vouch for")
+    quiet = run("-q", "check", root)  # -q silences stderr: the words are in the results
+    assert quiet.exit_code == 0 and quiet.stderr == ""
+    assert f"gates passed, on {' and '.join(RANDOM_AND_STANDIN)}" in " ".join(quiet.stdout.split())
+    assert json.loads(run("check", root, "--json").stdout)["cannot_vouch_for"] == RANDOM_AND_STANDIN
+
+
+def test_a_trained_model_read_through_its_text_encoder_has_nothing_to_disclaim():
+    from f3export.report import unvouched
+
+    assert unvouched({"random_weights": False, "text": "CLIPTextModel (zoo/tav-shapes/text_encoder), prompts padded "
+                                                        "to 8 tokens"}) == []
+    assert unvouched({"random_weights": True}) == RANDOM_AND_STANDIN[:1]
