@@ -153,7 +153,7 @@ class Build:
         self.model = SourceModel(recipe, self.adapter, embeddings)
         frugal = weight_bytes(self.model.skeleton) >= FRUGAL_ABOVE
         self.context = StageContext(recipe, self.adapter, self.root, self.model, backends, team=team, frugal=frugal,
-                                    cache=self.cache, versions=self.versions)
+                                    cache=None if force else self.cache, versions=self.versions)
         self.result = BuildResult(self.root)
         confine_model_files(recipe, self.adapter)
         check_runnable(recipe, self.adapter, self.model.skeleton, self.context.validated_shapes)

@@ -227,7 +227,7 @@ class Stage:
     # its output is a verdict (the gates): every build computes its own, never taken from the shared cache
     verdict: bool = False
     # what is wrong with a shared-cache entry's output (files placed in the build folder, data) that its hashes
-    # cannot show: data to compare with what its files say (None: nothing; the entry is then a miss)
+    # cannot show, its data against what its files say; None where nothing is (a problem makes it a miss)
     reuse_problem: Callable[[StageContext, StageOutput], str | None] | None = None
     # inputs (``kind:name``) it reads only for some recipes: (whether a recipe makes it read them, the inputs)
     conditional: tuple[Callable[[Recipe], bool], tuple[str, ...]] | None = None

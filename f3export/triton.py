@@ -6,7 +6,7 @@
 
 Names, data types and dims come from the build's engine contract. A dynamic axis becomes -1 only where the
 build validated a range of sizes; an axis validated at one size is written as that size, so Triton refuses
-what no engine was checked on. Where the batch axis was validated over a range, Triton's batching is on
+what no engine was checked on. Where the batch axis was validated from 1 up, Triton's batching is on
 (``max_batch_size`` = the range's top, dims without the batch axis); else the batch is an ordinary dim.
 The build's pipeline components (text encoder, VAE decoder) become models of their own, their axes -1.
 Engines are copied only after their hashes match the manifest, and the repository is written to a temporary
@@ -118,7 +118,8 @@ def model_config(name: str, backend: str, device: str, inputs: list[TensorSpec],
     """config.pbtxt of one engine (protobuf text format of Triton's ModelConfig). ``ranges``: each named axis's
     validated [min, max]; an axis without one is -1. ``where``: the manifest section the tensors come from."""
     batch_range = ranges.get("batch")
-    batched = batch_range is not None and 1 < batch_range[1] and batch_range[0] < batch_range[1] and \
+    # Triton's batcher sends any batch from 1 to max_batch_size: only a range validated from 1 allows it
+    batched = batch_range is not None and batch_range[0] == 1 < batch_range[1] and \
         all(t.shape[:1] == ("batch",) for t in inputs + outputs)
     platform = PLATFORMS[backend][0]
     kind = "KIND_GPU" if device == "cuda" or backend == "tensorrt" else "KIND_CPU"

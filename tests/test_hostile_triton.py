@@ -183,3 +183,19 @@ def test_a_file_beside_an_engine_that_the_build_did_not_record_is_not_copied(fol
     result = invoke("export-triton", folder, tmp_path / "triton")
     assert result.exit_code == 0, result.output
     assert sorted(os.listdir(tmp_path / "triton" / "fast_pruned" / "1")) == ["model.onnx"]
+
+
+@pytest.mark.parametrize("batch, max_batch_size", [((1, 4), 4), ((2, 4), 0), ((2, 2), 0)])
+def test_triton_batches_only_where_every_batch_from_1_was_validated(batch, max_batch_size):
+    """Triton's batcher sends any batch from 1 to max_batch_size: a range validated from 2 keeps the batch a dim."""
+    import numpy as np
+
+    from f3export.runtime import TensorSpec
+    from f3export.triton import model_config
+
+    sample = TensorSpec("sample", np.dtype("float32"), ("batch", 4, 8))
+    text = model_config("m", "onnxruntime", "cpu", [sample], [TensorSpec("out", np.dtype("float32"), ("batch", 4, 8))],
+                        {"batch": batch}, "contract")
+    assert f"max_batch_size: {max_batch_size}\n" in text
+    assert ("dynamic_batching { }" in text) == (max_batch_size > 0)
+    assert ("dims: [ 4, 8 ]" in text) == (max_batch_size > 0)
