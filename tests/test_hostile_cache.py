@@ -19,21 +19,11 @@ from f3export.runtime import EngineRunner
 FAILING = ("--set", "validation.pruning_min_latent_psnr=200")  # no pruned model reaches 200 dB
 
 
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    """An output folder holding one passed build ("fast") and the shared cache it filled."""
-    folder = tmp_path_factory.mktemp("shared")
-    recipe = folder / "fast.toml"
-    recipe.write_text(FAST_RECIPE.replace("{out}", str(folder / "artifacts")))
-    result = run("build", recipe)
-    assert result.exit_code == 0, result.output
-    return folder
-
-
 @pytest.fixture
-def output(shared, tmp_path):
-    """A private copy of the output folder and a recipe writing there: (recipe, output dir)."""
-    shutil.copytree(shared / "artifacts", tmp_path / "artifacts")
+def output(built, tmp_path):
+    """A private copy of the shared build's output folder (the build "fast" and the shared cache it filled) and a
+    recipe writing there: (recipe, output dir)."""
+    shutil.copytree(built[1].parent, tmp_path / "artifacts")
     recipe = tmp_path / "fast.toml"
     recipe.write_text(FAST_RECIPE.replace("{out}", str(tmp_path / "artifacts")))
     return recipe, tmp_path / "artifacts"
