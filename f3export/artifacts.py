@@ -294,15 +294,15 @@ def contract_mismatch(recorded: Any, source: Path) -> str | None:
         return None
     if embedded == recorded:
         return None
-    return f"{_first_difference(recorded, embedded, 'contract')} differs from the contract embedded in {source}"
+    return f"{first_difference(recorded, embedded, 'contract')} differs from the contract embedded in {source}"
 
 
-def _first_difference(recorded: Any, embedded: Any, where: str) -> str:
+def first_difference(recorded: Any, embedded: Any, where: str) -> str:
     """The first key path at which two contracts differ (for the one-line error)."""
     if isinstance(recorded, dict) and isinstance(embedded, dict):
         for key in sorted(set(recorded) | set(embedded), key=str):
             if recorded.get(key) != embedded.get(key):
-                return _first_difference(recorded.get(key), embedded.get(key), f"{where}.{key}")
+                return first_difference(recorded.get(key), embedded.get(key), f"{where}.{key}")
     return where
 
 

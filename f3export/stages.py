@@ -19,14 +19,15 @@ from typing import Any, Callable, Iterator
 import torch
 
 from . import __version__
-from .artifacts import MODEL_VARIANTS, StageRecord, content_key, contract_mismatch, sha256_file, write_json
+from .artifacts import (MODEL_VARIANTS, StageRecord, content_key, contract_mismatch, first_difference, sha256_file,
+                        write_json)
 from .cache import StageCache
 from .components import TOKENIZER_FILE, Component, exportable, write_tokenizer
 from .contract import graph_io
 from .calibrate import RunStore, Scores, calibrate
 from .distributed import Team
 from .engines import COMPONENT_BACKEND, Backend, profile_ranges, validated_shapes
-from .errors import RecipeError
+from .errors import CheckError, RecipeError
 from .export import ContractTerms, export_onnx
 from .models.base import ModelAdapter, VideoShape, family_sources
 from .models.loading import ModelBundle
@@ -320,14 +321,20 @@ def prune_model(ctx: StageContext) -> StageOutput:
     return files, {"parameters_original": before, "parameters_pruned": after, "parameters_removed": before - after}
 
 
-def export_models(ctx: StageContext) -> StageOutput:
-    section = ctx.recipe.export
+def contract_conventions(ctx: StageContext) -> dict[str, Any]:
+    """How a runtime drives this build's engines beyond names and shapes: the family's conventions for the loaded
+    model (its scheduler, guidance, text) and, under a step schedule, the rule that switches engines."""
     conventions = ctx.adapter.conventions(ctx.model.bundle)
     start, stop = ctx.pruned_steps
     if (start, stop) != FULL:  # the runtime's rule for which engine runs a call (schedule.py)
         train = int(conventions["scheduler"]["config"]["num_train_timesteps"])
         conventions["step_schedule"] = StepSchedule(start, stop, train).to_json()
-    terms = ContractTerms(ctx.recipe.model.family, ctx.contract_ranges, conventions)
+    return conventions
+
+
+def export_models(ctx: StageContext) -> StageOutput:
+    section = ctx.recipe.export
+    terms = ContractTerms(ctx.recipe.model.family, ctx.contract_ranges, contract_conventions(ctx))
     files, data = [], {}
 
     def export(variant: str) -> StageOutput:
@@ -443,11 +450,27 @@ def build_engines(ctx: StageContext) -> StageOutput:
 
 
 
+def _check_contract_terms(ctx: StageContext) -> None:
+    """The export's contract says what this build's model and recipe say (family, conventions, validated ranges):
+    an export reused from the shared cache, files and record rewritten alike, could carry another scheduler that
+    no hash shows and that only an engines-only runtime would follow."""
+    contract = ctx.records["export"].data["contract"]
+    expected = json.loads(json.dumps({
+        "family": ctx.recipe.model.family, "conventions": contract_conventions(ctx),
+        "dynamic_axes": {axis: ctx.contract_ranges.get(axis) for axis in contract.get("dynamic_axes") or {}}}))
+    recorded = {key: contract.get(key) for key in expected}
+    if recorded != expected:
+        raise CheckError(f"{ctx.root}: the export's {first_difference(expected, recorded, 'contract')} is not what "
+                         "this model and recipe give; it came from the shared cache, edited since: delete "
+                         f"{ctx.cache.folder if ctx.cache else 'that cache'} and build again")
+
+
 def validate_engines(ctx: StageContext) -> StageOutput:
     """Engines against PyTorch on fresh goldens, and the pruned model against the original over held-out runs.
     All of it runs in every build: a verdict is computed by the build that reports it, never reused from the
     shared cache (whose engines it checks, among others)."""
     section = ctx.recipe.validation
+    _check_contract_terms(ctx)
     backends = {b.name: b for b in ctx.backends}
     engines = {name: e for name, e in ctx.records["engine"].data.items() if name != "components"}
 

@@ -248,3 +248,30 @@ def test_an_engine_reused_with_another_contract_fails_the_build_instead_of_passi
            "embedded in" in " ".join(pruning.stderr.split())
     assert json.loads((out / "fast" / "manifest.json").read_text())["status"] == "building"
     assert run("check", out / "fast").exit_code == 1
+
+
+def test_an_export_rewritten_in_its_files_and_record_alike_fails_the_build_instead_of_passing(output):
+    """The deepest consistent edit: the cached export's ONNX files carry another scheduler, and so do its data,
+    hashes and name; the engines built from them agree with it. The build still computes the contract's terms
+    from its own model and recipe, and fails."""
+    import onnx
+
+    from f3export.contract import read_contract, write_contract
+
+    recipe, out = output
+    (entry,) = entries(out, "export")
+    record = json.loads((entry / ENTRY).read_text())
+    record["data"] = edit_scheduler(record["data"])
+    for rel in [rel for rel in record["files"] if rel.endswith(".onnx") and read_contract(entry / rel)]:
+        model = onnx.load(str(entry / rel))
+        write_contract(model, record["data"]["contract"])
+        onnx.save(model, str(entry / rel))
+        record["files"][rel] = sha256_file(entry / rel)
+    (entry / ENTRY).write_text(json.dumps(record))
+    entry.rename(entry.with_name(f"{entry.name.split('.')[0]}.{record_digest(record)}"))
+
+    other = run("build", recipe, "--set", "output.name=other", "--json")
+    assert other.exit_code == 1, other.output
+    assert "contract.conventions.scheduler.config.beta_end is not what this model and recipe give" in \
+        json.loads(other.stdout)["error"]
+    assert json.loads((out / "other" / "manifest.json").read_text())["status"] == "building"
