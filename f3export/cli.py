@@ -120,6 +120,12 @@ def _print_json(document) -> None:
     click.echo(json.dumps(document, indent=2))
 
 
+def _gates_failed(where: Path, gates) -> str | None:
+    """The one line of a build or check whose gates failed (exit 1), or None."""
+    failed = [g.metric for g in gates if not g.passed]
+    return f"{where}: {len(failed)} of {plural(len(gates), 'gate')} failed ({', '.join(failed)})" if failed else None
+
+
 @main.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
@@ -152,13 +158,12 @@ def build(recipe: Path, overrides: tuple[str, ...], force: bool, until: str | No
     finally:
         if team is not None:
             team.close()
-    failed = [g.metric for g in result.gates if not g.passed]
-    error = f"{result.root}: {len(failed)} of {plural(len(result.gates), 'gate')} failed ({', '.join(failed)})"
+    error = _gates_failed(result.root, result.gates)
     if as_json:
-        _print_json({**summary_document(result), **({"error": error, "exit_code": 1} if failed else {})})
+        _print_json({**summary_document(result), **({"error": error, "exit_code": 1} if error else {})})
     else:
         print_summary(result)
-    if failed:
+    if error:
         sys.exit(1)
 
 
@@ -258,16 +263,15 @@ def check(artifact_dir: Path, expect_sha256: str | None, as_json: bool) -> None:
     from .check import check_artifacts
 
     checked, gates, caveats = check_artifacts(artifact_dir, expect_sha256)
-    failed = [g.metric for g in gates if not g.passed]
-    error = f"{artifact_dir}: {len(failed)} of {plural(len(gates), 'gate')} failed ({', '.join(failed)})"
+    error = _gates_failed(artifact_dir, gates)
     if as_json:
-        _print_json({"artifacts": str(artifact_dir), "passed": not failed, "files_verified": checked,
+        _print_json({"artifacts": str(artifact_dir), "passed": not error, "files_verified": checked,
                      "gates": [{"metric": g.metric, "value": g.value, "limit": g.limit, "kind": g.kind,
                                 "passed": g.passed} for g in gates], "cannot_vouch_for": caveats,
-                     **({"error": error, "exit_code": 1} if failed else {})})
+                     **({"error": error, "exit_code": 1} if error else {})})
     else:
         results.print(gates_table(f"check {artifact_dir}", gates))
-    if failed:
+    if error:
         click.echo(f"error: {error}", err=True)
         sys.exit(1)
     if not as_json:

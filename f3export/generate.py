@@ -26,7 +26,7 @@ import numpy as np
 from .artifacts import atomic_path, open_build
 from .errors import CheckError, CheckpointError, EngineError, RecipeError, Unsupported
 from .prompts import CLEANERS, clean_prompt
-from .runtime import EngineRunner, denoiser
+from .runtime import EngineRunner, contract_tensors, denoiser, validated_ranges
 from .scheduling import numpy_sampler
 from .scheduling.guidance import guidance_at
 from .text_standin import seeded_text_embedding
@@ -83,10 +83,11 @@ class EnginePipeline:
             self.skip_unconditional = bool(guidance.get("skip_unconditional", False))
             self.has_dynamic_cfg = "dynamic_cfg" in guidance
             self.noise_channels = int(conventions["output"]["noise_channels"][1])
-            sample = next(t for t in contract["inputs"] if t["name"] == "sample")
-            self.channels = int(sample["shape"][1])
-            self.frame_range = _validated_range(contract, sample, "frames", root)
-            self.batch_range = _validated_range(contract, sample, "batch", root)
+            inputs = contract_tensors(build, "inputs")
+            sample = next(t for t in inputs if t.name == "sample")
+            self.channels = int(sample.shape[1])
+            ranges = validated_ranges(build, inputs)
+            self.batch_range, self.frame_range = sample.validated_sizes(0, ranges), sample.validated_sizes(2, ranges)
             self.standin = (int(text["tokens"]), int(text["width"]))  # [tokens, width] of the stand-in
             self.prompt_clean = text.get("prompt_clean")
             if self.prompt_clean is not None and self.prompt_clean not in CLEANERS:
@@ -182,18 +183,6 @@ class EnginePipeline:
         high = shown.max(axis=(1, 2, 3), keepdims=True)
         return Clip((shown - low) / np.maximum(high - low, 1e-12) * 2 - 1, latents,
                     "latent channels 0-2, each scaled over the clip (no VAE decoder in this build)")
-
-
-def _validated_range(contract: dict, sample: dict, axis: str, root: Path) -> tuple[int, int]:
-    """The sizes of ``axis`` ("batch" or "frames") the build validated its denoiser at: the axis's range in the
-    contract's ``dynamic_axes``, else the sample input's fixed size."""
-    axes = contract.get("dynamic_axes")
-    span = axes.get(axis) if isinstance(axes, dict) else None
-    if span is None:
-        span = [sample["shape"][{"batch": 0, "frames": 2}[axis]]] * 2
-    if not (isinstance(span, list) and len(span) == 2 and all(type(n) is int and n >= 1 for n in span)):
-        raise CheckError(f"{root / 'manifest.json'}: contract.dynamic_axes.{axis} = {span!r} is not two sizes")
-    return span[0], span[1]
 
 
 def inside_build(path: Path, root: Path) -> bool:

@@ -45,6 +45,11 @@ class TensorSpec:
     def shown(self) -> str:
         return f"[{', '.join(map(str, self.shape))}]"
 
+    def validated_sizes(self, index: int, ranges: dict[str, tuple[int, int]]) -> tuple[int, int]:
+        """The [min, max] the build validated axis ``index`` at: a static size, or its named axis's range."""
+        axis = self.shape[index]
+        return (axis, axis) if isinstance(axis, int) else ranges[axis]
+
 
 def _is_axis(axis: Any) -> bool:
     """A contract shape's entry: a static size or an axis name."""
