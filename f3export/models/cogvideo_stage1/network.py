@@ -45,6 +45,24 @@ from ..configs import check_dataclass_config
 
 MASKED_SCORE = -10000.0  # SwissArmyTransformer's value for masked attention scores
 
+
+@dataclass(frozen=True)
+class SamplingTerms:
+    """Where CogVideo's sampling (``cogvideo_pipeline.py`` with ``CogVideoCacheModel``) departs from training.
+
+    ``spatial_text_weight`` / ``temporal_text_weight``: the pipeline's ``log_text_attention_weights`` (1.4),
+    added to the scores of frame tokens on text keys in each channel (the cache model adds it in the spatial
+    channel always, in the temporal one only in single-token steps). ``frame0_temporal = False`` is its
+    ``enforce_no_swin``: frame 0's tokens take the spatial channel alone. Values or (in a step graph) tensors.
+    """
+
+    spatial_text_weight: Any = 0.0
+    temporal_text_weight: Any = 0.0
+    frame0_temporal: Any = True
+
+
+TRAINING = SamplingTerms()  # what training computes: no text weight, both channels on every frame
+
 @dataclass(frozen=True)
 class CogVideoConfig:
     """SwissArmyTransformer's argument names where it has them (``layout`` = [text, text + frame, text + all frames])."""
@@ -131,29 +149,48 @@ class CogVideoConfig:
                 "cogvideo_stage": 1}
 
 
-@functools.lru_cache(maxsize=8)
-def _frame_ids(text_len: int, frame_len: int, length: int) -> torch.Tensor:
-    """Frame index of every token; -1 for text."""
-    position = torch.arange(length)
+def frame_of(position: torch.Tensor, text_len: int, frame_len: int) -> torch.Tensor:
+    """Frame index of each position; -1 for text."""
     return torch.where(position < text_len, -1, (position - text_len) // frame_len)
 
 
 @functools.lru_cache(maxsize=8)
+def _frame_ids(text_len: int, frame_len: int, length: int) -> torch.Tensor:
+    return frame_of(torch.arange(length), text_len, frame_len)
+
+
+def spatial_allowed(queries: torch.Tensor, keys: torch.Tensor, text_len: int, frame_len: int) -> torch.Tensor:
+    """[Q, K] bool of the positions ``queries`` and ``keys``: text sees text; a frame token sees text and its own
+    frame up to itself."""
+    query_frame, key_frame = frame_of(queries, text_len, frame_len), frame_of(keys, text_len, frame_len)
+    own_frame = (query_frame[:, None] == key_frame[None, :]) & (keys[None, :] <= queries[:, None]) \
+        & (query_frame[:, None] >= 0)
+    return (key_frame[None, :] == -1) | own_frame
+
+
+def temporal_allowed(queries: torch.Tensor, keys: torch.Tensor, text_len: int) -> torch.Tensor:
+    """[Q, K] bool: a frame token sees the text and every frame token up to itself."""
+    return (keys[None, :] < text_len) | (keys[None, :] <= queries[:, None])
+
+
+def text_bias(queries: torch.Tensor, keys: torch.Tensor, text_len: int, weight: Any) -> torch.Tensor:
+    """[Q, K]: ``weight`` on the scores of frame queries for text keys, else 0 (the pipeline's
+    ``log_text_attention_weights``; on text queries, whose keys are all text, it would only shift the softmax)."""
+    return ((queries[:, None] >= text_len) & (keys[None, :] < text_len)) * torch.as_tensor(weight)
+
+
+@functools.lru_cache(maxsize=8)
 def spatial_mask(text_len: int, frame_len: int, length: int) -> torch.Tensor:
-    """[S, S] bool: text sees text; a frame token sees text and its own frame up to itself."""
-    frame = _frame_ids(text_len, frame_len, length)
+    """[S, S] bool: ``spatial_allowed`` over a whole sequence."""
     position = torch.arange(length)
-    to_text = (frame[None, :] == -1).expand(length, length)
-    own_frame = (frame[:, None] == frame[None, :]) & (position[None, :] <= position[:, None]) & (frame[:, None] >= 0)
-    return to_text | own_frame
+    return spatial_allowed(position, position, text_len, frame_len)
 
 
 @functools.lru_cache(maxsize=8)
 def temporal_mask(text_len: int, length: int) -> torch.Tensor:
-    """[S - text, S] bool: a frame token sees the text and every frame token up to itself."""
+    """[S - text, S] bool: ``temporal_allowed`` of the frame tokens over a whole sequence."""
     position = torch.arange(length)
-    query = position[text_len:, None]
-    return (position[None, :] < text_len) | (position[None, :] <= query)
+    return temporal_allowed(position[text_len:], position, text_len)
 
 
 def key_mask(text_slots: int, text_len: torch.Tensor, length: int) -> torch.Tensor:
@@ -174,12 +211,32 @@ def position_ids(config: CogVideoConfig, text_len: torch.Tensor, length: int) ->
     return torch.cat([text, frames.expand(text.shape[0], -1)], dim=1)
 
 
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention with SAT's masking; q [B, H, Sq, d], k/v [B, H, Sk, d]; (probs, context)."""
+def position_ids_at(config: CogVideoConfig, text_len: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[B, T] the ``position_ids`` of the sequence positions ``positions`` [T] (a step's new tokens)."""
+    text_slots = config.text_len
+    text = (positions[None, :] - (text_slots - text_len)[:, None]).clamp_min(0)
+    return torch.where(positions[None, :] < text_slots, text, config.frame_position_offset + positions - text_slots)
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention with SAT's masking; q [B, H, Sq, d], k/v [B, H, Sk, d]; (probs, context). ``bias``
+    [Sq, Sk] is added to the scores before masking (the pipeline's text weight)."""
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
     probs = torch.softmax(torch.where(allowed.to(scores.device), scores, MASKED_SCORE), dim=-1)
     return probs, probs @ v
+
+
+def cached_attention(fused: nn.Linear, heads: int, hidden_states: torch.Tensor, past: torch.Tensor,
+                     allowed: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One channel's attention of new tokens over the past and themselves: ``past`` [B, 2, heads, P, d] holds
+    the keys and values of earlier positions; returns (merged context [B, T, heads x d], present
+    [B, 2, heads, P + T, d])."""
+    q, k, v = split_qkv(fused(hidden_states), heads)
+    present = torch.cat([past, torch.stack([k, v], dim=1)], dim=3)
+    return merge_heads(masked_attention(q, present[:, 0], present[:, 1], allowed, bias)[1]), present
 
 
 def split_qkv(fused: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -203,12 +260,21 @@ class SpatialAttention(nn.Module):
         self.query_key_value = nn.Linear(hidden, 3 * hidden)
         self.dense = nn.Linear(hidden, hidden)
 
-    def forward(self, hidden_states: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """``keys``: the [B, S] ``key_mask``."""
+    def forward(self, hidden_states: torch.Tensor, keys: torch.Tensor, text_weight: float = 0.0) -> torch.Tensor:
+        """``keys``: the [B, S] ``key_mask``; ``text_weight``: ``SamplingTerms.spatial_text_weight``."""
         q, k, v = split_qkv(self.query_key_value(hidden_states), self.heads)
-        mask = spatial_mask(self.text_len, self.frame_len, hidden_states.shape[1])
+        length = hidden_states.shape[1]
+        mask = spatial_mask(self.text_len, self.frame_len, length)
         allowed = mask.to(keys.device) & keys[:, None, None, :]
-        return self.dense(merge_heads(masked_attention(q, k, v, allowed)[1]))
+        position = torch.arange(length)
+        bias = text_bias(position, position, self.text_len, text_weight) if text_weight else None
+        return self.dense(merge_heads(masked_attention(q, k, v, allowed, bias)[1]))
+
+    def step(self, hidden_states: torch.Tensor, past: torch.Tensor, allowed: torch.Tensor, bias: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """New tokens over the cache (``cached_attention``): (dense output [B, T, C], present)."""
+        context, present = cached_attention(self.query_key_value, self.heads, hidden_states, past, allowed, bias)
+        return self.dense(context), present
 
 
 class TemporalMix(nn.Module):
@@ -225,6 +291,11 @@ class TemporalMix(nn.Module):
     def spatial_weight(self) -> torch.Tensor:
         return torch.sigmoid(self.attn_distribution)
 
+    def step(self, hidden_states: torch.Tensor, past: torch.Tensor | None, allowed: torch.Tensor,
+             bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """New tokens [B, T, C] over the cache: (weighted output [B, T, C], present or None: no cache)."""
+        raise NotImplementedError
+
 
 class TemporalChannel(TemporalMix):
     """The ``attention_plus`` channel of one layer (stage 1: full causal attention over all frame tokens)."""
@@ -235,14 +306,23 @@ class TemporalChannel(TemporalMix):
         self.query_key_value = nn.Linear(hidden, 3 * hidden)
         self.dense = nn.Linear(hidden, hidden)
 
-    def attend(self, hidden_states: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(self, hidden_states: torch.Tensor, keys: torch.Tensor, text_weight: float = 0.0
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention probabilities [B, H, S - text, S] and per-head context [B, H, S - text, d] of the frame tokens."""
         q, k, v = split_qkv(self.query_key_value(hidden_states), self.heads)
-        allowed = temporal_mask(self.text_len, hidden_states.shape[1]).to(keys.device) & keys[:, None, None, :]
-        return masked_attention(q[:, :, self.text_len:], k, v, allowed)
+        length = hidden_states.shape[1]
+        allowed = temporal_mask(self.text_len, length).to(keys.device) & keys[:, None, None, :]
+        position = torch.arange(length)
+        bias = text_bias(position[self.text_len:], position, self.text_len, text_weight) if text_weight else None
+        return masked_attention(q[:, :, self.text_len:], k, v, allowed, bias)
 
-    def forward(self, hidden_states: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        return self.dense(merge_heads(self.attend(hidden_states, keys)[1])) * (1 - self.spatial_weight())
+    def forward(self, hidden_states: torch.Tensor, keys: torch.Tensor, text_weight: float = 0.0) -> torch.Tensor:
+        context = self.attend(hidden_states, keys, text_weight)[1]
+        return self.dense(merge_heads(context)) * (1 - self.spatial_weight())
+
+    def step(self, hidden_states, past, allowed, bias):
+        context, present = cached_attention(self.query_key_value, self.heads, hidden_states, past, allowed, bias)
+        return self.dense(context) * (1 - self.spatial_weight()), present
 
 
 class RemovedTemporalChannel(TemporalMix):
@@ -252,9 +332,12 @@ class RemovedTemporalChannel(TemporalMix):
         super().__init__(attn_distribution.detach().clone(), text_len)
         self.bias = nn.Parameter(bias.detach().clone())
 
-    def forward(self, hidden_states: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, keys: torch.Tensor, text_weight: float = 0.0) -> torch.Tensor:
         b, s, c = hidden_states.shape
         return (self.bias * (1 - self.spatial_weight())).expand(b, s - self.text_len, c)
+
+    def step(self, hidden_states, past, allowed, bias):
+        return (self.bias * (1 - self.spatial_weight())).expand_as(hidden_states), None
 
 
 class TemporalChannelHeads(AttentionHeads):
@@ -318,12 +401,19 @@ class CogVideoLayer(nn.Module):
         self.mlp.dense_4h_to_h = nn.Linear(4 * hidden, hidden)
         self.fourth_layernorm = nn.LayerNorm(hidden, eps=eps)
 
-    def forward(self, x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keys: torch.Tensor, terms: SamplingTerms = TRAINING) -> torch.Tensor:
         h = self.input_layernorm(x)
-        spatial = self.attention(h, keys)
-        text_len = self.temporal.text_len
-        frames = spatial[:, text_len:] * self.temporal.spatial_weight() + self.temporal(h, keys)
-        x = x + self.third_layernorm(torch.cat([spatial[:, :text_len], frames], dim=1))
+        spatial = self.attention(h, keys, terms.spatial_text_weight)
+        text_len, frame_len = self.temporal.text_len, self.attention.frame_len
+        frames = spatial[:, text_len:] * self.temporal.spatial_weight() \
+            + self.temporal(h, keys, text_weight=terms.temporal_text_weight)
+        if not terms.frame0_temporal:  # the pipeline's enforce_no_swin: frame 0 from the spatial channel alone
+            frames = torch.cat([spatial[:, text_len:text_len + frame_len], frames[:, frame_len:]], dim=1)
+        return self.feed_forward(x, torch.cat([spatial[:, :text_len], frames], dim=1))
+
+    def feed_forward(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The rest of the layer after both channels: residual through the sandwich norm, then the MLP."""
+        x = x + self.third_layernorm(attended)
         mlp = self.mlp.dense_4h_to_h(F.gelu(self.mlp.dense_h_to_4h(self.post_attention_layernorm(x)),
                                             approximate="tanh"))
         return x + self.fourth_layernorm(mlp)
@@ -381,20 +471,44 @@ class CogVideoModel(nn.Module):
             embeddings = torch.cat([embeddings, extra], dim=1)
         return embeddings
 
-    def forward(self, tokens: torch.Tensor, text_len: torch.Tensor) -> torch.Tensor:
-        (batch, length), c = tokens.shape, self.config
-        # The embedding is tied to the output layer. Both read the same transposed tables, so the exported graph
-        # holds every row once (an embedding lookup plus F.linear would fold into two copies).
+    def position_embeddings_at(self, text_len: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """[B, T, C] of the sequence positions ``positions`` [T]: ``position_embeddings`` for a step's tokens."""
+        c = self.config
+        ids = position_ids_at(c, text_len, positions)
+        first_table = positions < c.text_len + c.frame_len
+        cogview = self.transformer.position_embeddings(torch.where(first_table, ids, 0))
+        extra = self.extra_position_embeddings((ids - (c.frame_position_offset + c.frame_len)).clamp_min(0))
+        return torch.where(first_table[None, :, None], cogview, extra)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, S, C] word embeddings of image and text ids.
+
+        The embedding is tied to the output layer. Both read the same transposed tables, so the exported graph
+        holds every row once (an embedding lookup plus F.linear would fold into two copies)."""
+        c = self.config
         image = self.transformer.word_embeddings.image.t()  # [hidden, image_vocab]
         text = self.transformer.word_embeddings.text.t()  # [hidden, vocab - image_vocab]
         flat = tokens.flatten()
         is_image = flat < c.image_vocab_size
         rows = torch.where(is_image, image.index_select(1, flat.clamp(max=c.image_vocab_size - 1)),
                            text.index_select(1, (flat - c.image_vocab_size).clamp(min=0)))
-        x = rows.t().reshape(batch, length, -1) + self.position_embeddings(text_len, length)
+        return rows.t().reshape(*tokens.shape, -1)
+
+    def image_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The last layer's hidden states -> logits over the image vocabulary (the tied table's image rows)."""
+        return self.transformer.final_layernorm(hidden_states) @ self.transformer.word_embeddings.image.t()
+
+    def forward(self, tokens: torch.Tensor, text_len: torch.Tensor) -> torch.Tensor:
+        return self.logits(tokens, text_len, TRAINING)
+
+    def logits(self, tokens: torch.Tensor, text_len: torch.Tensor, terms: SamplingTerms) -> torch.Tensor:
+        """The forward under ``terms``: training's, or the pipeline's sampling conventions for the whole sequence
+        at once (``incremental.CogVideoStep`` computes them token by token)."""
+        length, c = tokens.shape[1], self.config
+        x = self.embed(tokens) + self.position_embeddings(text_len, length)
         keys = key_mask(c.text_len, text_len, length)
         for layer in self.transformer.layers:
-            x = layer(x, keys)
+            x = layer(x, keys, terms)
         # Position text_len + j holds BOI or image token j - 1 and predicts image token j (training's
         # logits[:, text_len:, :num_image_tokens]).
-        return self.transformer.final_layernorm(x[:, c.text_len:]) @ image
+        return self.image_logits(x[:, c.text_len:])
