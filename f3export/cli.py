@@ -282,9 +282,19 @@ def check(artifact_dir: Path, expect_sha256: str | None, as_json: bool) -> None:
 
 @main.command()
 @click.argument("artifact_dir", type=click.Path(path_type=Path))
-@click.option("--prompt", required=True, help="What the video shows.")
+@click.option("--prompt", help="What the video shows (diffusion models).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="The file to write: an animated "
-              "image (.gif, .webp, .png) or an H.264 video (.mp4).")
+              "image (.gif, .webp, .png) or an H.264 video (.mp4); with --token-ids, the token grid (.npy).")
+@click.option("--token-ids", help="Token models (CogVideo): the video text's token ids, inline (comma-separated) "
+              "or a .npy / text file; image tokens are sampled with the build's step engine.")
+@click.option("--first-frame-ids", help="With --token-ids: frame 0's text ids [default: the video text's].")
+@click.option("--guide-ids", help="With --token-ids: the guide text's ids (the pipeline's '<duration>秒<n>视频'): "
+              "later frames sampled with the contract's guidance alpha.")
+@click.option("--greedy", is_flag=True, help="With --token-ids: top-1 tokens instead of seeded top-k sampling.")
+@click.option("--top-k", type=click.IntRange(1), help="With --token-ids: sample among the k most likely tokens "
+              "[default: the contract's, per frame 0 and later frames].")
+@click.option("--temperature", type=click.FloatRange(1e-3, 100), help="With --token-ids: the sampling "
+              "temperature [default: the contract's].")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**64 - 1),
               help="Seed of the initial noise (NumPy's generator).")
 @click.option("--steps", type=click.IntRange(1, 1000), help="Denoising steps, at most the scheduler's training "
@@ -302,18 +312,30 @@ def check(artifact_dir: Path, expect_sha256: str | None, as_json: bool) -> None:
 @click.option("--scale", default=4, show_default=True, type=click.IntRange(1, 64), help="Pixels per output pixel "
               "in the file (small models make small frames).")
 @user_errors
-def generate(artifact_dir: Path, prompt: str, out: Path, seed: int, steps: int | None, frames: int | None,
-             guidance_scale: float | None, negative_prompt: str | None, dynamic_cfg: bool | None, compare: bool,
-             scale: int) -> None:
-    """Generate a video from a build's engines alone (no PyTorch): text, the build's sampler, frames."""
+def generate(artifact_dir: Path, prompt: str | None, out: Path, token_ids: str | None, first_frame_ids: str | None,
+             guide_ids: str | None, greedy: bool, top_k: int | None, temperature: float | None, seed: int,
+             steps: int | None, frames: int | None, guidance_scale: float | None, negative_prompt: str | None,
+             dynamic_cfg: bool | None, compare: bool, scale: int) -> None:
+    """Generate a video from a build's engines alone (no PyTorch): text, the build's sampler, frames; or a token
+    model's image tokens (--token-ids)."""
     from .errors import RecipeError
     from .generate import EnginePipeline, animation_format, inside_build, psnr, side_by_side, write_animation
     from .report import progress
 
-    animation_format(out)  # before any work
     if inside_build(out, artifact_dir):
         raise RecipeError(f"--out {out}: inside the build folder {artifact_dir}, where a new file would change what "
                           "check verifies; write it elsewhere")
+    if token_ids is not None:
+        return generate_tokens(artifact_dir, out, token_ids, first_frame_ids, guide_ids, greedy, top_k, temperature,
+                               seed, frames, compare)
+    token_options = {"--first-frame-ids": first_frame_ids, "--guide-ids": guide_ids, "--greedy": greedy or None,
+                     "--top-k": top_k, "--temperature": temperature}
+    given = [name for name, value in token_options.items() if value is not None]
+    if given:
+        raise RecipeError(f"{given[0]} goes with --token-ids")
+    if prompt is None:
+        raise RecipeError("--prompt is required (or --token-ids, for a token model)")
+    animation_format(out)  # before any work
     variants = ("original", "pruned") if compare else ("pruned",)
     pipeline = EnginePipeline(artifact_dir, variants)
     validation = pipeline.validation
@@ -338,6 +360,67 @@ def generate(artifact_dir: Path, prompt: str, out: Path, seed: int, steps: int |
     if compare:
         results.print(f"original (left) vs pruned (right): PSNR {psnr(clips['original'].video, clips['pruned'].video):.2f} "
                       "dB over the frames shown", highlight=False)
+
+
+def generate_tokens(artifact_dir: Path, out: Path, token_ids: str, first_frame_ids: str | None, guide_ids: str | None,
+                    greedy: bool, top_k: int | None, temperature: float | None, seed: int, frames: int | None,
+                    compare: bool) -> None:
+    """Image tokens from a build's step engines alone, as its contract's sessions say (``token_sampling``)."""
+    import numpy as np
+    from rich.table import Table
+
+    from .artifacts import atomic_path
+    from .errors import RecipeError
+    from .report import progress
+    from .token_sampling import Sampler, StepEngines, generate_tokens as sample_tokens, read_token_ids, step_flops
+
+    if out.suffix != ".npy":
+        raise RecipeError(f"--out {out}: a token grid is written as .npy")
+    options = {"video": ("--token-ids", token_ids), "first_frame": ("--first-frame-ids", first_frame_ids or token_ids),
+               **({"guide": ("--guide-ids", guide_ids)} if guide_ids else {})}
+    texts = {text: read_token_ids(value, option) for text, (option, value) in options.items()}
+    variants = ("original", "pruned") if compare else ("pruned",)
+    engines = StepEngines(artifact_dir, variants)
+    layout = engines.layout
+    frames = layout.max_frames if frames is None else frames
+    if frames > layout.max_frames:
+        raise RecipeError(f"--frames {frames}: the model's layout holds at most {layout.max_frames} frames")
+    for text, ids in texts.items():
+        layout.text_row(ids, engines.pad, options[text][0])  # every text checked before any work
+
+    def sampler(frame: int) -> Sampler:
+        k, t = engines.sampling["first_frame" if frame == 0 else "video"]
+        return Sampler(1 if greedy else top_k or k, temperature or t, seed + frame)
+
+    made = {}
+    with progress() as bar:
+        for variant in variants:
+            task = bar.add_task(variant, total=frames * layout.frame_len)
+            made[variant] = sample_tokens(engines.step_function(variant), layout, engines.sessions[bool(guide_ids)],
+                                          texts, frames, sampler, engines.pad,
+                                          guidance=engines.alpha if guide_ids else None,
+                                          on_token=lambda task=task: bar.advance(task))
+    with atomic_path(out) as tmp:
+        with open(tmp, "wb") as handle:
+            np.save(handle, made["pruned"].tokens)
+    positions = range(layout.text_slots, layout.text_slots + frames * layout.frame_len)
+    flops = {v: step_flops(*engines.cache_heads(v), layout, positions) for v in variants}
+    table = Table(title=f"generate {artifact_dir}: {frames} frames x {layout.frame_len} image tokens, "
+                        f"{'greedy' if greedy else f'top-k sampling, seed {seed}'}")
+    for column in ("engine", "tokens/s (median)", "p10-p90", "GFLOP per token"):
+        table.add_column(column)
+    for variant, result in made.items():
+        median, low, high = result.tokens_per_second()
+        table.add_row(f"step.{variant}", f"{median:.1f}", f"{low:.1f}-{high:.1f}",
+                      f"{flops[variant] / len(positions) / 1e9:.4g}")
+    results.print(table)
+    results.print(f"written: {out} (int64 [{frames}, {layout.frame_len}] image token ids; a video needs icetk's image "
+                  "tokenizer to decode them, not shipped)", highlight=False)
+    if compare:
+        speedup = made["pruned"].tokens_per_second()[0] / made["original"].tokens_per_second()[0]
+        same = float((made["original"].tokens == made["pruned"].tokens).mean())
+        results.print(f"pruned vs original: {speedup:.2f}x tokens per second (ideal from counted FLOPs "
+                      f"{flops['original'] / flops['pruned']:.2f}x); {same:.1%} of tokens the same", highlight=False)
 
 
 @main.command("export-triton")

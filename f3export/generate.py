@@ -53,8 +53,10 @@ class EnginePipeline:
         where = f"{root / 'manifest.json'}: contract.conventions"
         scheduler, text = conventions.get("scheduler"), conventions.get("text_conditioning")
         if not isinstance(scheduler, dict) or "guidance" not in conventions:
+            tokens = "step_engine" in conventions if isinstance(conventions, dict) else False
             raise Unsupported(f"generate samples text-to-video diffusion models, and this {contract.get('family')!r} "
-                              f"build is not one (no scheduler and guidance in {where})")
+                              f"build is not one (no scheduler and guidance in {where})"
+                              + ("; it samples image tokens: give --token-ids" if tokens else ""))
         if not isinstance(text, dict):
             raise CheckError(f"{where}.text_conditioning: missing (a build from before f3export generate; "
                              "rebuild it)")

@@ -193,4 +193,4 @@ def denoiser(artifact_dir: str | Path, variant: str = "pruned", backend: str | N
 def _numpy(value: Any, dtype: np.dtype) -> np.ndarray:
     if hasattr(value, "detach"):
         value = value.detach().cpu().numpy()
-    return np.ascontiguousarray(np.asarray(value, dtype=dtype))
+    return np.asarray(value, dtype=dtype, order="C")  # ascontiguousarray would make a 0-d input 1-d

@@ -342,26 +342,31 @@ def export_models(ctx: StageContext) -> StageOutput:
         spec = ctx.adapter.export_spec(model, ctx.shape, section.batch, section.dynamic_axes)
         info = export_onnx(model, spec, ctx.root / "onnx" / f"{variant}.onnx", section.opset,
                            section.external_data, terms)
-        return info.files, {"path": str(info.path.relative_to(ctx.root)), "parameters": info.parameters,
-                            "bytes": info.bytes_on_disk, "external_data": info.external_data, "nodes": info.nodes,
-                            "contract": info.contract}
+        made, parts = list(info.files), {}
+        for component in ctx.adapter.model_components(model, ctx.shape):
+            part, parts[f"{component.name}.{variant}"] = export_component(ctx, component, variant)
+            made += part
+        return made, {"path": str(info.path.relative_to(ctx.root)), "parameters": info.parameters,
+                      "bytes": info.bytes_on_disk, "external_data": info.external_data, "nodes": info.nodes,
+                      "contract": info.contract, **({"components": parts} if parts else {})}
 
+    components = {}
     for variant in ctx.variants:
         made, entry = ctx.original_output("export", {}, lambda: export("original")) if variant == "original" \
             else export(variant)
         files += made
-        data[variant] = {k: v for k, v in entry.items() if k != "contract"}
+        data[variant] = {k: v for k, v in entry.items() if k not in ("contract", "components")}
         data["contract"] = entry["contract"]  # the same for both: pruning keeps every input and output
+        components.update(entry.get("components", {}))
         ctx.release(variant)  # the next variant (and the engines after) without this one's weights
     if ctx.variants == MODEL_VARIANTS:
         data["parameters_removed"] = data["original"]["parameters"] - data["pruned"]["parameters"]
-        components = {}
         for component in ctx.adapter.pipeline_components(ctx.model.bundle, ctx.shape):
             made, components[component.name] = ctx.original_output(
                 "export", {"component": component.name}, lambda component=component: export_component(ctx, component))
             files += made
-        if components:
-            data["components"] = components
+    if components:
+        data["components"] = components
     return files, {k: data[k] for k in [*ctx.variants, *(k for k in ("parameters_removed", "components") if k in data),
                                         "contract"]}
 
@@ -380,11 +385,12 @@ def exported_contract_problem(ctx: StageContext, output: StageOutput) -> str | N
     return None
 
 
-def export_component(ctx: StageContext, component: Component) -> StageOutput:
-    """One of the pipeline's other models (text encoder, VAE decoder) to ONNX, with the tokenizer the text
-    encoder needs."""
+def export_component(ctx: StageContext, component: Component, variant: str | None = None) -> StageOutput:
+    """One of the pipeline's other models (text encoder, VAE decoder), or a model's other graph (of ``variant``),
+    to ONNX, with the tokenizer the text encoder needs."""
     section = ctx.recipe.export
-    info = export_onnx(exportable(component.module), component.spec, ctx.root / "onnx" / f"{component.name}.onnx",
+    name = component.name if variant is None else f"{component.name}.{variant}"
+    info = export_onnx(exportable(component.module), component.spec, ctx.root / "onnx" / f"{name}.onnx",
                        section.opset, section.external_data)
     files = list(info.files)
     entry = {"path": str(info.path.relative_to(ctx.root)), "parameters": info.parameters,
@@ -395,22 +401,29 @@ def export_component(ctx: StageContext, component: Component) -> StageOutput:
     return files, entry
 
 
-def _check_components(ctx: StageContext) -> tuple[list[Path], dict[str, dict]]:
-    """Each pipeline component's engine against its PyTorch module on inputs the export did not see, stored as
-    its goldens (``f3export check`` re-runs them): the goldens' files and the worst agreement per engine."""
+def _check_components(ctx: StageContext, components: list[tuple[str, Component]]) -> tuple[list[Path], dict[str, dict]]:
+    """Each component's engine (by its name in the build) against its PyTorch module on inputs the export did not
+    see, stored as its goldens (``f3export check`` re-runs them): the goldens' files and the worst agreement per
+    engine."""
     built = ctx.records["engine"].data.get("components", {})
     backend = next((b for b in ctx.backends if b.name == COMPONENT_BACKEND), None)
     files, worst = [], {}
-    for component in ctx.adapter.pipeline_components(ctx.model.bundle, ctx.shape) if built else ():
+    for name, component in components if built else ():
         with torch.no_grad():
-            expected = component.module(**component.check_inputs)
+            expected = component.module(*component.check_inputs.values())
+        expected = expected if isinstance(expected, tuple) else (expected,)
         golden = ({k: v.numpy() for k, v in component.check_inputs.items()},
-                  {component.spec.output_names[0]: expected.numpy()})
-        files.append(ctx.root / "goldens" / f"{component.name}.npz")
+                  {out: value.numpy() for out, value in zip(component.spec.output_names, expected)})
+        files.append(ctx.root / "goldens" / f"{name}.npz")
         save_goldens(files[-1], [golden])
-        engine = backend.load(ctx.root / built[component.name]["path"])
-        worst[f"{component.name}.{COMPONENT_BACKEND}"] = vars(compare_engine(engine, [golden]))
+        engine = backend.load(ctx.root / built[name]["path"])
+        worst[f"{name}.{COMPONENT_BACKEND}"] = vars(compare_engine(engine, [golden]))
     return files, worst
+
+
+def _model_components(ctx: StageContext, variant: str) -> list[tuple[str, Component]]:
+    model = ctx.model.bundle.model if variant == "original" else ctx.pruned
+    return [(f"{c.name}.{variant}", c) for c in ctx.adapter.model_components(model, ctx.shape)]
 
 
 def _files_of(record: StageRecord, path: str) -> dict[str, str]:
@@ -483,17 +496,21 @@ def validate_engines(ctx: StageContext) -> StageOutput:
         golden_path = ctx.root / "goldens" / f"{variant}.npz"
         save_goldens(golden_path, golden_samples(ctx.adapter, ctx.model.bundle.model if variant == "original"
                                                  else ctx.pruned, ctx.validated_shapes, section))
-        return [golden_path], {}
+        made, worst = _check_components(ctx, _model_components(ctx, variant))
+        return [golden_path, *made], worst
 
-    files, measured = [], {}
+    files, measured, components = [], {}, {}
     for variant in ctx.variants:
-        made, _ = check(variant)
+        made, worst = check(variant)
         files += made
+        components.update(worst)
         if variant == "original":
             ctx.release("original")  # frugal: its engines run without it in memory (pruning fidelity reloads it)
             measured["original"] = engine_metrics("original", load_goldens(made[0]))
-    made, components = _check_components(ctx)
+    made, worst = _check_components(
+        ctx, [(c.name, c) for c in ctx.adapter.pipeline_components(ctx.model.bundle, ctx.shape)])
     files += made
+    components.update(worst)
     fidelity = pruning_fidelity(ctx.adapter, ctx.model.bundle,
                                 scheduled(ctx.adapter, ctx.model.bundle, ctx.pruned, ctx.pruned_steps),
                                 ctx.shape, section)

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
-from .errors import RecipeError
+from .artifacts import open_build
+from .errors import CheckError, RecipeError, Unsupported
+from .runtime import EngineRunner
 
 # (tokens [B, T], text_len [B], text_weights [2], frame0_temporal, past) -> (logits [B, T, V], present)
 StepFunction = Callable[[np.ndarray, np.ndarray, np.ndarray, bool, list[np.ndarray] | None],
@@ -36,13 +39,13 @@ class Layout:
     max_frames: int
     vocab_size: int
 
-    def text_row(self, ids: list[int], pad: int) -> np.ndarray:
+    def text_row(self, ids: list[int], pad: int, what: str = "token ids") -> np.ndarray:
         """The text left-padded to the slots (the pad's id is never read: pads are masked)."""
         if not 0 < len(ids) <= self.text_slots:
-            raise RecipeError(f"token ids: {len(ids)} text tokens; this model takes 1 to {self.text_slots}")
+            raise RecipeError(f"{what}: {len(ids)} text tokens; this model takes 1 to {self.text_slots}")
         bad = [i for i in ids if not self.image_vocab_size <= i < self.vocab_size]
         if bad:
-            raise RecipeError(f"token ids: {bad[0]} is not a text token id [{self.image_vocab_size}, "
+            raise RecipeError(f"{what}: {bad[0]} is not a text token id [{self.image_vocab_size}, "
                               f"{self.vocab_size})")
         return np.array([pad] * (self.text_slots - len(ids)) + list(ids), dtype=np.int64)
 
@@ -91,37 +94,136 @@ class Sampler:
 @dataclass
 class Generation:
     tokens: np.ndarray  # [frames, frame_len] image token ids
-    steps: int  # single-token steps run
-    step_seconds: float  # wall time of those steps
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each single-token step
     logits: list[np.ndarray] = field(default_factory=list)  # every step's [B, V], where kept
+
+    def tokens_per_second(self) -> tuple[float, float, float]:
+        """Median, and the 10th / 90th percentiles, over the steps (one token per step)."""
+        low, median, high = np.percentile(self.step_seconds, [90, 50, 10])
+        return 1 / median, 1 / low, 1 / high
 
 
 def generate_tokens(step: StepFunction, layout: Layout, sessions: list[Session], texts: dict[str, list[int]],
-                    frames: int, sample: Sampler, pad: int, keep_logits: bool = False,
-                    on_frame: Callable[[int], None] | None = None) -> Generation:
-    """The frames' image tokens, session by session (``texts``: token ids by a session's ``text``)."""
+                    frames: int, sample: Sampler | Callable[[int], Sampler], pad: int, guidance: float | None = None,
+                    keep_logits: bool = False, on_token: Callable[[], None] | None = None) -> Generation:
+    """The frames' image tokens, session by session (``texts``: token ids by a session's ``text``, and "guide").
+
+    ``guidance``: the video session runs the "guide" text as a second row, and samples from
+    guide + (logits - guide) x guidance, feeding the token to both rows (``my_filling_sequence``'s guider).
+    ``sample``: a sampler, or one per frame (the pipeline samples frame 0 and the later frames differently).
+    """
     tokens = np.zeros((frames, layout.frame_len), dtype=np.int64)
-    result = Generation(tokens, 0, 0.0)
+    result = Generation(tokens)
     for session in sessions:
         if session.first >= frames:
             break
-        row = layout.text_row(texts[session.text], pad)
-        context = np.concatenate([row, *(layout.block(tokens[f]) for f in range(session.first))])
-        text_len = np.array([len(texts[session.text])], dtype=np.int64)
-        _, past = step(context[None], text_len, np.array(session.prefill_weights, np.float32),
-                       session.frame0_temporal, None)
+        rows = [session.text] + (["guide"] if guidance is not None and session.text == "video" else [])
+        given = [layout.block(tokens[f]) for f in range(session.first)]
+        context = np.stack([np.concatenate([layout.text_row(texts[row], pad), *given]) for row in rows])
+        text_len = np.array([len(texts[row]) for row in rows], dtype=np.int64)
+        _, past = step(context, text_len, np.array(session.prefill_weights, np.float32), session.frame0_temporal,
+                       None)
         weights = np.array(session.step_weights, np.float32)
         for frame in range(session.first, min(session.stop, frames)):
+            choose = sample if isinstance(sample, Sampler) else sample(frame)
             fed = layout.boi_token_id
             for index in range(layout.frame_len):
                 start = time.perf_counter()
-                logits, past = step(np.array([[fed]], dtype=np.int64), text_len, weights, session.frame0_temporal,
-                                    past)
-                result.step_seconds += time.perf_counter() - start
-                result.steps += 1
+                logits, past = step(np.full((len(rows), 1), fed, dtype=np.int64), text_len, weights,
+                                    session.frame0_temporal, past)
+                result.step_seconds.append(time.perf_counter() - start)
+                last = logits[:, -1]
+                last = last[1:] + (last[:1] - last[1:]) * guidance if len(rows) > 1 else last
                 if keep_logits:
-                    result.logits.append(logits[:, -1])
-                fed = tokens[frame, index] = int(sample(logits[:, -1])[0])
-            if on_frame is not None:
-                on_frame(frame)
+                    result.logits.append(last)
+                fed = tokens[frame, index] = int(choose(last)[0])
+                if on_token is not None:
+                    on_token()
     return result
+
+
+def step_flops(heads: list[tuple[int, int]], head_dim: int, layout: Layout, positions: range) -> float:
+    """Multiply-adds x 2 of the steps at ``positions`` for a model caching ``heads`` (spatial, temporal) per
+    layer: the projections, both channels' attention over what each step sees, the MLP and the image logits
+    (the ideal a pruned engine's time can follow)."""
+    width = heads[0][0] * head_dim
+    total = 0.0
+    for p in positions:
+        own = (p - layout.text_slots) % layout.frame_len + 1  # this frame's tokens up to p
+        for spatial, temporal in heads:
+            total += 4 * width * spatial * head_dim + 2 * spatial * head_dim * (layout.text_slots + own)  # spatial
+            total += 4 * width * temporal * head_dim + 2 * temporal * head_dim * (p + 1)  # temporal
+            total += 8 * width * width  # MLP
+        total += width * layout.image_vocab_size
+    return 2 * total
+
+
+class StepEngines:
+    """A finished build's step engines (``components.step.<variant>``) and how its contract says to drive them."""
+
+    def __init__(self, root: Path, variants: tuple[str, ...]):
+        build = open_build(root, runtime=True)
+        contract = build.doc["contract"]
+        where = f"{root / 'manifest.json'}: contract.conventions.step_engine"
+        raw = (contract.get("conventions") or {}).get("step_engine") if isinstance(contract, dict) else None
+        if not isinstance(raw, dict):
+            raise Unsupported(f"--token-ids samples image tokens with a build's step engine, and this "
+                              f"{contract.get('family')!r} build has none ({where}: missing)")
+        try:
+            self.layout = Layout(*(int(raw[k]) for k in ("text_slots", "frame_len", "boi_token_id",
+                                                            "image_vocab_size", "max_frames", "vocab_size")))
+            self.pad = int(raw["pad_token_id"])
+            self.sessions = {guided: [_session(s) for s in raw["guided_sessions" if guided else "sessions"]]
+                             for guided in (False, True)}
+            self.alpha = float(raw["guidance"]["alpha"])
+            self.sampling = {k: (int(raw["sampling"][k]["top_k"]), float(raw["sampling"][k]["temperature"]))
+                             for k in ("first_frame", "video")}
+            names = {v: str(raw["components"][v]) for v in variants}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckError(f"{where}: malformed ({type(exc).__name__}: {exc})") from None
+        self.engines = {v: EngineRunner(root, names[v]) for v in variants}
+
+    def cache_heads(self, variant: str) -> tuple[list[tuple[int, int]], int]:
+        """(spatial, temporal) heads cached per layer, and the head size, from the engine's inputs."""
+        shapes = {t.name: t.shape for t in self.engines[variant].inputs}
+        layers = sorted(int(n.rsplit("_", 1)[1]) for n in shapes if n.startswith("past_spatial_"))
+        heads = [(int(shapes[f"past_spatial_{i}"][2]), int(shapes.get(f"past_temporal_{i}", (0, 0, 0))[2]))
+                 for i in layers]
+        return heads, int(shapes["past_spatial_0"][4])
+
+    def step_function(self, variant: str) -> StepFunction:
+        runner = self.engines[variant]
+        pasts = [t for t in runner.inputs if t.name.startswith("past_")]
+        presents = [t.name for t in runner.outputs if t.name.startswith("present_")]
+
+        def step(tokens, text_len, weights, frame0_temporal, past):
+            if past is None:
+                past = [np.zeros((len(tokens), 2, t.shape[2], 0, t.shape[4]), np.float32) for t in pasts]
+            out = runner(tokens=tokens, text_len=text_len, text_weights=weights,
+                         frame0_temporal=np.array(bool(frame0_temporal)),
+                         **{t.name: value for t, value in zip(pasts, past)})
+            return out["logits"], [out[name] for name in presents]
+
+        return step
+
+
+def _session(raw: Any) -> Session:
+    return Session(int(raw["first"]), int(raw["stop"]), str(raw["text"]),
+                   tuple(float(w) for w in raw["prefill_weights"]), tuple(float(w) for w in raw["step_weights"]),
+                   bool(raw["frame0_temporal"]))
+
+
+def read_token_ids(value: str, what: str) -> list[int]:
+    """Token ids given inline ("20345,20567") or as a file: .npy, or text of ids separated by commas or spaces."""
+    path = Path(value)
+    try:
+        if path.suffix == ".npy":
+            ids = np.load(path, allow_pickle=False).reshape(-1).tolist()
+        else:
+            text = path.read_text() if path.is_file() else value
+            ids = [int(x) for x in text.replace(",", " ").split()]
+    except (OSError, ValueError) as exc:
+        raise RecipeError(f"{what} {value}: not token ids (integers, inline or a .npy / text file): {exc}") from None
+    if not ids or not all(isinstance(i, int) for i in ids):
+        raise RecipeError(f"{what} {value}: no integer token ids")
+    return ids

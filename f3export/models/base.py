@@ -194,6 +194,12 @@ class ModelAdapter(ABC):
         """The rest of the model's pipeline a runtime needs (``components.Component``s); none by default."""
         return []
 
+    def model_components(self, model: nn.Module, shape: VideoShape) -> list:
+        """Other graphs of ``model`` itself a runtime needs (``components.Component``s: a KV-cache step graph),
+        exported, built and checked for the original and the pruned model alike as ``<name>.<variant>``; none by
+        default."""
+        return []
+
     @abstractmethod
     def trajectory(self, bundle: ModelBundle, model: nn.Module, run: Run, shape: VideoShape,
                    on_step: Callable[[int], None] | None = None) -> Trajectory:

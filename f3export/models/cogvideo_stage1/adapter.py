@@ -7,12 +7,15 @@ import hashlib
 import numpy as np
 import torch
 
+from ...components import Component
 from ...errors import RecipeError
-from ..base import ExportIO, ModelAdapter, cosine, fidelity_gate
+from ...recipe import family_key
+from ..base import ExportIO, ExportSpec, ModelAdapter, cosine, fidelity_gate
 from ..protocols import FramesForward, TokenProtocol, TokenRow
 from ..structure import TemporalSite, TemporalStructure
 from .checkpoint import SatFolder
-from .network import CogVideoConfig, TemporalChannelHeads
+from .incremental import CogVideoStep, cache_heads, cache_names, step_axes, step_inputs
+from .network import CogVideoConfig, SamplingTerms, TemporalChannelHeads
 
 
 def seeded_sequence(config: CogVideoConfig, frames: int, prompt: str, seed: int) -> tuple[torch.Tensor, int]:
@@ -71,7 +74,24 @@ class TemporalChannels(TemporalStructure):
 
 
 class CogVideoAdapter(ModelAdapter):
+    """The full-sequence graph is training's forward (what calibration and validation measure); the step graph
+    (``incremental``) samples as ``cogvideo_pipeline.py`` does, with the [model] sampling settings below."""
+
     family = "cogvideo"
+    option_keys = (
+        # cogvideo_pipeline.process_stage1's values: log_text_attention_weights = 1.4 on the scores of text keys
+        # (frame 0's session, and later frames' without guidance), frame 0 with enforce_no_swin = True, the later
+        # frames' session guided by a second text at alpha 3 (--use-guidance-stage1, --guidance-alpha 3 in
+        # scripts/inference_cogvideo_pipeline.sh, which then sets that session's text weight to 0), and its
+        # sampling: CogView2's frame 0 at temperature 1, top 16; later frames at --temperature 1.05, --top_k 12
+        family_key("model", "log_text_attention_weights", float, 1.4, low=0.0, high=100.0),
+        family_key("model", "first_frame_temporal", bool, False),
+        family_key("model", "guidance_alpha", float, 3.0, low=0.0, high=100.0),
+        family_key("model", "first_frame_top_k", int, 16, low=1),
+        family_key("model", "first_frame_temperature", float, 1.0, low=1e-3, high=100.0),
+        family_key("model", "top_k", int, 12, low=1),
+        family_key("model", "temperature", float, 1.05, low=1e-3, high=100.0),
+    )
     checkpoint = SatFolder()
     structure = TemporalChannels()
     # The masks and position ids are fixed by the sequence layout; only the batch may vary.
@@ -82,6 +102,46 @@ class CogVideoAdapter(ModelAdapter):
                       fidelity_gate("top1_agreement", "pruning_min_top1_agreement", 0.5, low=0.0, high=1.0))
     calibration_note = ("temporal statistics over the tokens of frames 1 on: CogVideo's stage 1 masks frame 0 "
                         "out of its loss and generates it with the temporal channel off")
+
+    def __init__(self, log_text_attention_weights: float = 1.4, first_frame_temporal: bool = False,
+                 guidance_alpha: float = 3.0, first_frame_top_k: int = 16, first_frame_temperature: float = 1.0,
+                 top_k: int = 12, temperature: float = 1.05):
+        self.sampling = {"log_text_attention_weights": log_text_attention_weights,
+                         "first_frame_temporal": first_frame_temporal, "guidance_alpha": guidance_alpha,
+                         "first_frame_top_k": first_frame_top_k, "first_frame_temperature": first_frame_temperature,
+                         "top_k": top_k, "temperature": temperature}
+
+    def options(self):
+        return dict(self.sampling)
+
+    def sessions(self, max_frames: int, guided: bool) -> list[dict]:
+        """``process_stage1``'s two ``my_filling_sequence`` calls, as ``token_sampling.Session``s (JSON): frame 0
+        from its own text, then the later frames from the video text with frame 0 given. The cache model adds the
+        text weight in the temporal channel only in single-token steps, not in a prefill."""
+        weight = self.sampling["log_text_attention_weights"]
+        video = 0.0 if guided else weight  # the pipeline's video_log_text_attention_weights
+        return [{"first": 0, "stop": 1, "text": "first_frame", "prefill_weights": [weight, 0.0],
+                 "step_weights": [weight, weight], "frame0_temporal": self.sampling["first_frame_temporal"]},
+                {"first": 1, "stop": max_frames, "text": "video", "prefill_weights": [video, 0.0],
+                 "step_weights": [video, video], "frame0_temporal": True}]
+
+    def model_components(self, model, shape):
+        """The KV-cache step graph (``incremental``), checked on a cache a prefill made, mid-frame 1."""
+        c, weight = model.config, self.sampling["log_text_attention_weights"]
+
+        def inputs(seed: int, known: int, new: int) -> dict[str, torch.Tensor]:
+            rows = [seeded_sequence(c, shape.frames, f"step {seed} row {i}", seed * 1000 + i) for i in range(2)]
+            return step_inputs(model, torch.stack([t for t, _ in rows]), torch.tensor([n for _, n in rows]),
+                               known, new, SamplingTerms(weight, weight, True))
+
+        heads = ", ".join(f"{s}+{t}" for s, t in cache_heads(model))
+        meaning = (f"one call of CogVideo's sampling loop: T new tokens after P cached positions -> their image "
+                   f"logits and the caches with them appended (contract conventions.step_engine says how to drive "
+                   f"it); cached heads per layer, spatial+temporal: {heads}")
+        spec = ExportSpec(inputs(7, c.text_len + c.frame_len + 3, 2), ["logits", *cache_names(model, "present")],
+                          step_axes(model))
+        return [Component("step", CogVideoStep(model).eval(), spec, meaning,
+                          inputs(8, c.text_len + c.frame_len + 11, 1))]
 
     def shape_error(self, model, shape):
         c = model.config
@@ -115,6 +175,35 @@ class CogVideoAdapter(ModelAdapter):
                        "read frames 1 on",
             "layout": list(c.layout), "vocab_size": c.vocab_size, "image_vocab_size": c.image_vocab_size,
             "boi_token_id": c.boi_token_id, "pad_token_id": c.pad_token_id,
+            "step_engine": self.step_conventions(c),
+        }
+
+    def step_conventions(self, c: CogVideoConfig) -> dict:
+        """How a runtime samples with the step graphs (``components.step.<variant>``; ``token_sampling``)."""
+        s = self.sampling
+        return {
+            "components": {"original": "step.original", "pruned": "step.pruned"},
+            "drive": "per session: a prefill of its context (tokens [B, P0], empty past_* of length 0), then one call "
+                     "per new token (tokens [B, 1], past_* = the last call's present_*); position p >= "
+                     f"{c.text_len} predicts image token (p - {c.text_len}) mod {c.frame_len} of its frame; a frame "
+                     f"block is <start_of_image> ({c.boi_token_id}) then its image tokens but the last",
+            "text_weights": "[spatial, temporal]: added to frame tokens' scores on text keys "
+                            "(log_text_attention_weights)",
+            "frame0_temporal": "false: frame 0's tokens take the spatial channel alone (enforce_no_swin)",
+            "text_slots": c.text_len, "frame_len": c.frame_len, "max_frames": c.max_frames,
+            "boi_token_id": c.boi_token_id, "pad_token_id": c.pad_token_id,
+            "image_vocab_size": c.image_vocab_size, "vocab_size": c.vocab_size,
+            "sessions": self.sessions(c.max_frames, guided=False),
+            "guided_sessions": self.sessions(c.max_frames, guided=True),
+            "guidance": {"alpha": s["guidance_alpha"], "rule": "guide + (logits - guide) x alpha, the guide row "
+                         "sampled with the video session's weights and the guide text (the pipeline's "
+                         "'<duration>秒<n>视频')"},
+            "sampling": {"first_frame": {"top_k": s["first_frame_top_k"], "temperature": s["first_frame_temperature"]},
+                         "video": {"top_k": s["top_k"], "temperature": s["temperature"]},
+                         "note": "the pipeline's CoglmStrategy draws a cluster of image tokens first (its "
+                                 "cluster_label2.npy, not shipped); f3export generate samples the top-k tokens"},
+            "pb_relax": "not applied: CogVideoCacheModel computes both channels without it (training's temporal "
+                        "channel has alpha = 16, an exact identity in real arithmetic); these engines are fp32",
         }
 
     def example_inputs(self, model, shape, batch, seed):
