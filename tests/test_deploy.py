@@ -299,3 +299,11 @@ def test_generate_samples_as_the_pytorch_sampler_does_from_the_same_noise(built)
             latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
     rel = np.linalg.norm(clip.latents - latents.numpy()) / np.linalg.norm(latents.numpy())
     assert rel < 1e-4, rel
+
+
+def test_token_ids_on_a_diffusion_build_say_it_has_no_step_engine(built, tmp_path):
+    _, root, _ = built
+    result = run("generate", root, "--out", tmp_path / "t.npy", "--token-ids", "1")
+    assert result.exit_code == 2
+    assert result.output.startswith("error: --token-ids samples image tokens with a build's step engine, and this "
+                                    "'tune-a-video' build has none")

@@ -1,0 +1,142 @@
+"""Tokens per second of CogVideo's KV-cache step engine, original vs temporal heads pruned, at the real width.
+
+CogVideo's 48-layer model (3072 wide, 48 heads of 64, 64 text slots + 5 frames of 400 tokens) does not fit
+this machine twice over, so the `full` preset is cut to ``--layers`` layers (every layer costs the same; the
+vocabulary's text rows are trimmed to 10, which are only gathered, never multiplied: the 20,000 image rows
+of the logits stay). Weights are seeded random (speed does not depend on their values). The pruned model keeps
+``--keep`` of each layer's 48 temporal heads (F3's removal; which heads does not change the cost).
+
+Each engine (ONNX Runtime, CPU, the build's `extended` level) runs single-token steps at several cache
+lengths: a step at position p attends p + 1 keys in the temporal channel, the text and its own frame in the
+spatial one. For comparison, the full-sequence engine (training's forward) costs one forward of the whole
+sequence per sampled token without a cache. The ideal speedup is the ratio of counted FLOPs
+(``token_sampling.step_flops``).
+
+    python benchmarks/cogvideo_step.py --layers 2 --keep 24 --steps 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from f3export.engines.onnxruntime import OnnxRuntimeBackend
+from f3export.export import export_onnx
+from f3export.models import get_adapter
+from f3export.models.base import ExportSpec, VideoShape
+from f3export.models.cogvideo_stage1.incremental import CogVideoStep, cache_heads, cache_names, step_axes, step_inputs
+from f3export.models.cogvideo_stage1.network import SamplingTerms, TemporalChannelHeads
+from f3export.token_sampling import Layout, step_flops
+
+TERMS = SamplingTerms(1.4, 1.4, True)
+
+
+def build(layers: int, keep: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    adapter = get_adapter("cogvideo")
+    preset = {**adapter.checkpoint.presets["full"], "num_layers": layers, "vocab_size": 20010, "boi_token_id": 20005}
+    torch.manual_seed(0)
+    original = adapter.checkpoint.build(preset).eval()
+    pruned = copy.deepcopy(original)
+    for layer in pruned.transformer.layers:
+        TemporalChannelHeads(layer.temporal).keep(list(range(keep)))
+    return original, pruned
+
+
+def timed(run, repeats: int) -> list[float]:
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def spread(times: list[float]) -> str:
+    low, median, high = np.percentile(times, [10, 50, 90])
+    return f"{median * 1e3:.1f} ms (p10-p90 {low * 1e3:.1f}-{high * 1e3:.1f})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--keep", type=int, default=24, help="temporal heads kept per layer (of 48)")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per cache length")
+    parser.add_argument("--full-repeats", type=int, default=3, help="timed full-sequence forwards")
+    parser.add_argument("--positions", type=int, nargs="+", default=[464, 1264, 2063],
+                        help="positions of the timed token (frame 1's BOI, frame 3's, the last)")
+    args = parser.parse_args()
+    original, pruned = build(args.layers, args.keep)
+    c = original.config
+    layout = Layout(c.text_len, c.frame_len, c.boi_token_id, c.image_vocab_size, c.max_frames, c.vocab_size)
+    backend = OnnxRuntimeBackend("cpu", "extended")
+    shape = VideoShape(c.max_frames, c.frame_resolution, c.frame_resolution)
+    rows = get_adapter("cogvideo").example_inputs(original, shape, 1, seed=0)
+    tokens, text_len = rows["tokens"], rows["text_len"]
+    print(f"CogVideo step engine: {args.layers} of 48 layers at width {c.hidden_size} ({c.num_attention_heads} heads "
+          f"of {c.hidden_size // c.num_attention_heads}), temporal heads kept {args.keep} of 48 per layer; "
+          f"ONNX Runtime {backend.versions()['onnxruntime']} CPU, {torch.get_num_threads()} threads")
+    with tempfile.TemporaryDirectory() as folder:
+        results = {}
+        for name, model in (("original", original), ("pruned", pruned)):
+            example = step_inputs(model, tokens, text_len, c.text_len + 3, 2, TERMS)
+            onnx_path = Path(folder) / f"step.{name}.onnx"
+            export_onnx(CogVideoStep(model), ExportSpec(example, ["logits", *cache_names(model, "present")],
+                                                        step_axes(model)), onnx_path, 17, "auto")
+            engine_path = Path(folder) / backend.engine_name(onnx_path)
+            backend.build(onnx_path, engine_path)
+            engine = backend.load(engine_path)
+            head_dim = c.hidden_size // c.num_attention_heads
+            per_position = {}
+            for position in args.positions:
+                past = {n: np.random.default_rng(0).standard_normal(
+                            (1, 2, heads, position, head_dim), dtype=np.float32)
+                        for n, heads in zip(cache_names(model, "past"),
+                                            [h for pair in cache_heads(model) for h in pair if h])}
+                feed = {"tokens": tokens[:, position:position + 1].numpy(), "text_len": text_len.numpy(),
+                        "text_weights": np.array([1.4, 1.4], np.float32), "frame0_temporal": np.array(True), **past}
+                per_position[position] = timed(lambda: engine.run(feed), args.steps)
+            results[name] = per_position
+            del engine
+            # the full-sequence engine: training's forward over the whole sequence
+            full_path = Path(folder) / f"full.{name}.onnx"
+            export_onnx(model, ExportSpec({"tokens": tokens, "text_len": text_len}, ["logits"], {}), full_path, 17,
+                        "auto")
+            full_engine_path = Path(folder) / backend.engine_name(full_path)
+            backend.build(full_path, full_engine_path)
+            full_engine = backend.load(full_engine_path)
+            feed = {"tokens": tokens.numpy(), "text_len": text_len.numpy()}
+            results[f"{name}.full"] = timed(lambda: full_engine.run(feed), args.full_repeats)
+            del full_engine
+
+        heads = {name: (cache_heads(model), c.hidden_size // c.num_attention_heads)
+                 for name, model in (("original", original), ("pruned", pruned))}
+        print(f"\n{'position':>9} | {'original step':>34} | {'pruned step':>34} | speedup (median) | ideal (FLOPs)")
+        for position in args.positions:
+            times = {name: results[name][position] for name in ("original", "pruned")}
+            flops = {name: step_flops(*heads[name], layout, range(position, position + 1)) for name in times}
+            ratio = statistics.median(times["original"]) / statistics.median(times["pruned"])
+            print(f"{position:>9} | {spread(times['original']):>34} | {spread(times['pruned']):>34} | "
+                  f"{ratio:>15.3f}x | {flops['original'] / flops['pruned']:.3f}x "
+                  f"({flops['original'] / 1e9:.3f} -> {flops['pruned'] / 1e9:.3f} GFLOP)")
+            print(f"{'':>9} | tokens/s: original {1 / statistics.median(times['original']):.2f}, "
+                  f"pruned {1 / statistics.median(times['pruned']):.2f}")
+        print(f"\nfull-sequence engine, one forward of {tokens.shape[1]} tokens (the cost of each sampled token "
+              "without a cache):")
+        for name in ("original", "pruned"):
+            print(f"  {name}: {spread(results[name + '.full'])}")
+        whole = range(c.text_len, c.text_len + c.max_frames * c.frame_len)
+        flops = {name: step_flops(*heads[name], layout, whole) for name in ("original", "pruned")}
+        print(f"a whole video ({len(whole)} steps): {flops['original'] / 1e12:.3f} -> {flops['pruned'] / 1e12:.3f} "
+              f"TFLOP in steps, ideal speedup {flops['original'] / flops['pruned']:.3f}x")
+
+
+if __name__ == "__main__":
+    main()
