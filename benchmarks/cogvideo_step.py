@@ -9,8 +9,9 @@ of the logits stay). Weights are seeded random (speed does not depend on their v
 Each engine (ONNX Runtime, CPU, the build's `extended` level) runs single-token steps at several cache
 lengths: a step at position p attends p + 1 keys in the temporal channel, the text and its own frame in the
 spatial one. For comparison, the full-sequence engine (training's forward) costs one forward of the whole
-sequence per sampled token without a cache. The ideal speedup is the ratio of counted FLOPs
-(``token_sampling.step_flops``).
+sequence per sampled token without a cache. Two ideals: the ratio of counted FLOPs
+(``token_sampling.step_flops``), and the ratio of bytes a step must read (weights and the caches), which
+bounds a single-token step on a machine whose memory, not its arithmetic, is the limit.
 
     python benchmarks/cogvideo_step.py --layers 2 --keep 24 --steps 30
 """
@@ -101,7 +102,7 @@ def main() -> None:
                         for n, heads in zip(cache_names(model, "past"),
                                             [h for pair in cache_heads(model) for h in pair if h])}
                 feed = {"tokens": tokens[:, position:position + 1].numpy(), "text_len": text_len.numpy(),
-                        "text_weights": np.array([1.4, 1.4], np.float32), "frame0_temporal": np.array(True), **past}
+                        "text_weights": np.array([1.4, 1.4], np.float32), "frame0_temporal": np.array([True]), **past}
                 per_position[position] = timed(lambda: engine.run(feed), args.steps)
             results[name] = per_position
             del engine
@@ -116,16 +117,27 @@ def main() -> None:
             results[f"{name}.full"] = timed(lambda: full_engine.run(feed), args.full_repeats)
             del full_engine
 
-        heads = {name: (cache_heads(model), c.hidden_size // c.num_attention_heads)
-                 for name, model in (("original", original), ("pruned", pruned))}
-        print(f"\n{'position':>9} | {'original step':>34} | {'pruned step':>34} | speedup (median) | ideal (FLOPs)")
+        models = {"original": original, "pruned": pruned}
+        heads = {name: (cache_heads(model), c.hidden_size // c.num_attention_heads) for name, model in models.items()}
+        weights = {name: 4 * sum(p.numel() for n, p in model.named_parameters() if "word_embeddings.text" not in n)
+                   for name, model in models.items()}
+
+        def read(name: str, position: int) -> float:
+            """Bytes a step at ``position`` reads: every weight it multiplies by, and the caches it attends."""
+            rows = sum(spatial + temporal for spatial, temporal in heads[name][0])
+            return weights[name] + 4 * 2 * rows * heads[name][1] * position
+
+        print(f"\n{'position':>9} | {'original step':>34} | {'pruned step':>34} | speedup (median) | ideal: FLOPs, "
+              "bytes read")
         for position in args.positions:
             times = {name: results[name][position] for name in ("original", "pruned")}
             flops = {name: step_flops(*heads[name], layout, range(position, position + 1)) for name in times}
             ratio = statistics.median(times["original"]) / statistics.median(times["pruned"])
             print(f"{position:>9} | {spread(times['original']):>34} | {spread(times['pruned']):>34} | "
                   f"{ratio:>15.3f}x | {flops['original'] / flops['pruned']:.3f}x "
-                  f"({flops['original'] / 1e9:.3f} -> {flops['pruned'] / 1e9:.3f} GFLOP)")
+                  f"({flops['original'] / 1e9:.3f} -> {flops['pruned'] / 1e9:.3f} GFLOP), "
+                  f"{read('original', position) / read('pruned', position):.3f}x "
+                  f"({read('original', position) / 2**20:.0f} -> {read('pruned', position) / 2**20:.0f} MiB)")
             print(f"{'':>9} | tokens/s: original {1 / statistics.median(times['original']):.2f}, "
                   f"pruned {1 / statistics.median(times['pruned']):.2f}")
         print(f"\nfull-sequence engine, one forward of {tokens.shape[1]} tokens (the cost of each sampled token "

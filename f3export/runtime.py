@@ -136,7 +136,8 @@ class EngineRunner:
         feeds = {t.name: _numpy(given[t.name], t.dtype) for t in self.inputs}
         first = feeds[names[0]]
         for t in self.inputs:
-            if t.rank == 1 and feeds[t.name].size == 1 and first.ndim:  # one value for every row of the batch
+            if t.rank == 1 and t.shape[0] != 1 and feeds[t.name].size == 1 and first.ndim:
+                # one value for every row of the batch (but an input whose one axis is 1 by contract: a flag)
                 feeds[t.name] = np.broadcast_to(feeds[t.name].reshape(-1), first.shape[:1]).copy()
         self._refuse_unvalidated(feeds)
         out = self.engine.run(feeds)

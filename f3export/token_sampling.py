@@ -143,16 +143,16 @@ def generate_tokens(step: StepFunction, layout: Layout, sessions: list[Session],
 
 
 def step_flops(heads: list[tuple[int, int]], head_dim: int, layout: Layout, positions: range) -> float:
-    """Multiply-adds x 2 of the steps at ``positions`` for a model caching ``heads`` (spatial, temporal) per
-    layer: the projections, both channels' attention over what each step sees, the MLP and the image logits
-    (the ideal a pruned engine's time can follow)."""
+    """FLOPs (2 x multiply-adds) of the steps at ``positions`` of a step graph caching ``heads`` (spatial,
+    temporal) per layer, as the graph computes them: the projections, both channels' scores and values over
+    every cached key (the spatial channel masks all but the text and its own frame, but computes them: one
+    graph serves prefills that span frames), the MLP and the image logits."""
     width = heads[0][0] * head_dim
     total = 0.0
     for p in positions:
-        own = (p - layout.text_slots) % layout.frame_len + 1  # this frame's tokens up to p
         for spatial, temporal in heads:
-            total += 4 * width * spatial * head_dim + 2 * spatial * head_dim * (layout.text_slots + own)  # spatial
-            total += 4 * width * temporal * head_dim + 2 * temporal * head_dim * (p + 1)  # temporal
+            total += 4 * width * (spatial + temporal) * head_dim  # q, k, v and output projections
+            total += 2 * (spatial + temporal) * head_dim * (p + 1)  # scores and values over p + 1 keys
             total += 8 * width * width  # MLP
         total += width * layout.image_vocab_size
     return 2 * total
@@ -200,7 +200,7 @@ class StepEngines:
             if past is None:
                 past = [np.zeros((len(tokens), 2, t.shape[2], 0, t.shape[4]), np.float32) for t in pasts]
             out = runner(tokens=tokens, text_len=text_len, text_weights=weights,
-                         frame0_temporal=np.array(bool(frame0_temporal)),
+                         frame0_temporal=np.array([bool(frame0_temporal)]),
                          **{t.name: value for t, value in zip(pasts, past)})
             return out["logits"], [out[name] for name in presents]
 

@@ -9,7 +9,7 @@ its pads masked: they get exactly zero attention, so a padded prompt equals the 
 
     inputs   tokens [B, T] int64, text_len [B] int64 (real text tokens, as ``CogVideoModel``),
              text_weights [2] float32 (the text weight of the spatial and the temporal channel),
-             frame0_temporal [] bool (False: frame 0 takes the spatial channel alone),
+             frame0_temporal [1] bool (False: frame 0 takes the spatial channel alone),
              past_spatial_<l> [B, 2, heads, P, d] (keys, values), past_temporal_<l> [B, 2, kept heads, P, d]
     outputs  logits [B, T, image vocabulary] (position p's prediction, as the full forward's row p - text_len),
              present_spatial_<l>, present_temporal_<l>: the caches with the new tokens' keys and values appended
@@ -88,7 +88,7 @@ class CogVideoStep(nn.Module):
             past: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One call with Python values: (logits, present); no ``past``: a prefill."""
         weights = torch.tensor([terms.spatial_text_weight, terms.temporal_text_weight], dtype=torch.float32)
-        outputs = self(tokens, text_len, weights, torch.tensor(bool(terms.frame0_temporal)),
+        outputs = self(tokens, text_len, weights, torch.tensor([bool(terms.frame0_temporal)]),
                        *(past if past is not None else empty_cache(self.model, tokens.shape[0])))
         return outputs[0], list(outputs[1:])
 
@@ -102,7 +102,7 @@ def step_inputs(model: CogVideoModel, tokens: torch.Tensor, text_len: torch.Tens
             empty_cache(model, len(tokens))
     weights = torch.tensor([terms.spatial_text_weight, terms.temporal_text_weight], dtype=torch.float32)
     return {"tokens": tokens[:, known:known + new], "text_len": text_len, "text_weights": weights,
-            "frame0_temporal": torch.tensor(bool(terms.frame0_temporal)), **dict(zip(cache_names(model, "past"), past))}
+            "frame0_temporal": torch.tensor([bool(terms.frame0_temporal)]), **dict(zip(cache_names(model, "past"), past))}
 
 
 def step_axes(model: CogVideoModel) -> dict[str, dict[int, str]]:
