@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import statistics
 import tempfile
 import time
@@ -50,13 +51,16 @@ def build(layers: int, keep: int) -> tuple[torch.nn.Module, torch.nn.Module]:
     return original, pruned
 
 
-def timed(run, repeats: int) -> list[float]:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def interleaved(runs: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each run, ``repeats`` times, the runs taking turns (after one warm-up each)."""
+    for run in runs.values():
         run()
-        times.append(time.perf_counter() - start)
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
     return times
 
 
@@ -85,39 +89,36 @@ def main() -> None:
           f"of {c.hidden_size // c.num_attention_heads}), temporal heads kept {args.keep} of 48 per layer; "
           f"ONNX Runtime {backend.versions()['onnxruntime']} CPU, {torch.get_num_threads()} threads")
     with tempfile.TemporaryDirectory() as folder:
-        results = {}
-        for name, model in (("original", original), ("pruned", pruned)):
-            example = step_inputs(model, tokens, text_len, c.text_len + 3, 2, TERMS)
-            onnx_path = Path(folder) / f"step.{name}.onnx"
-            export_onnx(CogVideoStep(model), ExportSpec(example, ["logits", *cache_names(model, "present")],
-                                                        step_axes(model)), onnx_path, 17, "auto")
+        models = {"original": original, "pruned": pruned}
+
+        def engine(name: str, model: torch.nn.Module, spec: ExportSpec):
+            onnx_path = Path(folder) / f"{name}.onnx"
+            export_onnx(model, spec, onnx_path, 17, "auto")
             engine_path = Path(folder) / backend.engine_name(onnx_path)
             backend.build(onnx_path, engine_path)
-            engine = backend.load(engine_path)
-            head_dim = c.hidden_size // c.num_attention_heads
-            per_position = {}
-            for position in args.positions:
-                past = {n: np.random.default_rng(0).standard_normal(
-                            (1, 2, heads, position, head_dim), dtype=np.float32)
+            return backend.load(engine_path)
+
+        # Both engines loaded, their runs interleaved: the machine's drift falls on both alike.
+        steps = {name: engine(f"step.{name}", CogVideoStep(model), ExportSpec(
+                     step_inputs(model, tokens, text_len, c.text_len + 3, 2, TERMS),
+                     ["logits", *cache_names(model, "present")], step_axes(model)))
+                 for name, model in models.items()}
+        head_dim = c.hidden_size // c.num_attention_heads
+        results = {name: {} for name in models}
+        for position in args.positions:
+            feeds = {}
+            for name, model in models.items():
+                past = {n: np.random.default_rng(0).standard_normal((1, 2, heads, position, head_dim),
+                                                                    dtype=np.float32)
                         for n, heads in zip(cache_names(model, "past"),
                                             [h for pair in cache_heads(model) for h in pair if h])}
-                feed = {"tokens": tokens[:, position:position + 1].numpy(), "text_len": text_len.numpy(),
-                        "text_weights": np.array([1.4, 1.4], np.float32), "frame0_temporal": np.array([True]), **past}
-                per_position[position] = timed(lambda: engine.run(feed), args.steps)
-            results[name] = per_position
-            del engine
-            # the full-sequence engine: training's forward over the whole sequence
-            full_path = Path(folder) / f"full.{name}.onnx"
-            export_onnx(model, ExportSpec({"tokens": tokens, "text_len": text_len}, ["logits"], {}), full_path, 17,
-                        "auto")
-            full_engine_path = Path(folder) / backend.engine_name(full_path)
-            backend.build(full_path, full_engine_path)
-            full_engine = backend.load(full_engine_path)
-            feed = {"tokens": tokens.numpy(), "text_len": text_len.numpy()}
-            results[f"{name}.full"] = timed(lambda: full_engine.run(feed), args.full_repeats)
-            del full_engine
-
-        models = {"original": original, "pruned": pruned}
+                feeds[name] = {"tokens": tokens[:, position:position + 1].numpy(), "text_len": text_len.numpy(),
+                               "text_weights": np.array([1.4, 1.4], np.float32),
+                               "frame0_temporal": np.array([True]), **past}
+            for name, times in interleaved({n: (lambda n=n: steps[n].run(feeds[n])) for n in models},
+                                           args.steps).items():
+                results[name][position] = times
+        del steps
         heads = {name: (cache_heads(model), c.hidden_size // c.num_attention_heads) for name, model in models.items()}
         weights = {name: 4 * sum(p.numel() for n, p in model.named_parameters() if "word_embeddings.text" not in n)
                    for name, model in models.items()}
@@ -132,18 +133,28 @@ def main() -> None:
         for position in args.positions:
             times = {name: results[name][position] for name in ("original", "pruned")}
             flops = {name: step_flops(*heads[name], layout, range(position, position + 1)) for name in times}
-            ratio = statistics.median(times["original"]) / statistics.median(times["pruned"])
+            pairs = [o / q for o, q in zip(times["original"], times["pruned"])]  # the runs took turns
+            ratio = statistics.median(pairs)
             print(f"{position:>9} | {spread(times['original']):>34} | {spread(times['pruned']):>34} | "
                   f"{ratio:>15.3f}x | {flops['original'] / flops['pruned']:.3f}x "
                   f"({flops['original'] / 1e9:.3f} -> {flops['pruned'] / 1e9:.3f} GFLOP), "
                   f"{read('original', position) / read('pruned', position):.3f}x "
                   f"({read('original', position) / 2**20:.0f} -> {read('pruned', position) / 2**20:.0f} MiB)")
+            low, high = np.percentile(pairs, [10, 90])
             print(f"{'':>9} | tokens/s: original {1 / statistics.median(times['original']):.2f}, "
-                  f"pruned {1 / statistics.median(times['pruned']):.2f}")
+                  f"pruned {1 / statistics.median(times['pruned']):.2f}; speedup of paired runs p10-p90 "
+                  f"{low:.3f}-{high:.3f}x")
+        # The full-sequence engine, training's forward over the whole sequence: one engine at a time (two
+        # sessions' activations at 2,064 tokens do not fit 24 GB beside the models).
         print(f"\nfull-sequence engine, one forward of {tokens.shape[1]} tokens (the cost of each sampled token "
-              "without a cache):")
-        for name in ("original", "pruned"):
-            print(f"  {name}: {spread(results[name + '.full'])}")
+              "without a cache):", flush=True)
+        feed = {"tokens": tokens.numpy(), "text_len": text_len.numpy()}
+        for name, model in models.items():
+            full = engine(f"full.{name}", model, ExportSpec({"tokens": tokens, "text_len": text_len}, ["logits"], {}))
+            print(f"  {name}: {spread(interleaved({name: lambda: full.run(feed)}, args.full_repeats)[name])}",
+                  flush=True)
+            del full
+            gc.collect()
         whole = range(c.text_len, c.text_len + c.max_frames * c.frame_len)
         flops = {name: step_flops(*heads[name], layout, whole) for name in ("original", "pruned")}
         print(f"a whole video ({len(whole)} steps): {flops['original'] / 1e12:.3f} -> {flops['pruned'] / 1e12:.3f} "
