@@ -401,7 +401,8 @@ def export_component(ctx: StageContext, component: Component, variant: str | Non
     return files, entry
 
 
-def _check_components(ctx: StageContext, components: list[tuple[str, Component]]) -> tuple[list[Path], dict[str, dict]]:
+def _check_components(ctx: StageContext, components: list[tuple[str, Component]]
+                      ) -> tuple[list[Path], dict[str, dict]]:
     """Each component's engine (by its name in the build) against its PyTorch module on inputs the export did not
     see, stored as its goldens (``f3export check`` re-runs them): the goldens' files and the worst agreement per
     engine."""
@@ -422,6 +423,7 @@ def _check_components(ctx: StageContext, components: list[tuple[str, Component]]
 
 
 def _model_components(ctx: StageContext, variant: str) -> list[tuple[str, Component]]:
+    """The adapter's graphs of ``variant``'s model, by their names in the build (``<name>.<variant>``)."""
     model = ctx.model.bundle.model if variant == "original" else ctx.pruned
     return [(f"{c.name}.{variant}", c) for c in ctx.adapter.model_components(model, ctx.shape)]
 

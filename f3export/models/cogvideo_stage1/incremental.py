@@ -102,7 +102,8 @@ def step_inputs(model: CogVideoModel, tokens: torch.Tensor, text_len: torch.Tens
             empty_cache(model, len(tokens))
     weights = torch.tensor([terms.spatial_text_weight, terms.temporal_text_weight], dtype=torch.float32)
     return {"tokens": tokens[:, known:known + new], "text_len": text_len, "text_weights": weights,
-            "frame0_temporal": torch.tensor([bool(terms.frame0_temporal)]), **dict(zip(cache_names(model, "past"), past))}
+            "frame0_temporal": torch.tensor([bool(terms.frame0_temporal)]),
+            **dict(zip(cache_names(model, "past"), past))}
 
 
 def step_axes(model: CogVideoModel) -> dict[str, dict[int, str]]:
