@@ -118,7 +118,7 @@ def main() -> None:
             for name, times in interleaved({n: (lambda n=n: steps[n].run(feeds[n])) for n in models},
                                            args.steps).items():
                 results[name][position] = times
-        del steps
+        steps.clear()  # free both sessions before the full-sequence engines
         heads = {name: (cache_heads(model), c.hidden_size // c.num_attention_heads) for name, model in models.items()}
         weights = {name: 4 * sum(p.numel() for n, p in model.named_parameters() if "word_embeddings.text" not in n)
                    for name, model in models.items()}
@@ -153,7 +153,7 @@ def main() -> None:
             full = engine(f"full.{name}", model, ExportSpec({"tokens": tokens, "text_len": text_len}, ["logits"], {}))
             print(f"  {name}: {spread(interleaved({name: lambda: full.run(feed)}, args.full_repeats)[name])}",
                   flush=True)
-            del full
+            full = None
             gc.collect()
         whole = range(c.text_len, c.text_len + c.max_frames * c.frame_len)
         flops = {name: step_flops(*heads[name], layout, whole) for name in ("original", "pruned")}

@@ -213,3 +213,11 @@ def test_bad_token_requests_are_one_line_errors_before_any_work(cogvideo_build, 
     result = run("generate", cogvideo_build, "--out", out, *options)
     assert result.exit_code == 2 and result.output.strip() == f"error: {error}"
     assert not out.exists()
+
+
+def test_a_prompt_on_a_token_build_is_refused_saying_it_samples_image_tokens(cogvideo_build, tmp_path):
+    result = run("generate", cogvideo_build, "--prompt", "x", "--out", tmp_path / "clip.gif")
+    assert result.exit_code == 2
+    assert result.output.startswith("error: generate samples text-to-video diffusion models, and this 'cogvideo' "
+                                    "build is not one")
+    assert result.output.rstrip().endswith("; it samples image tokens: give --token-ids")

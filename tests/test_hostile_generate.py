@@ -145,15 +145,6 @@ def test_an_output_reaching_the_build_folder_through_a_symlinked_folder_is_refus
     assert not (copy / "engines" / "clip.gif").exists()
 
 
-def test_a_build_that_is_not_a_diffusion_model_is_refused_with_that_reason_first(tmp_path):
-    from test_distributed import cogvideo_recipe
-
-    assert run("build", cogvideo_recipe(tmp_path, runs=1)).exit_code == 0
-    error = one_line_error(run("generate", tmp_path / "artifacts" / "cogvideo", "--prompt", "x", "--out",
-                               tmp_path / "clip.gif"))
-    assert error.startswith("generate samples text-to-video diffusion models, and this 'cogvideo' build is not one")
-
-
 # -- the committed recipes whose model folders have a text encoder ---------------------------------------------
 REPO = Path(__file__).resolve().parent.parent
 SHAPES = ['calibration.prompts=["a red square moves left slowly"]', 'validation.prompts=["a red circle moves down"]']
