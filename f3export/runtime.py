@@ -134,10 +134,10 @@ class EngineRunner:
             raise TypeError(f"missing engine input(s) {', '.join(missing)}")
         device = next((v.device for v in given.values() if hasattr(v, "detach")), None)
         feeds = {t.name: _numpy(given[t.name], t.dtype) for t in self.inputs}
-        first = feeds[names[0]]
+        first, batch = feeds[names[0]], self.inputs[0].shape[0] if self.inputs[0].rank else None
         for t in self.inputs:
-            if t.rank == 1 and t.shape[0] != 1 and feeds[t.name].size == 1 and first.ndim:
-                # one value for every row of the batch (but an input whose one axis is 1 by contract: a flag)
+            if t.rank == 1 and t.shape[0] == batch and feeds[t.name].size == 1 and first.ndim:
+                # one value for every row of the batch (an input whose axis is another, [2] weights, stays)
                 feeds[t.name] = np.broadcast_to(feeds[t.name].reshape(-1), first.shape[:1]).copy()
         self._refuse_unvalidated(feeds)
         out = self.engine.run(feeds)

@@ -221,3 +221,19 @@ def test_a_prompt_on_a_token_build_is_refused_saying_it_samples_image_tokens(cog
     assert result.output.startswith("error: generate samples text-to-video diffusion models, and this 'cogvideo' "
                                     "build is not one")
     assert result.output.rstrip().endswith("; it samples image tokens: give --token-ids")
+
+
+def test_the_runtime_serves_a_step_engine_repeating_only_batch_inputs(cogvideo_build):
+    """A text length given once is every row's; the [2] text weights and the [1] flag are not batch axes."""
+    from f3export.errors import ShapeError
+    from f3export.runtime import EngineRunner
+
+    step = EngineRunner(cogvideo_build, "step.pruned")
+    pasts = {t.name: np.zeros((2, 2, t.shape[2], 0, t.shape[4]), np.float32) for t in step.inputs
+             if t.name.startswith("past_")}
+    tokens = np.array([[259] * 5 + [270, 271, 272], [259] * 5 + [270, 271, 272]])
+    out = step(tokens=tokens, text_len=3, text_weights=[1.4, 0.0], frame0_temporal=[False], **pasts)
+    assert out["logits"].shape == (2, 8, 256) and out["present_spatial_0"].shape == (2, 2, 4, 8, 16)
+    assert np.array_equal(out["logits"][0], out["logits"][1])
+    with pytest.raises(ShapeError, match=r"input 'text_weights' has shape \[\]; the engine takes 1 axes \[2\]"):
+        step(tokens=tokens, text_len=3, text_weights=1.4, frame0_temporal=[False], **pasts)
