@@ -405,8 +405,10 @@ def generate_tokens(artifact_dir: Path, out: Path, token_ids: str, first_frame_i
             np.save(handle, made["pruned"].tokens)
     positions = range(layout.text_slots, layout.text_slots + frames * layout.frame_len)
     flops = {v: step_flops(*engines.cache_heads(v), layout, positions) for v in variants}
-    table = Table(title=f"generate {artifact_dir}: {frames} frames x {layout.frame_len} image tokens, "
-                        f"{'greedy' if greedy else f'top-k sampling, seed {seed}'}")
+    drawn = "greedy" if greedy else ", ".join(
+        f"{part}: top {sampler(frame).top_k} at temperature {sampler(frame).temperature:g}"
+        for part, frame in (("frame 0", 0), ("later frames", 1))[:min(frames, 2)]) + f", seed {seed}"
+    table = Table(title=f"generate {artifact_dir}: {frames} frames x {layout.frame_len} image tokens, {drawn}")
     for column in ("engine", "tokens/s (median)", "p10-p90", "GFLOP per token"):
         table.add_column(column)
     for variant, result in made.items():
