@@ -31,6 +31,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 TAV = get_adapter("tune-a-video")
 SMALL_SHAPE = VideoShape(frames=4, latent_height=8, latent_width=8)
 
+# The longest modules (CI's durations, 2 cores), started first: pytest-xdist hands whole modules (--dist loadfile)
+# to whichever process is free, in collection order, so the last module to start should be a short one; in the
+# alphabetical order the longest of all, test_zoo, started last and left the other process idle for minutes.
+LONGEST_MODULES = ("test_zoo.py", "test_hostile_generate.py", "test_cache_keys.py", "test_hostile_torchrun.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    first = {name: rank for rank, name in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # a stable sort: the rest keep their order
+
 
 @pytest.fixture(scope="session")
 def tiny_bundle():
