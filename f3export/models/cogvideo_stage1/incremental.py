@@ -87,10 +87,15 @@ class CogVideoStep(nn.Module):
     def run(self, tokens: torch.Tensor, text_len: torch.Tensor, terms: SamplingTerms,
             past: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One call with Python values: (logits, present); no ``past``: a prefill."""
-        weights = torch.tensor([terms.spatial_text_weight, terms.temporal_text_weight], dtype=torch.float32)
-        outputs = self(tokens, text_len, weights, torch.tensor([bool(terms.frame0_temporal)]),
+        outputs = self(tokens, text_len, *terms_inputs(terms),
                        *(past if past is not None else empty_cache(self.model, tokens.shape[0])))
         return outputs[0], list(outputs[1:])
+
+
+def terms_inputs(terms: SamplingTerms) -> tuple[torch.Tensor, torch.Tensor]:
+    """The graph's ``text_weights`` [2] and ``frame0_temporal`` [1] of ``terms``."""
+    return (torch.tensor([terms.spatial_text_weight, terms.temporal_text_weight], dtype=torch.float32),
+            torch.tensor([bool(terms.frame0_temporal)]))
 
 
 def step_inputs(model: CogVideoModel, tokens: torch.Tensor, text_len: torch.Tensor, known: int, new: int,
@@ -100,10 +105,9 @@ def step_inputs(model: CogVideoModel, tokens: torch.Tensor, text_len: torch.Tens
     with torch.no_grad():
         past = CogVideoStep(model).run(tokens[:, :known], text_len, terms)[1] if known else \
             empty_cache(model, len(tokens))
-    weights = torch.tensor([terms.spatial_text_weight, terms.temporal_text_weight], dtype=torch.float32)
+    weights, frame0_temporal = terms_inputs(terms)
     return {"tokens": tokens[:, known:known + new], "text_len": text_len, "text_weights": weights,
-            "frame0_temporal": torch.tensor([bool(terms.frame0_temporal)]),
-            **dict(zip(cache_names(model, "past"), past))}
+            "frame0_temporal": frame0_temporal, **dict(zip(cache_names(model, "past"), past))}
 
 
 def step_axes(model: CogVideoModel) -> dict[str, dict[int, str]]:

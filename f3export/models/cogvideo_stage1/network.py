@@ -205,14 +205,11 @@ def key_mask(text_slots: int, text_len: torch.Tensor, length: int) -> torch.Tens
 def position_ids(config: CogVideoConfig, text_len: torch.Tensor, length: int) -> torch.Tensor:
     """[B, S] position ids as SAT's ``get_masks_and_position_ids_video``: pads 0, the real text 0..L-1, and the
     frame tokens ``frame_position_offset`` on."""
-    text_slots = config.text_len
-    text = (torch.arange(text_slots, device=text_len.device)[None, :] - (text_slots - text_len)[:, None]).clamp_min(0)
-    frames = config.frame_position_offset + torch.arange(length - text_slots, device=text_len.device)
-    return torch.cat([text, frames.expand(text.shape[0], -1)], dim=1)
+    return position_ids_at(config, text_len, torch.arange(length, device=text_len.device))
 
 
 def position_ids_at(config: CogVideoConfig, text_len: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """[B, T] the ``position_ids`` of the sequence positions ``positions`` [T] (a step's new tokens)."""
+    """[B, T] the ``position_ids`` of the sequence positions ``positions`` [T] (a step's new tokens, or all)."""
     text_slots = config.text_len
     text = (positions[None, :] - (text_slots - text_len)[:, None]).clamp_min(0)
     return torch.where(positions[None, :] < text_slots, text, config.frame_position_offset + positions - text_slots)
@@ -462,17 +459,11 @@ class CogVideoModel(nn.Module):
 
     def position_embeddings(self, text_len: torch.Tensor, length: int) -> torch.Tensor:
         """[B, S, C]: SAT's ``position_embedding_forward`` of ``position_ids``."""
-        c = self.config
-        ids = position_ids(c, text_len, length).to(self.transformer.position_embeddings.weight.device)
-        first = c.text_len + c.frame_len  # the text and the first frame read CogView2's table, later frames the extra
-        embeddings = self.transformer.position_embeddings(ids[:, :first])
-        if length > first:
-            extra = self.extra_position_embeddings(ids[:, first:] - (c.frame_position_offset + c.frame_len))
-            embeddings = torch.cat([embeddings, extra], dim=1)
-        return embeddings
+        return self.position_embeddings_at(text_len, torch.arange(length, device=text_len.device))
 
     def position_embeddings_at(self, text_len: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """[B, T, C] of the sequence positions ``positions`` [T]: ``position_embeddings`` for a step's tokens."""
+        """[B, T, C] of the sequence positions ``positions`` [T] (a step's tokens, or all): the text and the first
+        frame read CogView2's table, later frames the extra one."""
         c = self.config
         ids = position_ids_at(c, text_len, positions)
         first_table = positions < c.text_len + c.frame_len
